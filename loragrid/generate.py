@@ -1,0 +1,82 @@
+"""generate: answer every held-out question with one model (the base or a trained run)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import modeling
+from .common import package_versions, read_jsonl, write_json, write_jsonl
+from .templates import prompt_token_ids
+from .train import load_tokenizer
+
+log = logging.getLogger("loragrid.generate")
+
+
+def generation_config(tokenizer, settings: dict):
+    from transformers import GenerationConfig
+
+    sampling = {"temperature": settings["temperature"], "top_p": settings["top_p"]} if settings["do_sample"] else {}
+    return GenerationConfig(
+        max_new_tokens=settings["max_new_tokens"],
+        do_sample=settings["do_sample"],
+        repetition_penalty=settings["repetition_penalty"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+
+
+@torch.no_grad()
+def generate(model_dir, heldout_path, out_path, meta_path, template: str, settings: dict,
+             trust_remote_code: bool = False) -> dict:
+    from transformers import set_seed
+
+    set_seed(settings["seed"])
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
+    model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)
+    config = generation_config(tokenizer, settings)
+    records = read_jsonl(heldout_path)
+    prompts = [prompt_token_ids(tokenizer, template, r["messages"][:-1]) for r in records]
+    # Similar lengths in a batch waste less compute on left padding.
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    answers: dict[int, dict] = {}
+    new_tokens_total, seconds_total = 0, 0.0
+    batch_size = settings["batch_size"]
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
+        indices = order[start : start + batch_size]
+        batch = tokenizer.pad([{"input_ids": prompts[i]} for i in indices], return_tensors="pt").to(model.device)
+        started = time.perf_counter()
+        output = model.generate(**batch, generation_config=config)
+        seconds_total += time.perf_counter() - started
+        for row, i in enumerate(indices):
+            new = output[row, batch["input_ids"].shape[1] :].tolist()
+            finished = tokenizer.eos_token_id in new
+            if finished:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            new_tokens_total += len(new)
+            answers[i] = {"answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                          "new_tokens": len(new), "finished": finished}
+
+    write_jsonl(out_path, [
+        {"id": record["id"], "question": record["messages"][-2]["content"],
+         "reference": record["messages"][-1]["content"], **answers[i]}
+        for i, record in enumerate(records)
+    ])
+    meta = {
+        "model_dir": str(model_dir),
+        "template": template,
+        "settings": settings,
+        "questions": len(records),
+        "new_tokens": new_tokens_total,
+        "generate_seconds": seconds_total,
+        "tokens_per_second": new_tokens_total / seconds_total if seconds_total else None,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "versions": package_versions(),
+    }
+    write_json(meta_path, meta)
+    log.info("%d answers, %.1f new tokens/s", len(records), meta["tokens_per_second"] or 0)
+    return meta

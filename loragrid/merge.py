@@ -1,0 +1,84 @@
+"""merge: fold an adapter into an unquantized copy of its base model, and prove it changed nothing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import modeling
+from .common import LoragridError, atomic_dir, read_jsonl, write_json
+from .templates import tokenize_example
+from .train import load_tokenizer
+
+log = logging.getLogger("loragrid.merge")
+
+
+def _check_batch(tokenizer, template: str, heldout_path, n_prompts: int) -> dict:
+    """Held-out prompts with their reference answers, padded into one batch."""
+    records = read_jsonl(heldout_path)[:n_prompts]
+    examples = [tokenize_example(tokenizer, template, r["messages"], cutoff_len=512) for r in records]
+    examples = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in examples if e]
+    return tokenizer.pad(examples, return_tensors="pt")
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    logits = model(**batch).logits.float()
+    return logits[batch["attention_mask"].bool()]
+
+
+def _relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return ((reference - other).abs().max() / reference.abs().max()).item()
+
+
+def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: str,
+          check_prompts: int = 4, tolerance: float = 1e-3, trust_remote_code: bool = False) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
+    batch = _check_batch(tokenizer, template, heldout_path, check_prompts)
+
+    # Merging happens in fp32 so the check measures the merge, not bf16 rounding.
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
+    adapter_logits = _logits(with_adapter, batch)
+    merged = with_adapter.merge_and_unload()
+    merged_logits = _logits(merged, batch)
+    difference = _relative_difference(adapter_logits, merged_logits)
+    log.info("merged vs adapter logits: max relative difference %.2e (tolerance %.0e)", difference, tolerance)
+    if not difference <= tolerance:
+        raise LoragridError(
+            f"merging {adapter_dir} changed the logits by {difference:.2e} (relative), more than "
+            f"merge.tolerance = {tolerance:.0e}; the merged model is not written"
+        )
+
+    summary = {
+        "method": method,
+        "check_prompts": int(batch["input_ids"].shape[0]),
+        "check_tokens": int(batch["attention_mask"].sum()),
+        "tolerance": tolerance,
+        "max_relative_logit_difference": difference,
+        "merged_dtype": "float32",
+    }
+    if method in ("qlora4", "qlora8"):
+        # The adapter learned against quantized weights; the merged model uses the original
+        # ones (as the usual QLoRA recipes do). Record how far that moves the logits.
+        quantized = modeling.load_for_training(base_dir, method, trust_remote_code)
+        quantized_logits = _logits(PeftModel.from_pretrained(quantized, adapter_dir).eval(), batch)
+        summary["relative_logit_difference_vs_quantized_training_model"] = _relative_difference(
+            quantized_logits, merged_logits
+        )
+        del quantized
+
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return summary
+
+
+def merge_to_files(base_dir, adapter_dir, out_dir, merge_json, **kwargs) -> dict:
+    summary = merge(base_dir, adapter_dir, out_dir, **kwargs)
+    write_json(merge_json, summary)
+    return summary

@@ -1,0 +1,54 @@
+import os
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Jobs import the loragrid package from this checkout: put it on the path of the
+# Snakefile (for config checks) and of every job's Python process.
+sys.path.insert(0, workflow.basedir)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
+)
+
+from loragrid.common import LoragridError
+from loragrid.config import PEFT_METHODS, check_config
+
+
+validate(config, "../config/schema.yaml")
+try:
+    RUNS = check_config(config, workdir=".")
+except LoragridError as error:
+    raise WorkflowError(str(error)) from None
+
+MODEL = config["model"]["name"]
+DATASET = config["dataset"]["name"]
+MODEL_DIR = f"resources/models/{MODEL}"
+DATASET_DIR = f"resources/datasets/{DATASET}"
+PREPARED_DIR = f"results/data/{DATASET}"
+PEFT_RUNS = [name for name, run in RUNS.items() if run["method"] in PEFT_METHODS]
+FULL_RUNS = [name for name, run in RUNS.items() if run["method"] == "full"]
+
+
+def one_of(names):
+    """A wildcard constraint that matches exactly these names (and nothing, if empty)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def model_for(name):
+    """The weights that generate and evaluate read for the base model or a run."""
+    if name == "base":
+        return MODEL_DIR
+    if name in FULL_RUNS:
+        return f"results/runs/{name}/model"
+    return f"results/runs/{name}/merged"
+
+
+def job_settings(section):
+    """Settings a job depends on; passed as params so that changing them re-runs the job."""
+    return {**config[section], "template": config["template"]}
+
+
+wildcard_constraints:
+    name=one_of(["base", *RUNS]),

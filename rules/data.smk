@@ -1,0 +1,14 @@
+rule prepare:
+    input:
+        DATASET_DIR,
+    output:
+        train=f"{PREPARED_DIR}/train.jsonl",
+        heldout=f"{PREPARED_DIR}/heldout.jsonl",
+        summary=f"{PREPARED_DIR}/prepare.json",
+    params:
+        dataset=config["dataset"],
+        split=config["split"],
+    log:
+        f"logs/prepare/{DATASET}.log",
+    script:
+        "../scripts/prepare.py"

@@ -1,0 +1,19 @@
+rule evaluate:
+    input:
+        model=lambda wildcards: model_for(wildcards.name),
+        heldout=rules.prepare.output.heldout,
+        answers=rules.generate.output.answers,
+        meta=rules.generate.output.meta,
+    output:
+        "results/eval/{name}.json",
+    params:
+        settings=config["evaluate"],
+        template=config["template"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        torch_threads=config["torch_threads"],
+    log:
+        "logs/evaluate/{name}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{name}.tsv"
+    script:
+        "../scripts/evaluate.py"

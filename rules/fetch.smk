@@ -1,0 +1,24 @@
+rule fetch_model:
+    output:
+        directory(MODEL_DIR),
+    params:
+        source=config["model"]["source"],
+        gguf_file=config["model"].get("gguf_file"),
+        trust_remote_code=config["model"]["trust_remote_code"],
+    log:
+        f"logs/fetch_model/{MODEL}.log",
+    benchmark:
+        f"results/benchmarks/fetch_model/{MODEL}.tsv"
+    script:
+        "../scripts/fetch_model.py"
+
+
+rule fetch_dataset:
+    output:
+        directory(DATASET_DIR),
+    params:
+        source=config["dataset"]["source"],
+    log:
+        f"logs/fetch_dataset/{DATASET}.log",
+    script:
+        "../scripts/fetch_dataset.py"

@@ -1,0 +1,18 @@
+rule generate:
+    input:
+        model=lambda wildcards: model_for(wildcards.name),
+        heldout=rules.prepare.output.heldout,
+    output:
+        answers="results/generations/{name}.jsonl",
+        meta="results/generations/{name}.json",
+    params:
+        settings=config["generate"],
+        template=config["template"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        torch_threads=config["torch_threads"],
+    log:
+        "logs/generate/{name}.log",
+    benchmark:
+        "results/benchmarks/generate/{name}.tsv"
+    script:
+        "../scripts/generate.py"

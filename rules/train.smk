@@ -1,0 +1,28 @@
+rule train_adapter:
+    input:
+        model=MODEL_DIR,
+        train=rules.prepare.output.train,
+    output:
+        weights=directory("results/runs/{run}/adapter"),
+        summary="results/runs/{run}/train.json",
+    wildcard_constraints:
+        run=one_of(PEFT_RUNS),
+    params:
+        settings=lambda wildcards: RUNS[wildcards.run],
+        template=config["template"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        torch_threads=config["torch_threads"],
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
+    script:
+        "../scripts/train.py"
+
+
+use rule train_adapter as train_full with:
+    output:
+        weights=directory("results/runs/{run}/model"),
+        summary="results/runs/{run}/train.json",
+    wildcard_constraints:
+        run=one_of(FULL_RUNS),

