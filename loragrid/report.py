@@ -60,7 +60,7 @@ def _markdown_table(table: pd.DataFrame) -> str:
     shown = table.copy()
     for column, fmt in formats.items():
         shown[column] = [("–" if pd.isna(v) else fmt.format(v)) for v in table[column]]
-    return shown.rename(columns=COLUMNS).to_markdown(index=False, disablenumparse=True)
+    return shown.rename(columns=COLUMNS).to_markdown(index=False, disable_numparse=True)
 
 
 def plot_loss_curves(runs: dict[str, dict], path) -> None:

@@ -1,0 +1,86 @@
+import pandas as pd
+import pytest
+
+from conftest import TINY_RUN
+from loragrid.common import read_json, read_jsonl
+from loragrid.evaluate import emoji_metrics, evaluate_to_file
+from loragrid.generate import generate
+from loragrid.report import write_report
+from loragrid.train import train_to_files
+
+GENERATE = {"max_new_tokens": 6, "batch_size": 4, "do_sample": False, "temperature": 0.7, "top_p": 0.9,
+            "repetition_penalty": 1.0, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_model_dir, prepared_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generated")
+    meta = generate(tiny_model_dir, prepared_dir / "heldout.jsonl", folder / "base.jsonl", folder / "base.json",
+                    "chat", GENERATE)
+    return folder, meta
+
+
+def test_generate_answers_every_heldout_question_in_order(generated, prepared_dir):
+    folder, meta = generated
+    answers = read_jsonl(folder / "base.jsonl")
+    heldout = read_jsonl(prepared_dir / "heldout.jsonl")
+    assert [a["id"] for a in answers] == [r["id"] for r in heldout]
+    assert all(a["question"] == r["messages"][0]["content"] for a, r in zip(answers, heldout))
+    assert all(0 <= a["new_tokens"] <= 6 for a in answers)
+    assert meta["questions"] == len(heldout) and meta["tokens_per_second"] > 0
+
+
+def test_batching_does_not_change_greedy_answers(generated, tiny_model_dir, prepared_dir, tmp_path):
+    folder, _ = generated
+    generate(tiny_model_dir, prepared_dir / "heldout.jsonl", tmp_path / "one.jsonl", tmp_path / "one.json",
+             "chat", {**GENERATE, "batch_size": 1})
+    batched = [a["new_tokens"] for a in read_jsonl(folder / "base.jsonl")]
+    single = [a["new_tokens"] for a in read_jsonl(tmp_path / "one.jsonl")]
+    assert batched == single
+
+
+def test_emoji_metrics():
+    metrics = emoji_metrics(["Sunny today ☀️🌈", "no emoji here", "天气很好😀"])
+    assert metrics["emoji_share"] == pytest.approx(2 / 3)
+    assert metrics["emoji_per_answer"] == pytest.approx(1.0)
+
+
+def test_evaluate(generated, tiny_model_dir, prepared_dir, tmp_path):
+    folder, _ = generated
+    result = evaluate_to_file(tmp_path / "eval.json", model_dir=tiny_model_dir,
+                              heldout_path=prepared_dir / "heldout.jsonl", generations_path=folder / "base.jsonl",
+                              generation_meta_path=folder / "base.json", template="chat", batch_size=3)
+    assert read_json(tmp_path / "eval.json") == result
+    # A random model over a ~600-token vocabulary: loss near log(600).
+    assert 5.0 < result["heldout_loss"] < 8.0
+    assert result["heldout_perplexity"] == pytest.approx(2.718281828 ** result["heldout_loss"], rel=1e-6)
+    assert 0 <= result["chrf"] <= 100
+    assert result["reference_emoji_share"] == 1.0
+    # Batch size must not change the loss (padding is masked out).
+    again = evaluate_to_file(tmp_path / "again.json", model_dir=tiny_model_dir,
+                             heldout_path=prepared_dir / "heldout.jsonl", generations_path=folder / "base.jsonl",
+                             generation_meta_path=folder / "base.json", template="chat", batch_size=1)
+    assert again["heldout_loss"] == pytest.approx(result["heldout_loss"], rel=1e-4)
+
+
+def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
+    folder, _ = generated
+    base_eval = evaluate_to_file(tmp_path / "base.json", model_dir=tiny_model_dir,
+                                 heldout_path=prepared_dir / "heldout.jsonl", generations_path=folder / "base.jsonl",
+                                 generation_meta_path=folder / "base.json", template="chat")
+    run_files = {}
+    for method in ("lora", "qlora4"):
+        train_to_files(tiny_model_dir, prepared_dir, tmp_path / method, tmp_path / f"{method}.train.json",
+                       {**TINY_RUN, "method": method}, "chat")
+        run_files[method] = {"train": tmp_path / f"{method}.train.json", "eval": tmp_path / "base.json"}
+    out = tmp_path / "report"
+    table = write_report(run_files, tmp_path / "base.json", out / "summary.csv", out / "report.md",
+                         out / "loss.png", out / "memory.png")
+    assert list(table["run"]) == ["base", "lora", "qlora4"]
+    csv = pd.read_csv(out / "summary.csv")
+    assert csv.loc[csv["run"] == "qlora4", "weights_memory_gb"].item() < csv.loc[csv["run"] == "lora", "weights_memory_gb"].item()
+    assert csv.loc[0, "heldout_loss"] == pytest.approx(base_eval["heldout_loss"])
+    markdown = (out / "report.md").read_text()
+    assert "| run " in markdown and "qlora4" in markdown and "peak memory (GB)" in markdown
+    for png in ("loss.png", "memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,103 @@
+"""train and merge on the tiny model: every method, real Trainer, peft and bitsandbytes."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_RUN
+from loragrid.common import LoragridError, read_json
+from loragrid.merge import merge_to_files
+from loragrid.train import train_to_files
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, prepared_dir, tmp_path_factory):
+    """Train each method once for the module; returns {method: (weights_dir, train.json content)}."""
+    results = {}
+    for method in ("full", "lora", "qlora4", "qlora8"):
+        folder = tmp_path_factory.mktemp(method)
+        settings = {**TINY_RUN, "method": method}
+        results[method] = (folder / "weights", train_to_files(
+            tiny_model_dir, prepared_dir, folder / "weights", folder / "train.json", settings, "chat"))
+        assert read_json(folder / "train.json")["method"] == method
+    return results
+
+
+def total_parameters(model_dir):
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
+def test_train_summary(trained, tiny_model_dir):
+    total = total_parameters(tiny_model_dir)
+    for method, (_, summary) in trained.items():
+        assert summary["steps"] == 3
+        assert len(summary["loss_curve"]) == 3
+        assert summary["tokens_seen_non_padding"] > 0 and summary["tokens_per_second"] > 0
+        assert summary["memory"]["peak_rss_bytes"] > summary["memory"]["weights_bytes"] > 0
+        assert summary["compute_dtype"] == "bfloat16"
+        assert "torch" in summary["versions"]
+        params = summary["parameters"]
+        if method == "full":
+            assert params["trainable"] == params["total"] == total
+        else:
+            # 4-bit weights are packed two to a byte; the count must still be the real one.
+            lora = params["trainable"]
+            assert params["total"] == total + lora, method
+            assert 0 < lora < total
+
+
+def test_quantized_weights_are_smaller(trained):
+    weights = {method: summary["memory"]["weights_bytes"] for method, (_, summary) in trained.items()}
+    assert weights["qlora4"] < weights["qlora8"] < weights["lora"] < weights["full"]
+
+
+def test_adapter_loads_with_peft(trained, tiny_model_dir):
+    adapter_dir, _ = trained["lora"]
+    assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_full_model_saved_as_safetensors(trained):
+    model_dir, _ = trained["full"]
+    assert list(model_dir.glob("*.safetensors"))
+    AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_training_lowers_the_loss(tiny_model_dir, prepared_dir, tmp_path):
+    settings = {**TINY_RUN, "max_steps": 12, "learning_rate": 3e-3}
+    summary = train_to_files(tiny_model_dir, prepared_dir, tmp_path / "w", tmp_path / "t.json", settings, "chat")
+    losses = [point["loss"] for point in summary["loss_curve"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_unknown_target_modules(tiny_model_dir, prepared_dir, tmp_path):
+    settings = {**TINY_RUN, "target_modules": ["no_such_proj"]}
+    with pytest.raises(LoragridError, match="target_modules"):
+        train_to_files(tiny_model_dir, prepared_dir, tmp_path / "w", tmp_path / "t.json", settings, "chat")
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora4", "qlora8"])
+def test_merge_matches_adapter_logits(trained, tiny_model_dir, prepared_dir, tmp_path, method):
+    adapter_dir, _ = trained[method]
+    summary = merge_to_files(tiny_model_dir, adapter_dir, tmp_path / "merged", tmp_path / "merge.json",
+                             heldout_path=prepared_dir / "heldout.jsonl", template="chat", method=method)
+    assert summary["max_relative_logit_difference"] <= 1e-3
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    if method != "lora":
+        assert "relative_logit_difference_vs_quantized_training_model" in summary
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any(not torch.equal(a, b) for a, b in zip(base.parameters(), merged.parameters()))
+    assert changed
+
+
+def test_merge_refuses_beyond_tolerance(trained, tiny_model_dir, prepared_dir, tmp_path):
+    adapter_dir, _ = trained["lora"]
+    with pytest.raises(LoragridError, match="tolerance"):
+        merge_to_files(tiny_model_dir, adapter_dir, tmp_path / "merged", tmp_path / "merge.json",
+                       heldout_path=prepared_dir / "heldout.jsonl", template="chat", method="lora",
+                       tolerance=1e-12)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merge.json").exists()

@@ -1,0 +1,138 @@
+"""The real snakemake on a tiny config: the whole DAG, a no-op rerun, and bad input at workflow start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import demo_records, write_jsonl
+
+
+def snakemake(workdir, *args, timeout=900):
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", *args]
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_config(workdir, model_dir, records=None, **overrides):
+    data = write_jsonl(workdir / "tiny.jsonl", records if records is not None else demo_records(48))
+    config = {
+        "model": {"name": "tiny", "source": f"local:{model_dir}"},
+        "dataset": {"name": "tiny", "source": f"local:{data.name}"},
+        "split": {"heldout_min": 8},
+        "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96},
+        "grid": {"method": ["full", "lora", "qlora4", "qlora8"]},
+        "generate": {"max_new_tokens": 4, "batch_size": 8},
+    }
+    config.update(overrides)
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_workflow(tmp_path_factory, tiny_model_dir):
+    import shutil
+
+    from conftest import REPO
+
+    workdir = tmp_path_factory.mktemp("wf") / "workflow"
+    shutil.copytree(REPO, workdir, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "results", "resources", "logs", ".snakemake", "__pycache__", ".pytest_cache"))
+    config = tiny_config(workdir, tiny_model_dir)
+    result = snakemake(workdir, "all", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, config
+
+
+def test_whole_dag_writes_the_report(tiny_workflow):
+    workdir, _ = tiny_workflow
+    table = pd.read_csv(workdir / "results/report/summary.csv")
+    assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
+    assert table["heldout_loss"].notna().all()
+    weights = dict(zip(table["run"], table["weights_memory_gb"]))
+    assert weights["qlora4"] < weights["lora"] < weights["full"]
+    report = (workdir / "results/report/report.md").read_text()
+    assert "peak memory (GB)" in report and "qlora8" in report
+    for name in ("base", "full", "lora", "qlora4", "qlora8"):
+        assert len((workdir / f"results/generations/{name}.jsonl").read_text().splitlines()) == 8
+        assert json.loads((workdir / f"results/eval/{name}.json").read_text())["questions"] == 8
+    for rule in ("train/lora", "merge/qlora4", "generate/base", "evaluate/full", "prepare/tiny"):
+        assert (workdir / f"logs/{rule}.log").stat().st_size > 0
+    assert (workdir / "results/benchmarks/train/qlora4.tsv").exists()
+
+
+def test_outputs_load_with_the_libraries(tiny_workflow, tiny_model_dir):
+    workdir, _ = tiny_workflow
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    PeftModel.from_pretrained(base, workdir / "results/runs/lora/adapter")
+    AutoModelForCausalLM.from_pretrained(workdir / "results/runs/qlora4/merged")
+    AutoModelForCausalLM.from_pretrained(workdir / "results/runs/full/model")
+    merge = json.loads((workdir / "results/runs/lora/merge.json").read_text())
+    assert merge["max_relative_logit_difference"] <= merge["tolerance"]
+
+
+def test_second_run_does_nothing(tiny_workflow):
+    workdir, config = tiny_workflow
+    result = snakemake(workdir, "all", "--configfile", str(config), "--dry-run")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_generation_change_reruns_generation_not_training(tiny_workflow):
+    workdir, config = tiny_workflow
+    change = workdir / "longer-answers.yaml"
+    change.write_text("generate:\n  max_new_tokens: 5\n")
+    result = snakemake(workdir, "all", "--configfile", str(config), str(change), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "rule generate:" in output and "rule train_adapter:" not in output and "rule train_full:" not in output
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"grid": {"method": ["lora", "qlora3"]}}, "method"),
+        ({"grid": {"method": ["lora"], "lora_r": [0]}}, "grid.lora_r"),
+        ({"template": "vicuna"}, "template"),
+        ({"dataset": {"name": "x", "source": "local:missing.jsonl"}}, "dataset.source"),
+        ({"training": {"learning_rate": -1}}, "learning_rate"),
+        ({"runs": {"base": {"method": "lora"}}}, "runs.base"),
+    ],
+)
+def test_bad_config_fails_at_start_naming_the_key(copy_repo, tiny_model_dir, overrides, message):
+    config = tiny_config(copy_repo, tiny_model_dir, **overrides)
+    result = snakemake(copy_repo, "all", "--configfile", str(config), "--dry-run")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (copy_repo / "results").exists()
+
+
+def test_malformed_jsonl_fails_prepare_naming_file_and_line(copy_repo, tiny_model_dir):
+    lines = [json.dumps(r) for r in demo_records(48)]
+    lines.insert(11, '{"question": "broken", ')
+    config = tiny_config(copy_repo, tiny_model_dir, records=lines)
+    result = snakemake(copy_repo, "results/data/tiny/prepare.json", "--configfile", str(config))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "tiny.jsonl, line 12: invalid JSON" in output
+    assert "logs/prepare/tiny.log" in output
+    assert not (copy_repo / "results/data/tiny").exists() or not any((copy_repo / "results/data/tiny").iterdir())
+
+
+def test_skipped_records_are_counted(copy_repo, tiny_model_dir):
+    lines = [json.dumps(r) for r in demo_records(48)]
+    lines.insert(11, '{"question": "broken", ')
+    config = tiny_config(copy_repo, tiny_model_dir, records=lines,
+                         dataset={"name": "tiny", "source": "local:tiny.jsonl", "on_bad_record": "skip"})
+    result = snakemake(copy_repo, "results/data/tiny/prepare.json", "--configfile", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((copy_repo / "results/data/tiny/prepare.json").read_text())
+    assert summary["rejected"] == [{"file": "tiny.jsonl", "line": 12, "reason": summary["rejected"][0]["reason"]}]
+    assert summary["records_valid"] == 48
