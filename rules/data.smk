@@ -10,5 +10,7 @@ rule prepare:
         split=config["split"],
     log:
         f"logs/prepare/{DATASET}.log",
+    conda:
+        "../envs/data.yaml"
     script:
         "../scripts/prepare.py"

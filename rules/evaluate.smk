@@ -15,5 +15,7 @@ rule evaluate:
         "logs/evaluate/{name}.log",
     benchmark:
         "results/benchmarks/evaluate/{name}.tsv"
+    conda:
+        "../envs/evaluate.yaml"
     script:
         "../scripts/evaluate.py"

@@ -9,6 +9,8 @@ rule fetch_model:
         f"logs/fetch_model/{MODEL}.log",
     benchmark:
         f"results/benchmarks/fetch_model/{MODEL}.tsv"
+    conda:
+        "../envs/fetch.yaml"
     script:
         "../scripts/fetch_model.py"
 
@@ -20,5 +22,7 @@ rule fetch_dataset:
         source=config["dataset"]["source"],
     log:
         f"logs/fetch_dataset/{DATASET}.log",
+    conda:
+        "../envs/fetch.yaml"
     script:
         "../scripts/fetch_dataset.py"

@@ -14,5 +14,7 @@ rule generate:
         "logs/generate/{name}.log",
     benchmark:
         "results/benchmarks/generate/{name}.tsv"
+    conda:
+        "../envs/generate.yaml"
     script:
         "../scripts/generate.py"

