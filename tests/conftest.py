@@ -98,13 +98,16 @@ TINY_RUN = {
 }
 
 
-@pytest.fixture
-def copy_repo(tmp_path) -> Path:
-    """A copy of the workflow (no results), so a test can run snakemake in its own folder."""
-    target = tmp_path / "workflow"
+def copy_workflow(target: Path) -> Path:
+    """A copy of the workflow without any results, so a test can run snakemake in its own folder."""
     shutil.copytree(
         REPO, target,
         ignore=shutil.ignore_patterns(".venv", ".git", "results", "resources", "logs", ".snakemake", "__pycache__",
                                       ".pytest_cache"),
     )
     return target
+
+
+@pytest.fixture
+def copy_repo(tmp_path) -> Path:
+    return copy_workflow(tmp_path / "workflow")

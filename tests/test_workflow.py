@@ -12,7 +12,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import demo_records, write_jsonl
+from conftest import copy_workflow, demo_records, write_jsonl
 
 
 def snakemake(workdir, *args, timeout=900):
@@ -38,13 +38,7 @@ def tiny_config(workdir, model_dir, records=None, **overrides):
 
 @pytest.fixture(scope="module")
 def tiny_workflow(tmp_path_factory, tiny_model_dir):
-    import shutil
-
-    from conftest import REPO
-
-    workdir = tmp_path_factory.mktemp("wf") / "workflow"
-    shutil.copytree(REPO, workdir, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "results", "resources", "logs", ".snakemake", "__pycache__", ".pytest_cache"))
+    workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "workflow")
     config = tiny_config(workdir, tiny_model_dir)
     result = snakemake(workdir, "all", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
