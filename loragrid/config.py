@@ -36,6 +36,19 @@ NAME_LABELS = {
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
 
+def canonical(value):
+    """The same settings with dict keys sorted, at every depth.
+
+    Snakemake compares params as they are serialized, key order included; YAML files merged in
+    another order must not look like a change and re-run finished jobs.
+    """
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
 def method_defaults(config: dict, method: str) -> dict:
     return {**config["training"], **config["methods"].get(method, {}), "method": method}
 
@@ -90,6 +103,7 @@ def resolve_runs(config: dict) -> dict[str, dict]:
         runs[name] = _resolve(config, overrides)
     if not runs:
         raise LoragridError("config keys 'grid' and 'runs' are both empty: there is nothing to train")
+    runs = {name: canonical(settings) for name, settings in runs.items()}
     for name in runs:
         if name in RESERVED_NAMES:
             raise LoragridError(f"config key 'runs.{name}': '{name}' is reserved for the untuned model")

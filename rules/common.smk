@@ -13,7 +13,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 from loragrid.common import LoragridError
-from loragrid.config import PEFT_METHODS, check_config
+from loragrid.config import PEFT_METHODS, canonical, check_config
 
 
 validate(config, "../config/schema.yaml")
@@ -44,10 +44,6 @@ def model_for(name):
         return f"results/runs/{name}/model"
     return f"results/runs/{name}/merged"
 
-
-def job_settings(section):
-    """Settings a job depends on; passed as params so that changing them re-runs the job."""
-    return {**config[section], "template": config["template"]}
 
 
 wildcard_constraints:

@@ -6,8 +6,8 @@ rule prepare:
         heldout=f"{PREPARED_DIR}/heldout.jsonl",
         summary=f"{PREPARED_DIR}/prepare.json",
     params:
-        dataset=config["dataset"],
-        split=config["split"],
+        dataset=canonical(config["dataset"]),
+        split=canonical(config["split"]),
     log:
         f"logs/prepare/{DATASET}.log",
     conda:

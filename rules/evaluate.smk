@@ -7,7 +7,7 @@ rule evaluate:
     output:
         "results/eval/{name}.json",
     params:
-        settings=config["evaluate"],
+        settings=canonical(config["evaluate"]),
         template=config["template"],
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],

@@ -6,7 +6,7 @@ rule generate:
         answers="results/generations/{name}.jsonl",
         meta="results/generations/{name}.json",
     params:
-        settings=config["generate"],
+        settings=canonical(config["generate"]),
         template=config["template"],
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],

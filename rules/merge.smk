@@ -11,7 +11,7 @@ rule merge:
     params:
         method=lambda wildcards: RUNS[wildcards.run]["method"],
         template=config["template"],
-        check=config["merge"],
+        check=canonical(config["merge"]),
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
     log:

@@ -79,14 +79,54 @@ def test_second_run_does_nothing(tiny_workflow):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def planned_jobs(workdir, config, change: dict) -> set[tuple[str, str]]:
+    """(rule, wildcard value) of every job a dry run plans after `change` is merged over `config`."""
+    change_file = workdir / "change.yaml"
+    change_file.write_text(yaml.safe_dump(change))
+    result = snakemake(workdir, "all", "--configfile", str(config), str(change_file), "--dry-run")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    jobs, rule = set(), None
+    for line in result.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+            jobs.add((rule, ""))
+        elif line.strip().startswith("wildcards:") and rule:
+            jobs.discard((rule, ""))
+            jobs.add((rule, line.split("=", 1)[1].strip()))
+    return jobs
+
+
+def jobs_of(name, train_rule="train_adapter"):
+    return {(train_rule, name), ("merge", name), ("generate", name), ("evaluate", name)}
+
+
+FINAL = {("report", ""), ("all", "")}
+
+
+def test_one_runs_learning_rate_reruns_only_that_run(tiny_workflow):
+    workdir, config = tiny_workflow
+    assert planned_jobs(workdir, config, {"methods": {"lora": {"learning_rate": 0.005}}}) == jobs_of("lora") | FINAL
+
+
+def test_a_new_grid_value_adds_only_the_new_runs(tiny_workflow):
+    workdir, config = tiny_workflow
+    planned = planned_jobs(workdir, config, {"grid": {"method": ["full", "lora", "qlora4", "qlora8"], "lora_r": [4, 8]}})
+    assert planned == jobs_of("lora-r8") | jobs_of("qlora4-r8") | jobs_of("qlora8-r8") | FINAL
+
+
 def test_generation_change_reruns_generation_not_training(tiny_workflow):
     workdir, config = tiny_workflow
-    change = workdir / "longer-answers.yaml"
-    change.write_text("generate:\n  max_new_tokens: 5\n")
-    result = snakemake(workdir, "all", "--configfile", str(config), str(change), "--dry-run")
-    assert result.returncode == 0, result.stderr
-    output = result.stdout + result.stderr
-    assert "rule generate:" in output and "rule train_adapter:" not in output and "rule train_full:" not in output
+    planned = planned_jobs(workdir, config, {"generate": {"max_new_tokens": 5}})
+    names = ["base", "full", "lora", "qlora4", "qlora8"]
+    assert planned == {(rule, n) for n in names for rule in ("generate", "evaluate")} | FINAL
+
+
+def test_heldout_seed_change_reruns_prepare_and_everything_after(tiny_workflow):
+    workdir, config = tiny_workflow
+    planned = planned_jobs(workdir, config, {"split": {"seed": 7}})
+    rules = {rule for rule, _ in planned}
+    assert rules == {"prepare", "train_adapter", "train_full", "merge", "generate", "evaluate", "report", "all"}
+    assert len(planned) == 1 + 4 + 3 + 5 + 5 + 2
 
 
 @pytest.mark.parametrize(
