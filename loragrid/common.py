@@ -167,3 +167,46 @@ def use_threads(count: int) -> int:
     count = count or len(os.sched_getaffinity(0))
     torch.set_num_threads(count)
     return count
+
+
+def git_commit(folder: str | os.PathLike | None = None) -> str | None:
+    """The workflow checkout's commit, with '-dirty' when tracked files differ; None outside git."""
+    import subprocess
+
+    folder = folder or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def settings_hash(settings: dict) -> str:
+    canonical_json = json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical_json.encode()).hexdigest()
+
+
+def provenance(settings: dict, inputs: dict[str, str | os.PathLike]) -> dict:
+    """How a result was made: its settings and their hash, input checksums, versions, workflow commit.
+
+    A fetched folder is identified by the sha256 of its source.json (which lists every file's
+    checksum), any other folder by the sha256 of its files' checksums.
+    """
+    checksums_of_inputs = {}
+    for name, path in inputs.items():
+        path = Path(path)
+        if path.is_dir() and (path / "source.json").exists():
+            checksums_of_inputs[name] = sha256_file(path / "source.json")
+        elif path.is_dir():
+            checksums_of_inputs[name] = settings_hash(checksums(path))
+        else:
+            checksums_of_inputs[name] = sha256_file(path)
+    return {
+        "settings": settings,
+        "settings_sha256": settings_hash(settings),
+        "input_sha256": checksums_of_inputs,
+        "versions": package_versions(),
+        "workflow_commit": git_commit(),
+    }

@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import modeling
-from .common import package_versions, read_json, read_jsonl, write_json
+from .common import provenance, read_json, read_jsonl, write_json
 from .templates import tokenize_split
 from .train import load_tokenizer
 
@@ -71,7 +71,10 @@ def evaluate(model_dir, heldout_path, generations_path, generation_meta_path, te
     result["generation_tokens_per_second"] = read_json(generation_meta_path)["tokens_per_second"]
     result["questions"] = len(records)
     result["template"] = template
-    result["versions"] = package_versions()
+    result["provenance"] = provenance(
+        {"template": template, "batch_size": batch_size, "generation": read_json(generation_meta_path)["settings"]},
+        {"model": model_dir, "heldout_split": heldout_path, "generations": generations_path},
+    )
     log.info("held-out loss %.3f, chrF %.1f, emoji share %.2f",
              result["heldout_loss"], result["chrf"], result["emoji_share"])
     return result

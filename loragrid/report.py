@@ -24,6 +24,7 @@ COLUMNS = {
     "train_minutes": "train time (min)",
     "train_tokens_per_second": "train tok/s",
     "generation_tokens_per_second": "gen tok/s",
+    "settings_sha256": "settings sha256",
 }
 
 
@@ -41,6 +42,7 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
             "trainable_percent": train["parameters"]["trainable_percent"],
             "train_minutes": train["train_runtime_seconds"] / 60,
             "train_tokens_per_second": train["tokens_per_second"],
+            "settings_sha256": train["provenance"]["settings_sha256"],
             **_quality(files["eval"]),
         })
     return pd.DataFrame(rows, columns=list(COLUMNS))
@@ -57,7 +59,7 @@ def _markdown_table(table: pd.DataFrame) -> str:
         "trainable_percent": "{:.2f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
         "train_minutes": "{:.1f}", "train_tokens_per_second": "{:.0f}", "generation_tokens_per_second": "{:.0f}",
     }
-    shown = table.copy()
+    shown = table.drop(columns=["settings_sha256"])  # listed under Provenance instead
     for column, fmt in formats.items():
         shown[column] = [("–" if pd.isna(v) else fmt.format(v)) for v in table[column]]
     return shown.rename(columns=COLUMNS).to_markdown(index=False, disable_numparse=True)
@@ -134,7 +136,8 @@ def write_report(run_files: dict[str, dict], base_eval_path, out_csv, out_md, lo
     plot_memory_quality(table, memory_png)
 
     first = next(iter(runs.values()))
-    versions = first["train"]["versions"]
+    versions = first["train"]["provenance"]["versions"]
+    commit = first["train"]["provenance"]["workflow_commit"] or "unknown (not a git checkout)"
     lines = [
         "# loragrid report",
         "",
@@ -155,9 +158,16 @@ def write_report(run_files: dict[str, dict], base_eval_path, out_csv, out_md, lo
         "",
         f"![memory and quality]({Path(memory_png).name})",
         "",
-        "## Versions",
+        "## Provenance",
         "",
-        ", ".join(f"{name} {version}" for name, version in versions.items()),
+        f"Workflow commit: `{commit}`. Packages: "
+        + ", ".join(f"{name} {version}" for name, version in versions.items()) + ".",
+        "",
+        "| run | settings sha256 | model sha256 | train split sha256 |",
+        "|:--|:--|:--|:--|",
+        *(f"| {name} | `{files['train']['provenance']['settings_sha256'][:12]}` "
+          f"| `{files['train']['provenance']['input_sha256']['model'][:12]}` "
+          f"| `{files['train']['provenance']['input_sha256']['train_split'][:12]}` |" for name, files in runs.items()),
         "",
     ]
     with atomic_file(out_md) as handle:

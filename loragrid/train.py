@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import modeling
-from .common import LoragridError, atomic_dir, package_versions, read_jsonl, write_json
+from .common import LoragridError, atomic_dir, provenance, read_jsonl, write_json
 from .templates import tokenize_split
 
 log = logging.getLogger("loragrid.train")
@@ -107,8 +107,6 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
     return {
-        "run_settings": settings,
-        "template": template,
         "method": method,
         "parameters": {"trainable": int(trainable), "total": int(total), "trainable_percent": 100 * trainable / total},
         "memory": {**peak_memory(), "weights_bytes": int(weights)},
@@ -125,7 +123,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         "tokens_per_second": tokens / result.metrics["train_runtime"],
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
-        "versions": package_versions(),
+        "provenance": provenance({**settings, "template": template},
+                                 {"model": model_dir, "train_split": Path(data_dir) / "train.jsonl"}),
     }
 
 

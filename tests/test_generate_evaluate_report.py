@@ -82,5 +82,19 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
     assert csv.loc[0, "heldout_loss"] == pytest.approx(base_eval["heldout_loss"])
     markdown = (out / "report.md").read_text()
     assert "| run " in markdown and "qlora4" in markdown and "peak memory (GB)" in markdown
+    assert "## Provenance" in markdown and "settings sha256" in markdown
     for png in ("loss.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_provenance_hash_follows_the_settings(tmp_path):
+    from loragrid.common import provenance
+
+    split = tmp_path / "split.jsonl"
+    split.write_text('{"a": 1}\n')
+    first = provenance({"lr": 1, "r": 2}, {"train_split": split})
+    assert first["settings_sha256"] == provenance({"r": 2, "lr": 1}, {"train_split": split})["settings_sha256"]
+    assert first["settings_sha256"] != provenance({"lr": 2, "r": 2}, {"train_split": split})["settings_sha256"]
+    split.write_text('{"a": 2}\n')
+    assert provenance({"lr": 1, "r": 2}, {"train_split": split})["input_sha256"] != first["input_sha256"]
+    assert first["workflow_commit"] is None or len(first["workflow_commit"]) >= 40

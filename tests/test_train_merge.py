@@ -36,7 +36,9 @@ def test_train_summary(trained, tiny_model_dir):
         assert summary["tokens_seen_non_padding"] > 0 and summary["tokens_per_second"] > 0
         assert summary["memory"]["peak_rss_bytes"] > summary["memory"]["weights_bytes"] > 0
         assert summary["compute_dtype"] == "bfloat16"
-        assert "torch" in summary["versions"]
+        assert "torch" in summary["provenance"]["versions"]
+        assert summary["provenance"]["settings"]["method"] == method
+        assert set(summary["provenance"]["input_sha256"]) == {"model", "train_split"}
         params = summary["parameters"]
         if method == "full":
             assert params["trainable"] == params["total"] == total
@@ -101,3 +103,12 @@ def test_merge_refuses_beyond_tolerance(trained, tiny_model_dir, prepared_dir, t
                        heldout_path=prepared_dir / "heldout.jsonl", template="chat", method="lora",
                        tolerance=1e-12)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merge.json").exists()
+
+
+def test_same_seed_gives_byte_identical_adapters(tiny_model_dir, prepared_dir, tmp_path):
+    for attempt in ("first", "second"):
+        train_to_files(tiny_model_dir, prepared_dir, tmp_path / attempt, tmp_path / f"{attempt}.json", TINY_RUN, "chat")
+    first = (tmp_path / "first/adapter_model.safetensors").read_bytes()
+    assert first == (tmp_path / "second/adapter_model.safetensors").read_bytes()
+    curves = [read_json(tmp_path / f"{attempt}.json")["loss_curve"] for attempt in ("first", "second")]
+    assert curves[0] == curves[1]
