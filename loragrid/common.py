@@ -188,7 +188,7 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(canonical_json.encode()).hexdigest()
 
 
-def provenance(settings: dict, inputs: dict[str, str | os.PathLike]) -> dict:
+def provenance(settings: dict, inputs: dict[str, str | os.PathLike], dataset_sha256: str | None = None) -> dict:
     """How a result was made: its settings and their hash, input checksums, versions, workflow commit.
 
     A fetched folder is identified by the sha256 of its source.json (which lists every file's
@@ -203,6 +203,9 @@ def provenance(settings: dict, inputs: dict[str, str | os.PathLike]) -> dict:
             checksums_of_inputs[name] = settings_hash(checksums(path))
         else:
             checksums_of_inputs[name] = sha256_file(path)
+    if dataset_sha256:
+        # The raw records' checksum, as prepare recorded it: the split alone does not say which file it came from.
+        checksums_of_inputs["dataset"] = dataset_sha256
     return {
         "settings": settings,
         "settings_sha256": settings_hash(settings),

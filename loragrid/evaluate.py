@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,7 @@ def evaluate(model_dir, heldout_path, generations_path, generation_meta_path, te
     result["provenance"] = provenance(
         {"template": template, "batch_size": batch_size, "generation": read_json(generation_meta_path)["settings"]},
         {"model": model_dir, "heldout_split": heldout_path, "generations": generations_path},
+        dataset_sha256=read_json(Path(heldout_path).parent / "prepare.json")["input_sha256"],
     )
     log.info("held-out loss %.3f, chrF %.1f, emoji share %.2f",
              result["heldout_loss"], result["chrf"], result["emoji_share"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from . import modeling
-from .common import LoragridError, atomic_dir, provenance, read_jsonl, write_json
+from .common import LoragridError, atomic_dir, provenance, read_json, read_jsonl, write_json
 from .templates import tokenize_split
 
 log = logging.getLogger("loragrid.train")
@@ -124,7 +124,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
         "provenance": provenance({**settings, "template": template},
-                                 {"model": model_dir, "train_split": Path(data_dir) / "train.jsonl"}),
+                                 {"model": model_dir, "train_split": Path(data_dir) / "train.jsonl"},
+                                 dataset_sha256=read_json(Path(data_dir) / "prepare.json")["input_sha256"]),
     }
 
 

@@ -2,6 +2,7 @@ rule evaluate:
     input:
         model=lambda wildcards: model_for(wildcards.name),
         heldout=rules.prepare.output.heldout,
+        prepared=rules.prepare.output.summary,
         answers=rules.generate.output.answers,
         meta=rules.generate.output.meta,
     output:

@@ -2,6 +2,7 @@ rule train_adapter:
     input:
         model=MODEL_DIR,
         train=rules.prepare.output.train,
+        prepared=rules.prepare.output.summary,
     output:
         weights=directory("results/runs/{run}/adapter"),
         summary="results/runs/{run}/train.json",

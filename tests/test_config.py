@@ -119,3 +119,10 @@ def test_command_line_text_is_typed_by_the_schema():
     assert config["runs"]["x"]["lora_alpha"] == 8
     assert config["model"]["name"] == "123"  # a string in the schema stays a string
     assert config["split"]["seed"] == "seven"  # not a number: left for the schema to reject
+
+
+def test_reordering_grid_keys_keeps_names():
+    forward = resolve_runs(validated({"grid": {"method": ["lora", "full"], "lora_r": [16, 8]}}))
+    backward = resolve_runs(validated({"grid": {"lora_r": [8, 16], "method": ["full", "lora"]}}))
+    assert forward == backward
+    assert sorted(forward) == ["full", "lora", "lora-r8"]

@@ -38,7 +38,7 @@ def test_train_summary(trained, tiny_model_dir):
         assert summary["compute_dtype"] == "bfloat16"
         assert "torch" in summary["provenance"]["versions"]
         assert summary["provenance"]["settings"]["method"] == method
-        assert set(summary["provenance"]["input_sha256"]) == {"model", "train_split"}
+        assert set(summary["provenance"]["input_sha256"]) == {"model", "train_split", "dataset"}
         params = summary["parameters"]
         if method == "full":
             assert params["trainable"] == params["total"] == total
