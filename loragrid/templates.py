@@ -1,69 +1,204 @@
-"""Prompt templates and tokenization, shared by train, evaluate and generate.
+"""Prompt templates and tokenization, shared by train, merge, evaluate and generate.
 
-One function renders a prompt for all three stages: a model trained on one template and
+One function renders a conversation for every stage: a model trained on one template and
 asked in another answers endlessly or repeats itself.
+
+A conversation is a list of messages: an optional `system` message, then user and assistant
+turns in alternation. A user message may carry an `input` (alpaca's context field) next to its
+`content`; templates with an Input section show it there, the others append it to the content.
 """
 
 from __future__ import annotations
 
+import string
+
 from .common import LoragridError
 
-# The emoji tutorial's format: 用户 = user, 助手 = assistant.
-PLAIN_TEMPLATE = "用户: {question} 助手: "
-TEMPLATES = ("chat", "plain")
+# Named templates that are format strings. `prompt_input` is used when the user turn has an input.
+STRING_TEMPLATES = {
+    # The emoji tutorial's format: 用户 = user, 助手 = assistant.
+    "plain": {"prompt": "用户: {instruction} 助手: "},
+    # Stanford Alpaca / alpaca-lora's templates/alpaca.json.
+    "alpaca": {
+        "prompt": "Below is an instruction that describes a task. Write a response that appropriately "
+                  "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+        "prompt_input": "Below is an instruction that describes a task, paired with an input that provides "
+                        "further context. Write a response that appropriately completes the request.\n\n"
+                        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    },
+    # The Chinese alpaca layout: 指令 = instruction, 输入 = input, 回答 = answer.
+    "alpaca_zh": {
+        "prompt": "### 指令:\n{instruction}\n\n### 回答:\n",
+        "prompt_input": "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n",
+    },
+}
+TEMPLATES = ("chat", *STRING_TEMPLATES)
+PLACEHOLDERS = ("instruction", "input", "system")
+IGNORE_INDEX = -100
+
+
+def check_template(template: str) -> None:
+    """Fail on a template name or format string that cannot render a prompt (config key 'template')."""
+    if template in TEMPLATES:
+        return
+    if "{" not in template and "}" not in template:
+        raise LoragridError(
+            f"config key 'template': unknown template '{template}' (choose from {', '.join(TEMPLATES)}, "
+            "or give a format string with an {instruction} placeholder)"
+        )
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as error:
+        raise LoragridError(f"config key 'template': {template!r} is not a valid format string: {error}") from None
+    unknown = sorted({field for field in fields if field not in PLACEHOLDERS})
+    if unknown:
+        raise LoragridError(
+            f"config key 'template': unknown placeholder(s) {{{'}, {'.join(unknown)}}} in {template!r} "
+            f"(allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}; write {{{{ }}}} for a literal brace)"
+        )
+    if "instruction" not in fields:
+        raise LoragridError(
+            f"config key 'template': the custom template {template!r} has no {{instruction}} placeholder, "
+            "so the question would never reach the model"
+        )
+
+
+def _with_input(message: dict) -> dict:
+    """A user message for templates without an Input section: the input follows the instruction."""
+    content = message["content"] + ("\n\n" + message["input"] if message.get("input") else "")
+    return {"role": message["role"], "content": content}
+
+
+def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
+def _string_prompt(template: str, message: dict, system: str | None) -> str:
+    if template in STRING_TEMPLATES:
+        variants = STRING_TEMPLATES[template]
+        if message.get("input") and "prompt_input" in variants:
+            text = variants["prompt_input"].format(instruction=message["content"], input=message["input"])
+        else:
+            text = variants["prompt"].format(instruction=_with_input(message)["content"])
+        return f"{system}\n\n{text}" if system else text
+    fields = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    instruction = message["content"] if "input" in fields else _with_input(message)["content"]
+    text = template.format(instruction=instruction, input=message.get("input") or "", system=system or "")
+    # A custom template without {system} still keeps the system prompt: in front, as the named ones do.
+    return f"{system}\n\n{text}" if system and "system" not in fields else text
+
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template([_with_input(m) for m in messages],
+                                         add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list[tuple[str, bool]]:
+    """Cut the chat template's rendering into (text, is_answer) pieces, turn by turn.
+
+    Each assistant turn is rendered as the template's prompt up to it, then the bare answer;
+    the end-of-turn text that the template writes after an answer is EOS (labelled with the
+    answer), so it is not repeated in the next prompt.
+    """
+    if not tokenizer.chat_template:
+        raise LoragridError("config key 'template': the model has no chat template; choose another template "
+                            f"({', '.join(TEMPLATES[1:])} or a format string)")
+    segments, covered = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _chat(tokenizer, messages[:index], add_generation_prompt=True)
+        answered = _chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not prompt.startswith(covered) or not answered.startswith(prompt + message["content"]):
+            raise LoragridError(
+                "config key 'template': the model's chat template does not render a conversation turn by turn "
+                "(a later turn rewrites earlier text), so answer tokens cannot be told apart; choose another template"
+            )
+        segments += [(prompt[len(covered):], False), (message["content"], True)]
+        covered = prompt + message["content"]
+        if add_eos_token and answered[len(covered):].startswith(tokenizer.eos_token or "\0"):
+            covered += tokenizer.eos_token
+    if not messages or messages[-1]["role"] != "assistant":
+        prompt = _chat(tokenizer, messages, add_generation_prompt=True)
+        segments.append((prompt[len(covered):], False))
+    return segments
+
+
+def segments(tokenizer, template: str, messages: list[dict], add_eos_token: bool = True) -> list[tuple[str, bool]]:
+    """The conversation as (text, is_answer) pieces; a conversation ending with a user turn ends with its prompt."""
+    if template == "chat":
+        return _chat_segments(tokenizer, messages, add_eos_token)
+    check_template(template)
+    system, turns = _split_system(messages)
+    pieces = []
+    for message in turns:
+        if message["role"] == "user":
+            pieces.append((_string_prompt(template, message, system if not pieces else None), False))
+        else:
+            pieces.append((message["content"], True))
+    return pieces
 
 
 def render_prompt(tokenizer, template: str, messages: list[dict]) -> str:
     """The text the model sees before its answer; `messages` ends with the user's turn."""
     if template == "chat":
         if not tokenizer.chat_template:
-            raise LoragridError("config key 'template': the model has no chat template; use template: plain")
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if template == "plain":
-        return PLAIN_TEMPLATE.format(question=messages[-1]["content"])
-    raise LoragridError(f"config key 'template': unknown template '{template}' (choose from {', '.join(TEMPLATES)})")
+            _chat_segments(tokenizer, [], True)  # raises the no-chat-template error
+        return _chat(tokenizer, messages, add_generation_prompt=True)
+    eos = tokenizer.eos_token or ""
+    return "".join(text + (eos if is_answer else "") for text, is_answer in segments(tokenizer, template, messages))
+
+
+def _encode(tokenizer, template: str, messages: list[dict], add_eos_token: bool) -> tuple[list[int], list[bool]]:
+    ids, is_answer = [], []
+    for position, (text, answer) in enumerate(segments(tokenizer, template, messages, add_eos_token)):
+        # A chat template writes its own special tokens; other templates get the tokenizer's (e.g. BOS) once.
+        piece = tokenizer(text, add_special_tokens=template != "chat" and position == 0)["input_ids"]
+        if answer and add_eos_token:
+            piece = piece + [tokenizer.eos_token_id]
+        ids += piece
+        is_answer += [answer] * len(piece)
+    return ids, is_answer
 
 
 def prompt_token_ids(tokenizer, template: str, messages: list[dict]) -> list[int]:
-    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS).
-    text = render_prompt(tokenizer, template, messages)
-    return tokenizer(text, add_special_tokens=template != "chat")["input_ids"]
+    """Token ids of the prompt for the answer after `messages` (which end with the user's turn)."""
+    return _encode(tokenizer, template, messages, add_eos_token=True)[0]
 
 
 def tokenize_example(tokenizer, template: str, messages: list[dict], cutoff_len: int,
                      train_on_inputs: bool = False, add_eos_token: bool = True) -> dict | None:
-    """input_ids and labels for one conversation whose last message is the answer.
+    """input_ids and labels for one conversation that ends with an assistant turn.
 
-    Labels cover only the answer (and EOS) unless `train_on_inputs`. Returns None when the
-    prompt alone fills `cutoff_len`, so that no answer would be left to learn from.
+    Labels cover the assistant turns (each with its EOS) unless `train_on_inputs`; system
+    prompts and user turns are context only. Returns None when `cutoff_len` would cut away
+    every answer token, so that no record is trained on without an answer.
     """
-    prompt = prompt_token_ids(tokenizer, template, messages[:-1])
-    answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    if add_eos_token:
-        answer = answer + [tokenizer.eos_token_id]
-    if len(prompt) >= cutoff_len:
+    ids, is_answer = _encode(tokenizer, template, messages, add_eos_token)
+    if not any(is_answer[:cutoff_len]):
         return None
-    truncated = len(prompt) + len(answer) > cutoff_len
-    answer = answer[: cutoff_len - len(prompt)]
-    input_ids = prompt + answer
-    labels = input_ids.copy() if train_on_inputs else [-100] * len(prompt) + answer
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": labels,
-        "truncated": truncated,
-    }
+    truncated = len(ids) > cutoff_len
+    ids, is_answer = ids[:cutoff_len], is_answer[:cutoff_len]
+    labels = ids.copy() if train_on_inputs else [t if a else IGNORE_INDEX for t, a in zip(ids, is_answer)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": truncated}
 
 
 def tokenize_split(tokenizer, template: str, records: list[dict], cutoff_len: int,
                    train_on_inputs: bool = False, add_eos_token: bool = True):
-    """Tokenize prepared records; returns (examples, counts of dropped and truncated records)."""
-    examples, dropped, truncated = [], [], 0
+    """Tokenize prepared records; returns (examples, what cutoff_len did).
+
+    Records whose answer `cutoff_len` would cut away entirely are dropped and listed by id
+    (the id names the file and line); records whose answer is only shortened are counted.
+    """
+    examples, dropped, truncated = [], [], []
     for record in records:
         example = tokenize_example(tokenizer, template, record["messages"], cutoff_len, train_on_inputs, add_eos_token)
         if example is None:
             dropped.append(record["id"])
             continue
-        truncated += example.pop("truncated")
+        if example.pop("truncated"):
+            truncated.append(record["id"])
         examples.append(example)
-    return examples, {"dropped_prompt_too_long": dropped, "truncated": truncated}
+    return examples, {"dropped_prompt_too_long": dropped, "truncated": len(truncated), "truncated_ids": truncated}

@@ -17,13 +17,15 @@ from loragrid.config import (
     PEFT_METHODS,
     canonical,
     check_config,
+    check_keys,
     retype_command_line_values,
 )
 
 
 config.update(retype_command_line_values(config))
-validate(config, "../config/schema.yaml")
 try:
+    check_keys(config)
+    validate(config, "../config/schema.yaml")
     RUNS = check_config(config, workdir=".")
 except LoragridError as error:
     raise WorkflowError(str(error)) from None

