@@ -145,12 +145,14 @@ def _system(raw: dict) -> list[dict]:
 
 def _qa(raw: dict, question_field: str, answer_fields: list[str]) -> list[dict]:
     question = _text(raw, question_field, "the question")
-    present = [field for field in answer_fields if raw.get(field) is not None]
+    # A column that a CSV or Parquet file has but leaves empty arrives as None: present, but empty.
+    present = [field for field in answer_fields if field in raw]
     if not present:
         raise BadRecord(f"none of the answer fields {answer_fields} is present")
     answer = next((raw[f] for f in present if isinstance(raw[f], str) and raw[f].strip()), None)
-    if answer is None and not isinstance(raw[present[0]], str):
-        raise BadRecord(f"answer field '{present[0]}' should be text, got {type(raw[present[0]]).__name__}")
+    wrong_type = next((f for f in present if raw[f] is not None and not isinstance(raw[f], str)), None)
+    if answer is None and wrong_type:
+        raise BadRecord(f"answer field '{wrong_type}' should be text, got {type(raw[wrong_type]).__name__}")
     if answer is None:
         raise BadRecord(f"answer field '{present[0]}' is empty (an empty answer teaches the model to say nothing)")
     return [*_system(raw), {"role": "user", "content": question}, {"role": "assistant", "content": answer.strip()}]

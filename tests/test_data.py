@@ -78,3 +78,85 @@ def test_too_few_questions_for_the_heldout_split(tmp_path):
     source = write_jsonl(tmp_path / "small.jsonl", demo_records(20))
     with pytest.raises(LoragridError, match="too few"):
         prepare(source, tmp_path / "out", heldout_min=30)
+
+
+def _write_formats(folder, records):
+    """The same records as .jsonl, .json (a list), .csv and .parquet."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "d.jsonl", records)
+    (folder / "d.json").write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    pd.DataFrame(records).to_csv(folder / "d.csv", index=False)
+    pd.DataFrame(records).to_parquet(folder / "d.parquet")
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.parquet"])
+def test_every_file_format_gives_the_same_split(tmp_path, name):
+    from loragrid.fetch import fetch_dataset
+
+    records = [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(60)]
+    _write_formats(tmp_path / "files", records)
+    write_jsonl(tmp_path / "reference.jsonl", records)
+    expected = prepare(tmp_path / "reference.jsonl", tmp_path / "expected", heldout_min=10)
+    fetch_dataset(f"local:{tmp_path / 'files' / name}", tmp_path / "dataset")
+    summary = prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=10)
+    assert summary["records_valid"] == 60 and summary["source"].endswith(name)
+    strip = lambda rows: [r["messages"] for r in rows]  # noqa: E731 - ids name the file, contents must match
+    for split in ("train.jsonl", "heldout.jsonl"):
+        assert strip(read_jsonl(tmp_path / "out" / split)) == strip(read_jsonl(tmp_path / "expected" / split))
+    assert expected["train"] == summary["train"]
+
+
+def test_a_folder_of_files_and_messages_that_name_each_file(tmp_path):
+    import pandas as pd
+
+    from loragrid.fetch import fetch_dataset
+
+    records = [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(60)]
+    folder = tmp_path / "data"
+    (folder / "more").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", records[:20])
+    pd.DataFrame(records[20:40] + [{"question": "empty answer?", "answer_en": ""}]).to_csv(folder / "b.csv", index=False)
+    pd.DataFrame(records[40:]).to_parquet(folder / "more" / "c.parquet")
+    (folder / "README.md").write_text("not data")
+    provenance = fetch_dataset(f"local:{folder}", tmp_path / "dataset")
+    assert [(p["file"], p["count"]) for p in provenance["parts"]] == [
+        (f"{folder}/a.jsonl", 20), (f"{folder}/b.csv", 21), (f"{folder}/more/c.parquet", 20)]
+    with pytest.raises(LoragridError, match=r"b\.csv, line 22: answer field 'answer_en' is empty"):
+        prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=10)
+    summary = prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=10, on_bad_record="skip")
+    assert summary["records_valid"] == 60
+    assert summary["rejected"] == [{"file": f"{folder}/b.csv", "line": 22, "reason": summary["rejected"][0]["reason"]}]
+    ids = {r["id"] for r in read_jsonl(tmp_path / "out/train.jsonl")}
+    assert any(i.startswith(f"{folder}/more/c.parquet, row ") for i in ids)
+
+
+def test_alpaca_records_keep_their_input_and_ignore_an_empty_one(tmp_path):
+    records = [{"instruction": f"Translate {i}", "input": f"word {i}" if i % 2 else "", "output": f"mot {i}"}
+               for i in range(30)]
+    records.append({"instruction": "Summarise", "output": "ok", "system": "You are terse."})
+    prepare(write_jsonl(tmp_path / "a.jsonl", records), tmp_path / "out", data_format="alpaca", heldout_min=3)
+    rows = {r["messages"][-2]["content"]: r["messages"] for r in read_jsonl(tmp_path / "out/train.jsonl")
+            + read_jsonl(tmp_path / "out/heldout.jsonl")}
+    assert rows["Translate 1"] == [{"role": "user", "content": "Translate 1", "input": "word 1"},
+                                   {"role": "assistant", "content": "mot 1"}]
+    assert rows["Translate 2"] == [{"role": "user", "content": "Translate 2"}, {"role": "assistant", "content": "mot 2"}]
+    assert rows["Summarise"][0] == {"role": "system", "content": "You are terse."}
+
+
+def test_openai_and_sharegpt_conversations_are_the_same_conversation(tmp_path):
+    openai, sharegpt = [], []
+    for i in range(30):
+        turns = [("system", "Answer with emoji."), ("user", f"Hi {i}"), ("assistant", f"Hello {i} 👋"),
+                 ("user", f"Weather {i}?"), ("assistant", "Sunny ☀️")]
+        openai.append({"messages": [{"role": role, "content": text} for role, text in turns]})
+        names = {"system": "system", "user": "human", "assistant": "gpt"}
+        sharegpt.append({"conversations": [{"from": names[role], "value": text} for role, text in turns]})
+    a = prepare(write_jsonl(tmp_path / "o.jsonl", openai), tmp_path / "o", data_format="messages", heldout_min=3)
+    b = prepare(write_jsonl(tmp_path / "s.jsonl", sharegpt), tmp_path / "s", data_format="messages", heldout_min=3)
+    assert a["train"] == b["train"] == 27
+    first = read_jsonl(tmp_path / "o/train.jsonl")[0]["messages"]
+    assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
+    assert [r["messages"] for r in read_jsonl(tmp_path / "o/train.jsonl")] == \
+        [r["messages"] for r in read_jsonl(tmp_path / "s/train.jsonl")]

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 from transformers import AutoTokenizer
 
 from loragrid.common import LoragridError
-from loragrid.templates import render_prompt, tokenize_example
+from loragrid.templates import prompt_token_ids, render_prompt, tokenize_example
 
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"},
             {"role": "assistant", "content": "Because of Rayleigh scattering 🌈☀️"}]
@@ -50,3 +52,84 @@ def test_cutoff_truncates_the_answer_and_drops_hopeless_prompts(tokenizer):
     cut = tokenize_example(tokenizer, "chat", MESSAGES, cutoff_len=prompt_length + 2)
     assert cut["truncated"] and len(cut["input_ids"]) == prompt_length + 2
     assert tokenize_example(tokenizer, "chat", MESSAGES, cutoff_len=prompt_length) is None
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer with emoji."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello 👋"},
+    {"role": "user", "content": "Weather?"},
+    {"role": "assistant", "content": "Sunny ☀️"},
+]
+
+
+def labelled_spans(example):
+    spans, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label == -100 and current:
+            spans.append(current)
+            current = []
+        elif label != -100:
+            current.append(token)
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("template", ["chat", "plain", "alpaca", "alpaca_zh", "Q: {instruction}\nA: "])
+def test_multi_turn_loss_on_assistant_turns_only(tokenizer, template):
+    example = tokenize_example(tokenizer, template, CONVERSATION, cutoff_len=512)
+    spans = labelled_spans(example)
+    assert [tokenizer.decode(span) for span in spans] == ["Hello 👋<|im_end|>", "Sunny ☀️<|im_end|>"]
+    text = tokenizer.decode(example["input_ids"])
+    assert "Answer with emoji." in text and "Hi there" in text and "Weather?" in text  # system prompt kept
+
+
+def test_chat_tokens_are_the_chat_templates_rendering(tokenizer):
+    example = tokenize_example(tokenizer, "chat", CONVERSATION, cutoff_len=512)
+    rendered = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    # Everything up to the last answer's end-of-turn (EOS); what the template writes after it is never learnt.
+    assert tokenizer.decode(example["input_ids"]) == rendered[: rendered.rindex("<|im_end|>") + len("<|im_end|>")]
+
+
+@pytest.mark.parametrize("template", ["chat", "plain", "alpaca", "alpaca_zh", "{system}|{instruction}|{input}|"])
+def test_generation_prompt_is_the_training_prefix(tokenizer, template):
+    """The same template at training and generation: the prompt is exactly what preceded the answer."""
+    example = tokenize_example(tokenizer, template, CONVERSATION, cutoff_len=512)
+    prompt = prompt_token_ids(tokenizer, template, CONVERSATION[:-1])
+    assert example["input_ids"][: len(prompt)] == prompt
+    assert example["labels"][len(prompt) - 1] == -100 and example["labels"][len(prompt)] != -100
+
+
+def test_alpaca_templates_with_and_without_input(tokenizer):
+    with_input = [{"role": "user", "content": "Translate", "input": "chat"}]
+    assert render_prompt(tokenizer, "alpaca", with_input).endswith(
+        "### Instruction:\nTranslate\n\n### Input:\nchat\n\n### Response:\n")
+    assert "### Input" not in render_prompt(tokenizer, "alpaca", [{"role": "user", "content": "Translate"}])
+    assert render_prompt(tokenizer, "alpaca_zh", with_input) == "### 指令:\nTranslate\n\n### 输入:\nchat\n\n### 回答:\n"
+    # Templates without an Input section put the input after the instruction; chat too.
+    assert render_prompt(tokenizer, "plain", with_input) == "用户: Translate\n\nchat 助手: "
+    assert "Translate\n\nchat<|im_end|>" in render_prompt(tokenizer, "chat", with_input)
+
+
+def test_custom_template_and_system_prompt(tokenizer):
+    asked = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]
+    assert render_prompt(tokenizer, "[{system}] Q: {instruction}\nA: ", asked) == "[Be brief.] Q: Why?\nA: "
+    assert render_prompt(tokenizer, "Q: {instruction}\nA: ", asked) == "Be brief.\n\nQ: Why?\nA: "
+    assert render_prompt(tokenizer, "alpaca_zh", asked).startswith("Be brief.\n\n### 指令:\nWhy?")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("vicuna", "unknown template 'vicuna'"),
+    ("Q: {question}", r"unknown placeholder\(s\) \{question\}"),
+    ("Q: {input}", r"has no \{instruction\} placeholder"),
+    ("Q: {instruction", "not a valid format string"),
+])
+def test_bad_templates(tokenizer, template, message):
+    with pytest.raises(LoragridError, match=rf"config key 'template': .*{message}"):
+        render_prompt(tokenizer, template, MESSAGES[:1])
+
+
+def test_a_model_without_chat_template(tokenizer):
+    bare = copy.copy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(LoragridError, match="the model has no chat template; choose another template"):
+        tokenize_example(bare, "chat", MESSAGES, cutoff_len=64)
