@@ -221,7 +221,7 @@ def read_records(records_path: Path, parts: list[dict], data_format: str, questi
             where = {"file": file, unit: number, "id": f"{file}, {unit} {number}"}
             try:
                 try:
-                    text = line.decode("utf-8")
+                    text = line.decode("utf-8").rstrip("\r\n")  # columns count within the line
                 except UnicodeDecodeError as error:
                     raise BadRecord(f"not valid UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1})") from None
                 try:

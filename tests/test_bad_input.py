@@ -32,7 +32,7 @@ GOOD = {
 
 # (case, format, the bad line put at line 7, what the message says after "bad.jsonl, line 7: ")
 RECORD_CASES = [
-    ("malformed JSON line", "qa", '{"question": "q", "answer_en": ', r"invalid JSON \(Expecting value at column \d+\)"),
+    ("malformed JSON line", "qa", '{"question": "q", "answer_en": ', r"invalid JSON \(Expecting value at column 32\)"),
     ("a line that is not an object", "qa", '["a", "list"]', "expected a JSON object, got list"),
     ("missing field", "qa", '{"answer_en": "no question"}', r"missing field 'question' \(the question\)"),
     ("empty question", "qa", '{"question": "  ", "answer_en": "x"}', "field 'question' is empty"),
