@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .common import LoragridError, atomic_dir, checksums, read_json, sha256_file, write_json
+from .common import LoragridError, atomic_dir, checksums, read_json, settings_hash, sha256_file, write_json
 from .data import FILE_FORMATS, gather_records
 
 log = logging.getLogger("loragrid.fetch")
@@ -143,7 +143,7 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False,
                 allow_pickle: bool = False, offline: bool = False) -> dict:
     scheme, location = split_source(source)
-    settings = {"source": source, "gguf_file": gguf_file}
+    settings = {"source": source, "source_sha256": local_checksum(source), "gguf_file": gguf_file}
     if already_fetched(out_dir, settings):
         log.info("%s already holds %s; nothing to fetch", out_dir, source)
         return read_json(Path(out_dir) / "source.json")
@@ -215,6 +215,18 @@ def _hub_snapshot(scheme: str, location: str, repo_type: str, offline: bool, all
                         "resolved_path": str(path)}
 
 
+def local_checksum(source: str) -> str | None:
+    """sha256 of a local source's file (or of its folder's file checksums); None for hub and PyPI sources.
+
+    Recorded in source.json, so that an edited local file counts as a changed source.
+    """
+    scheme, location = split_source(source)
+    path = Path(location)
+    if scheme not in ("local", "gguf", "torch") or not path.exists():
+        return None
+    return sha256_file(path) if path.is_file() else settings_hash(checksums(path))
+
+
 def already_fetched(out_dir: str | Path, provenance: dict) -> bool:
     """True when `out_dir` holds a complete fetch of the same source with the same settings.
 
@@ -238,7 +250,7 @@ def fetch_dataset(source: str, out_dir: str | Path, offline: bool = False) -> di
     records.jsonl back to the user's file and line, so prepare's messages name the user's file.
     """
     scheme, location = split_source(source)
-    settings = {"source": source}
+    settings = {"source": source, "source_sha256": local_checksum(source)}
     if already_fetched(out_dir, settings):
         log.info("%s already holds %s; nothing to fetch", out_dir, source)
         return read_json(Path(out_dir) / "source.json")

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from . import modeling
-from .common import LoragridError, atomic_dir, read_jsonl, write_json
+from .common import LoragridError, atomic_dir, read_json, read_jsonl, write_json
 from .templates import tokenize_example
 from .train import load_tokenizer
 
@@ -75,7 +75,21 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
     with atomic_dir(out_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if _from_pickle(base_dir):
+            # A torch: base came as a pickled {'model', 'tokenizer'}; the tools that made it read that form back.
+            torch.save({"model": merged, "tokenizer": tokenizer}, staging / PICKLED_MODEL)
+            summary["pickled_model"] = PICKLED_MODEL
     return summary
+
+
+PICKLED_MODEL = "pytorch_model.pickle.bin"
+
+
+def _from_pickle(base_dir) -> bool:
+    from pathlib import Path
+
+    source = Path(base_dir) / "source.json"
+    return source.exists() and read_json(source)["source"].startswith("torch:")
 
 
 def merge_to_files(base_dir, adapter_dir, out_dir, merge_json, **kwargs) -> dict:

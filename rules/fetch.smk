@@ -1,4 +1,12 @@
+def local_source(source):
+    """A local source as an input, so that editing the file re-fetches it (hub sources: none)."""
+    scheme, _, location = source.partition(":")
+    return [location] if scheme in ("local", "gguf", "torch") else []
+
+
 rule fetch_model:
+    input:
+        local_source(config["model"]["source"]),
     output:
         directory(MODEL_DIR),
     params:
@@ -16,6 +24,8 @@ rule fetch_model:
 
 
 rule fetch_dataset:
+    input:
+        local_source(config["dataset"]["source"]),
     output:
         directory(DATASET_DIR),
     params:

@@ -148,9 +148,13 @@ def test_a_second_fetch_does_nothing_and_a_changed_source_refetches(tmp_path, ca
     fetch_dataset(f"local:{second}", out)
     assert read_json(out / "source.json")["source"] == f"local:{second}" and len(read_jsonl(out / "records.jsonl")) == 45
 
+    write_jsonl(second, demo_records(46))  # the same source, edited
+    fetch_dataset(f"local:{second}", out)
+    assert len(read_jsonl(out / "records.jsonl")) == 46
+
     (out / "records.jsonl").write_text("tampered\n")  # no longer matches source.json's checksum
     fetch_dataset(f"local:{second}", out)
-    assert len(read_jsonl(out / "records.jsonl")) == 45
+    assert len(read_jsonl(out / "records.jsonl")) == 46
 
 
 def _pickled_model(tmp_path, tiny_model_dir, prune: bool = False) -> Path:
@@ -189,3 +193,25 @@ def test_pickled_model_with_pruned_shapes_is_refused_clearly(tmp_path, tiny_mode
                                             r"\(e\.g\. model\.layers\.1\.mlp\.gate_proj\.weight: \(96, 64\) vs \(128, 64\)\)"):
         fetch_model(f"torch:{path}", tmp_path / "out", allow_pickle=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pickled_base_gets_its_merged_model_back_as_a_pickle(tmp_path, tiny_model_dir, prepared_dir):
+    import torch
+
+    from conftest import TINY_RUN
+    from loragrid.merge import PICKLED_MODEL, merge
+    from loragrid.train import train
+
+    fetch_model(f"torch:{_pickled_model(tmp_path, tiny_model_dir)}", tmp_path / "base", allow_pickle=True)
+    train(tmp_path / "base", prepared_dir, tmp_path / "adapter", TINY_RUN, "chat")
+    summary = merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", prepared_dir / "heldout.jsonl",
+                    "chat", "lora")
+    assert summary["pickled_model"] == PICKLED_MODEL
+    loaded = torch.load(tmp_path / "merged" / PICKLED_MODEL, weights_only=False)
+    assert set(loaded) == {"model", "tokenizer"}
+    ids = torch.tensor([loaded["tokenizer"]("Why is the sky blue?")["input_ids"]])
+    from transformers import AutoModelForCausalLM
+
+    from_folder = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.allclose(loaded["model"](ids).logits, from_folder(ids).logits)
