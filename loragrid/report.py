@@ -6,6 +6,7 @@ samples.html, runs/{run}.html) are what `snakemake --report` shows inline.
 
 from __future__ import annotations
 
+import base64
 import html
 import logging
 from pathlib import Path
@@ -52,13 +53,16 @@ MEMORY_NOTE = (
     "at least one emoji; chrF compares generated answers with the references."
 )
 
+# Scoped to .loragrid: the report's landing page embeds summary.html into its own page.
 HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1rem; color: #222; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
-th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
-td.answer { max-width: 28rem; white-space: pre-wrap; }
-caption { text-align: left; font-weight: bold; padding: 0.3rem 0; }
+.loragrid { font-family: system-ui, sans-serif; color: #222; }
+.loragrid table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+.loragrid th, .loragrid td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+.loragrid th { background: #f2f2f2; }
+.loragrid td.answer { max-width: 28rem; white-space: pre-wrap; }
+.loragrid caption { text-align: left; font-weight: bold; padding: 0.3rem 0; }
+.loragrid .scroll { overflow-x: auto; max-width: 100%; }
+.loragrid img { max-width: 100%; }
 """
 
 
@@ -144,20 +148,27 @@ def plot_loss_curves(runs: dict[str, dict], path) -> None:
     _save_png(figure, path)
 
 
+def _readable_unit(values_gb) -> tuple[str, float]:
+    """GB for model-sized numbers, MB below 1 GB (a tiny test model would show as 0.000 GB)."""
+    return ("GB", 1.0) if max(values_gb) >= 1 else ("MB", 1e3)
+
+
 def plot_memory(table: pd.DataFrame, path) -> None:
+    """Peak training memory and weights memory per run, each panel on its own scale."""
     plt = _pyplot()
     trained = table[table["run"] != "base"]
     positions = list(range(len(trained)))
-    width = 0.4
-    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(trained) + 2), 4), dpi=110)
-    peak = axis.bar([p - width / 2 for p in positions], trained["peak_memory_gb"], width, label="peak (training)")
-    weights = axis.bar([p + width / 2 for p in positions], trained["weights_memory_gb"], width, label="weights")
-    axis.bar_label(peak, fmt="%.2f", fontsize=7)
-    axis.bar_label(weights, fmt="%.3f", fontsize=7)
-    axis.set_xticks(positions, trained["run"], rotation=20)
-    axis.set_ylabel("GB")
-    axis.set_title("Peak and weights memory per run")
-    axis.legend()
+    figure, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(trained) + 3), 4), dpi=110)
+    panels = (("peak_memory_gb", "Peak training memory", "tab:blue"),
+              ("weights_memory_gb", "Weights memory (as stored)", "tab:orange"))
+    for axis, (column, title, color) in zip(axes, panels):
+        unit, scale = _readable_unit(trained[column])
+        bars = axis.bar(positions, trained[column] * scale, color=color)
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+        axis.set_xticks(positions, trained["run"], rotation=20)
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.margins(y=0.12)
     _save_png(figure, path)
 
 
@@ -197,8 +208,11 @@ def sample_answers(generations: dict[str, list[dict]], count: int) -> list[dict]
     ]
 
 
+EMPTY_ANSWER = "(empty answer)"
+
+
 def _markdown_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
+    return text.replace("|", "\\|").replace("\n", "<br>") if text else f"*{EMPTY_ANSWER}*"
 
 
 def samples_markdown(samples: list[dict]) -> list[str]:
@@ -212,8 +226,13 @@ def samples_markdown(samples: list[dict]) -> list[str]:
 
 
 def _html_page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{HTML_STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    """A page that also reads well embedded in another one: no <html>/<head>/<body> (optional in HTML5)."""
+    return (f"<!DOCTYPE html>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n"
+            f"<style>{HTML_STYLE}</style>\n<div class=\"loragrid\">\n<h2>{html.escape(title)}</h2>\n{body}\n</div>\n")
+
+
+def _answer_cell(answer: str) -> str:
+    return f'<td class="answer">{html.escape(answer) if answer else "<em>" + EMPTY_ANSWER + "</em>"}</td>'
 
 
 def samples_html(samples: list[dict]) -> str:
@@ -225,9 +244,23 @@ def samples_html(samples: list[dict]) -> str:
         tables.append(
             f"<table><caption>{number}. {html.escape(sample['question'])}</caption>"
             "<tr>" + "".join(f"<th>{html.escape(name)}</th>" for name in names) + "</tr>"
-            "<tr>" + "".join(f'<td class="answer">{html.escape(answer)}</td>' for answer in answers) + "</tr></table>"
+            "<tr>" + "".join(_answer_cell(answer) for answer in answers) + "</tr></table>"
         )
     return "\n".join(tables)
+
+
+def _embedded_png(path) -> str:
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<p><img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{encoded}"></p>'
+
+
+def summary_html(formatted: pd.DataFrame, plots) -> str:
+    """The comparison table and the plots, self-contained (the plots as data URIs)."""
+    return "\n".join([
+        '<div class="scroll">' + formatted.to_html(index=False, border=0) + "</div>",
+        f"<p>{html.escape(MEMORY_NOTE)}</p>",
+        *(_embedded_png(plot) for plot in plots),
+    ])
 
 
 def _key_value_table(caption: str, values: dict) -> str:
@@ -246,7 +279,7 @@ def run_page(name: str, files: dict, row: pd.Series, samples: list[dict]) -> str
         _key_value_table("Provenance", {"settings sha256": train["provenance"]["settings_sha256"],
                                         **{f"{k} sha256": v for k, v in train["provenance"]["input_sha256"].items()},
                                         "workflow commit": train["provenance"]["workflow_commit"]}),
-        "<h2>Answers next to the base model</h2>",
+        "<h3>Answers next to the base model</h3>",
         samples_html(own_answers),
     ])
     return _html_page(f"Run {name} ({train['method']})", body)
@@ -270,12 +303,11 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
 
     with atomic_file(table_csv) as handle:
         table.to_csv(handle, index=False)
-    with atomic_file(table_html) as handle:
-        handle.write(_html_page("Memory and quality of every run",
-                                formatted.to_html(index=False, border=0) + f"\n<p>{html.escape(MEMORY_NOTE)}</p>"))
     plot_loss_curves(runs, loss_plot)
     plot_memory(table, memory_plot)
     plot_quality_vs_memory(table, quality_plot)
+    with atomic_file(table_html) as handle:
+        handle.write(_html_page("Memory and quality of every run", summary_html(formatted, [memory_plot, quality_plot])))
     with atomic_file(samples_page) as handle:
         handle.write(_html_page("Answers to held-out questions", samples_html(samples)))
     with atomic_dir(runs_dir) as staging:
