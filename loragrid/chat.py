@@ -65,7 +65,10 @@ def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, tr
 class Chat:
     def __init__(self, workdir, run: str, merged: bool = False, load_in_4bit: bool = False,
                  max_new_tokens: int | None = None, trust_remote_code: bool = False):
+        from transformers.utils import logging as transformers_logging
+
         files = run_files(Path(workdir), run, merged)
+        transformers_logging.disable_progress_bar()  # a loading bar per start clutters a chat
         self.run = run
         self.template = files["template"]
         settings = dict(files["settings"])

@@ -54,7 +54,8 @@ def test_one_progress_line_per_finished_job(tiny_workflow):
     assert {"prepare", "train_adapter", "train_full", "merge", "generate", "evaluate", "report", "all"} <= set(finished)
 
 
-def test_generation_shows_a_progress_bar_in_its_log(tiny_workflow):
+def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow):
     workdir, _, _ = tiny_workflow
-    log = (workdir / "logs/generate/lora.log").read_text()
-    assert re.search(r"generate: 100%\|.*\| 1/1 \[", log)
+    # The Trainer's bar over the tiny config's 2 steps, and generate's tqdm over its one batch.
+    assert re.search(r"100%\|[^|]*\| 2/2 \[", (workdir / "logs/train/lora.log").read_text())
+    assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/generate/lora.log").read_text())
