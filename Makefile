@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 1
 
-.PHONY: run test install install-test clean
+.PHONY: run test install install-test browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/snakemake --cores $(CORES) all
 
-test: install-test
+# The report test opens the HTML report in a real headless browser: Debian's chromium (as root, as CI runs).
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: install-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -1,13 +1,19 @@
-"""report: the comparison table (CSV and Markdown) and plots of every run against the base model."""
+"""report: the comparison table, plots, generation samples and per-run pages of every run against the base model.
+
+Markdown (report.md) is for terminals and code-hosting sites; the HTML pieces (summary.html,
+samples.html, runs/{run}.html) are what `snakemake --report` shows inline.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from .common import atomic_file, read_json
+from .common import atomic_dir, atomic_file, read_json, read_jsonl
 
 log = logging.getLogger("loragrid.report")
 
@@ -27,6 +33,43 @@ COLUMNS = {
     "settings_sha256": "settings sha256",
 }
 
+FORMATS = {
+    "peak_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}", "trainable_params": "{:,.0f}",
+    "trainable_percent": "{:.2f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
+    "train_minutes": "{:.1f}", "train_tokens_per_second": "{:.0f}", "generation_tokens_per_second": "{:.0f}",
+}
+
+# Quality measures plotted against memory: (column, axis label, True when higher is better).
+QUALITY_MEASURES = (
+    ("heldout_loss", "held-out loss (lower is better)", False),
+    ("emoji_share", "share of answers with emoji (higher is better)", True),
+)
+
+MEMORY_NOTE = (
+    "Peak memory is the training process's peak resident memory on a CPU (loading included), "
+    "or CUDA's max allocated memory on a GPU. Weights memory counts parameters and buffers at "
+    "their stored size (4-bit and 8-bit weights packed). Held-out loss is the mean loss per "
+    "answer token of the reference answers; emoji share is the share of generated answers with "
+    "at least one emoji; chrF compares generated answers with the references."
+)
+
+# Scoped to .loragrid: the report's landing page embeds summary.html into its own page.
+HTML_STYLE = """
+.loragrid { font-family: system-ui, sans-serif; color: #222; }
+.loragrid table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+.loragrid th, .loragrid td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+.loragrid th { background: #f2f2f2; }
+.loragrid td.answer { max-width: 28rem; white-space: pre-wrap; }
+.loragrid caption { text-align: left; font-weight: bold; padding: 0.3rem 0; }
+.loragrid .scroll { overflow-x: auto; max-width: 100%; }
+.loragrid img { max-width: 100%; }
+"""
+
+
+def peak_memory_bytes(memory: dict) -> int:
+    """The number the table calls peak memory: CUDA's max allocated on a GPU, the process's RSS on a CPU."""
+    return memory.get("cuda_max_allocated_bytes") or memory["peak_rss_bytes"]
+
 
 def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
     """One row per run plus the untuned base model; `runs` maps a name to {'train': ..., 'eval': ...}."""
@@ -36,7 +79,7 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
         rows.append({
             "run": name,
             "method": train["method"],
-            "peak_memory_gb": train["memory"]["peak_rss_bytes"] / 1e9,
+            "peak_memory_gb": peak_memory_bytes(train["memory"]) / 1e9,
             "weights_memory_gb": train["memory"]["weights_bytes"] / 1e9,
             "trainable_params": train["parameters"]["trainable"],
             "trainable_percent": train["parameters"]["trainable_percent"],
@@ -53,87 +96,223 @@ def _quality(evaluation: dict) -> dict:
     return {key: evaluation[key] for key in keys}
 
 
-def _markdown_table(table: pd.DataFrame) -> str:
-    formats = {
-        "peak_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}", "trainable_params": "{:,.0f}",
-        "trainable_percent": "{:.2f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
-        "train_minutes": "{:.1f}", "train_tokens_per_second": "{:.0f}", "generation_tokens_per_second": "{:.0f}",
-    }
-    shown = table.drop(columns=["settings_sha256"])  # listed under Provenance instead
-    for column, fmt in formats.items():
+def _formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as readable strings with readable column names (sha256 is listed under Provenance)."""
+    shown = table.drop(columns=["settings_sha256"])
+    for column, fmt in FORMATS.items():
         shown[column] = [("–" if pd.isna(v) else fmt.format(v)) for v in table[column]]
-    return shown.rename(columns=COLUMNS).to_markdown(index=False, disable_numparse=True)
+    return shown.rename(columns=COLUMNS)
 
 
-def plot_loss_curves(runs: dict[str, dict], path) -> None:
+def pareto_front(memory: list[float], quality: list[float], higher_is_better: bool) -> list[int]:
+    """Indices of the runs no other run beats on both memory (less) and quality, by increasing memory."""
+    sign = -1 if higher_is_better else 1
+    order = sorted(range(len(memory)), key=lambda i: (memory[i], sign * quality[i]))
+    front, best = [], float("inf")
+    for i in order:
+        if sign * quality[i] < best:
+            front.append(i)
+            best = sign * quality[i]
+    return front
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(figure, path) -> None:
+    figure.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png")
+    _pyplot().close(figure)
+
+
+def plot_loss_curves(runs: dict[str, dict], path) -> None:
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4), dpi=110)
     for name, files in runs.items():
         curve = files["train"]["loss_curve"]
         steps = [point["step"] for point in curve]
         losses = pd.Series([point["loss"] for point in curve]).rolling(5, min_periods=1).mean()
-        axis.plot(steps, losses, label=name)
+        axis.plot(steps, losses, marker="." if len(steps) < 10 else None, label=name)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss (rolling mean of 5)")
-    axis.set_title("Training loss")
+    axis.set_title("Training loss of every run")
     axis.legend()
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        figure.savefig(handle, format="png")
-    plt.close(figure)
+    _save_png(figure, path)
 
 
-def plot_memory_quality(table: pd.DataFrame, path) -> None:
-    import matplotlib
+def _readable_unit(values_gb) -> tuple[str, float]:
+    """GB for model-sized numbers, MB below 1 GB (a tiny test model would show as 0.000 GB)."""
+    return ("GB", 1.0) if max(values_gb) >= 1 else ("MB", 1e3)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_memory(table: pd.DataFrame, path) -> None:
+    """Peak training memory and weights memory per run, each panel on its own scale."""
+    plt = _pyplot()
     trained = table[table["run"] != "base"]
+    positions = list(range(len(trained)))
+    figure, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(trained) + 3), 4), dpi=110)
+    panels = (("peak_memory_gb", "Peak training memory", "tab:blue"),
+              ("weights_memory_gb", "Weights memory (as stored)", "tab:orange"))
+    for axis, (column, title, color) in zip(axes, panels):
+        unit, scale = _readable_unit(trained[column])
+        bars = axis.bar(positions, trained[column] * scale, color=color)
+        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+        axis.set_xticks(positions, trained["run"], rotation=20)
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.margins(y=0.12)
+    _save_png(figure, path)
+
+
+def plot_quality_vs_memory(table: pd.DataFrame, path) -> None:
+    """One panel per quality measure against peak memory; the Pareto front is drawn as a line."""
+    plt = _pyplot()
+    trained = table[table["run"] != "base"].reset_index(drop=True)
     base = table[table["run"] == "base"].iloc[0]
-    figure, (memory_axis, quality_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    positions = range(len(trained))
-    width = 0.4
-    memory_axis.bar([p - width / 2 for p in positions], trained["peak_memory_gb"], width, label="peak (process RSS)")
-    memory_axis.bar([p + width / 2 for p in positions], trained["weights_memory_gb"], width, label="weights")
-    memory_axis.set_xticks(list(positions), trained["run"], rotation=20)
-    memory_axis.set_ylabel("GB")
-    memory_axis.set_title("Memory per run")
-    memory_axis.legend()
-
-    quality_axis.bar(list(positions), trained["heldout_loss"], color="tab:green", label="held-out loss")
-    quality_axis.axhline(base["heldout_loss"], color="gray", linestyle="--", label="base model loss")
-    quality_axis.set_xticks(list(positions), trained["run"], rotation=20)
-    quality_axis.set_ylabel("held-out loss (lower is better)")
-    share_axis = quality_axis.twinx()
-    share_axis.plot(list(positions), trained["emoji_share"], "o", color="tab:orange", label="emoji share")
-    share_axis.axhline(base["emoji_share"], color="tab:orange", linestyle=":", label="base emoji share")
-    share_axis.set_ylim(0, 1.05)
-    share_axis.set_ylabel("share of answers with emoji")
-    quality_axis.set_title("Quality per run")
-    handles = quality_axis.get_legend_handles_labels()[0] + share_axis.get_legend_handles_labels()[0]
-    quality_axis.legend(handles=handles, loc="lower left", fontsize=8)
-    figure.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        figure.savefig(handle, format="png")
-    plt.close(figure)
+    memory = trained["peak_memory_gb"].tolist()
+    figure, axes = plt.subplots(1, len(QUALITY_MEASURES), figsize=(11, 4.2), dpi=110)
+    for axis, (column, label, higher_is_better) in zip(axes, QUALITY_MEASURES):
+        quality = trained[column].tolist()
+        front = pareto_front(memory, quality, higher_is_better)
+        others = [i for i in range(len(trained)) if i not in front]
+        axis.scatter([memory[i] for i in others], [quality[i] for i in others], color="tab:gray", label="dominated")
+        axis.plot([memory[i] for i in front], [quality[i] for i in front], "o-", color="tab:red",
+                  label="Pareto front")
+        for i, name in enumerate(trained["run"]):
+            axis.annotate(name, (memory[i], quality[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.axhline(base[column], color="tab:blue", linestyle="--", label="base model")
+        axis.set_xlabel("peak training memory (GB)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("Quality against memory")
+    _save_png(figure, path)
 
 
-def write_report(run_files: dict[str, dict], base_eval_path, out_csv, out_md, loss_png, memory_png) -> pd.DataFrame:
-    """`run_files` maps a run name to the paths of its train.json and eval json."""
+def sample_answers(generations: dict[str, list[dict]], count: int) -> list[dict]:
+    """The first `count` held-out questions with each model's answer: {'question', 'reference', 'answers'}."""
+    base = generations["base"][:count]
+    by_id = {name: {g["id"]: g["answer"] for g in answers} for name, answers in generations.items()}
+    return [
+        {"question": g["question"], "reference": g["reference"],
+         "answers": {name: answers[g["id"]] for name, answers in by_id.items()}}
+        for g in base
+    ]
+
+
+EMPTY_ANSWER = "(empty answer)"
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>") if text else f"*{EMPTY_ANSWER}*"
+
+
+def samples_markdown(samples: list[dict]) -> list[str]:
+    lines = []
+    for number, sample in enumerate(samples, 1):
+        lines += [f"**{number}. {_markdown_cell(sample['question'])}**", "", "| model | answer |", "|:--|:--|",
+                  f"| reference | {_markdown_cell(sample['reference'])} |"]
+        lines += [f"| {name} | {_markdown_cell(answer)} |" for name, answer in sample["answers"].items()]
+        lines.append("")
+    return lines
+
+
+def _html_page(title: str, body: str) -> str:
+    """A page that also reads well embedded in another one: no <html>/<head>/<body> (optional in HTML5)."""
+    return (f"<!DOCTYPE html>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n"
+            f"<style>{HTML_STYLE}</style>\n<div class=\"loragrid\">\n<h2>{html.escape(title)}</h2>\n{body}\n</div>\n")
+
+
+def _answer_cell(answer: str) -> str:
+    return f'<td class="answer">{html.escape(answer) if answer else "<em>" + EMPTY_ANSWER + "</em>"}</td>'
+
+
+def samples_html(samples: list[dict]) -> str:
+    """One table per question, the reference and every model's answer side by side."""
+    tables = []
+    for number, sample in enumerate(samples, 1):
+        names = ["reference", *sample["answers"]]
+        answers = [sample["reference"], *sample["answers"].values()]
+        tables.append(
+            f"<table><caption>{number}. {html.escape(sample['question'])}</caption>"
+            "<tr>" + "".join(f"<th>{html.escape(name)}</th>" for name in names) + "</tr>"
+            "<tr>" + "".join(_answer_cell(answer) for answer in answers) + "</tr></table>"
+        )
+    return "\n".join(tables)
+
+
+def _embedded_png(path) -> str:
+    encoded = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<p><img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{encoded}"></p>'
+
+
+def summary_html(formatted: pd.DataFrame, plots) -> str:
+    """The comparison table and the plots, self-contained (the plots as data URIs)."""
+    return "\n".join([
+        '<div class="scroll">' + formatted.to_html(index=False, border=0) + "</div>",
+        f"<p>{html.escape(MEMORY_NOTE)}</p>",
+        *(_embedded_png(plot) for plot in plots),
+    ])
+
+
+def _key_value_table(caption: str, values: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in values.items())
+    return f"<table><caption>{html.escape(caption)}</caption>{rows}</table>"
+
+
+def run_page(name: str, files: dict, row: pd.Series, samples: list[dict]) -> str:
+    """Everything about one run: its settings, what training measured, its quality and its answers."""
+    train = files["train"]
+    measured = {COLUMNS[column]: fmt.format(row[column]) for column, fmt in FORMATS.items() if not pd.isna(row[column])}
+    own_answers = [{**s, "answers": {"base": s["answers"]["base"], name: s["answers"][name]}} for s in samples]
+    body = "\n".join([
+        _key_value_table("Measured", measured),
+        _key_value_table("Settings", train["provenance"]["settings"]),
+        _key_value_table("Provenance", {"settings sha256": train["provenance"]["settings_sha256"],
+                                        **{f"{k} sha256": v for k, v in train["provenance"]["input_sha256"].items()},
+                                        "workflow commit": train["provenance"]["workflow_commit"]}),
+        "<h3>Answers next to the base model</h3>",
+        samples_html(own_answers),
+    ])
+    return _html_page(f"Run {name} ({train['method']})", body)
+
+
+def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, table_html, markdown, loss_plot,
+                 memory_plot, quality_plot, samples_page, runs_dir, sample_count: int = 4) -> pd.DataFrame:
+    """Write every report file.
+
+    `run_files` maps a run name to the paths of its train.json, eval json and generations
+    jsonl ({'train', 'eval', 'generations'}); `base_files` has the base model's 'eval' and 'generations'.
+    """
     runs = {name: {"train": read_json(paths["train"]), "eval": read_json(paths["eval"])}
             for name, paths in run_files.items()}
-    base_eval = read_json(base_eval_path)
+    base_eval = read_json(base_files["eval"])
+    generations = {"base": read_jsonl(base_files["generations"]),
+                   **{name: read_jsonl(paths["generations"]) for name, paths in run_files.items()}}
     table = summary_table(runs, base_eval)
-    with atomic_file(out_csv) as handle:
+    samples = sample_answers(generations, sample_count)
+    formatted = _formatted(table)
+
+    with atomic_file(table_csv) as handle:
         table.to_csv(handle, index=False)
-    plot_loss_curves(runs, loss_png)
-    plot_memory_quality(table, memory_png)
+    plot_loss_curves(runs, loss_plot)
+    plot_memory(table, memory_plot)
+    plot_quality_vs_memory(table, quality_plot)
+    with atomic_file(table_html) as handle:
+        handle.write(_html_page("Memory and quality of every run", summary_html(formatted, [memory_plot, quality_plot])))
+    with atomic_file(samples_page) as handle:
+        handle.write(_html_page("Answers to held-out questions", samples_html(samples)))
+    with atomic_dir(runs_dir) as staging:
+        for (name, files), (_, row) in zip(runs.items(), table.iloc[1:].iterrows()):
+            (staging / f"{name}.html").write_text(run_page(name, files, row, samples), encoding="utf-8")
 
     first = next(iter(runs.values()))
     versions = first["train"]["provenance"]["versions"]
@@ -146,18 +325,19 @@ def write_report(run_files: dict[str, dict], base_eval_path, out_csv, out_md, lo
         "",
         "## Memory and quality",
         "",
-        _markdown_table(table),
+        formatted.to_markdown(index=False, disable_numparse=True),
         "",
-        "Peak memory is the training process's peak resident memory on a CPU (loading included), "
-        "or CUDA's max allocated memory on a GPU. Weights memory counts parameters and buffers at "
-        "their stored size (4-bit and 8-bit weights packed). Held-out loss is the mean loss per "
-        "answer token of the reference answers; emoji share is the share of generated answers with "
-        "at least one emoji; chrF compares generated answers with the references.",
+        MEMORY_NOTE,
         "",
-        f"![training loss]({Path(loss_png).name})",
+        f"![training loss]({Path(loss_plot).name})",
         "",
-        f"![memory and quality]({Path(memory_png).name})",
+        f"![memory per run]({Path(memory_plot).name})",
         "",
+        f"![quality against memory]({Path(quality_plot).name})",
+        "",
+        "## Answers to held-out questions",
+        "",
+        *samples_markdown(samples),
         "## Provenance",
         "",
         f"Workflow commit: `{commit}`. Packages: "
@@ -170,6 +350,7 @@ def write_report(run_files: dict[str, dict], base_eval_path, out_csv, out_md, lo
           f"| `{files['train']['provenance']['input_sha256']['train_split'][:12]}` |" for name, files in runs.items()),
         "",
     ]
-    with atomic_file(out_md) as handle:
+    with atomic_file(markdown) as handle:
         handle.write("\n".join(lines))
+    log.info("report of %d runs written to %s", len(runs), Path(markdown).parent)
     return table

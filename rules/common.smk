@@ -1,16 +1,12 @@
-import os
 import re
 import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# Jobs import the loragrid package from this checkout: put it on the path of the
-# Snakefile (for config checks) and of every job's Python process.
+# The Snakefile (for config checks) and every job import the loragrid package of this
+# checkout: Snakemake's script preamble hands this process's sys.path on to each `script:` job.
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
-)
 
 from loragrid.common import LoragridError
 from loragrid.config import (
@@ -20,7 +16,6 @@ from loragrid.config import (
     check_keys,
     retype_command_line_values,
 )
-
 
 config.update(retype_command_line_values(config))
 try:
@@ -51,7 +46,6 @@ def model_for(name):
     if name in FULL_RUNS:
         return f"results/runs/{name}/model"
     return f"results/runs/{name}/merged"
-
 
 
 wildcard_constraints:

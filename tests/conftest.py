@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "emoji_qa.jsonl"
@@ -111,3 +114,37 @@ def copy_workflow(target: Path) -> Path:
 @pytest.fixture
 def copy_repo(tmp_path) -> Path:
     return copy_workflow(tmp_path / "workflow")
+
+
+def snakemake(workdir, *args, timeout=900):
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", *args]
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_config(workdir, model_dir, records=None, **overrides):
+    data = write_jsonl(workdir / "tiny.jsonl", records if records is not None else demo_records(48))
+    config = {
+        "model": {"name": "tiny", "source": f"local:{model_dir}"},
+        "dataset": {"name": "tiny", "source": f"local:{data.name}"},
+        "split": {"heldout_min": 8},
+        "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96},
+        "grid": {"method": ["full", "lora", "qlora4", "qlora8"]},
+        "generate": {"max_new_tokens": 4, "batch_size": 8},
+    }
+    config.update(overrides)
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory, tiny_model_dir):
+    """The whole DAG run once on the tiny model: (workflow folder, config file, snakemake's output).
+
+    Shared by every test module that needs finished results; tests must not change them.
+    """
+    workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "workflow")
+    config = tiny_config(workdir, tiny_model_dir)
+    result = snakemake(workdir, "all", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, config, result.stdout + result.stderr

@@ -33,3 +33,8 @@ def test_every_rule_uses_an_existing_environment():
     for rules_file in (REPO / "rules").glob("*.smk"):
         for env in re.findall(r'conda:\s*\n\s*"\.\./(envs/[^"]+)"', rules_file.read_text()):
             assert (REPO / env).exists(), f"{rules_file.name} names {env}"
+
+
+def test_conda_deployment_is_documented():
+    readme = (REPO / "README.md").read_text()
+    assert "--sdm conda" in readme and "envs/*.yaml" in readme

@@ -72,10 +72,14 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
     for method in ("lora", "qlora4"):
         train_to_files(tiny_model_dir, prepared_dir, tmp_path / method, tmp_path / f"{method}.train.json",
                        {**TINY_RUN, "method": method}, "chat")
-        run_files[method] = {"train": tmp_path / f"{method}.train.json", "eval": tmp_path / "base.json"}
+        run_files[method] = {"train": tmp_path / f"{method}.train.json", "eval": tmp_path / "base.json",
+                             "generations": folder / "base.jsonl"}
     out = tmp_path / "report"
-    table = write_report(run_files, tmp_path / "base.json", out / "summary.csv", out / "report.md",
-                         out / "loss.png", out / "memory.png")
+    table = write_report(run_files, {"eval": tmp_path / "base.json", "generations": folder / "base.jsonl"},
+                         table_csv=out / "summary.csv", table_html=out / "summary.html", markdown=out / "report.md",
+                         loss_plot=out / "loss.png", memory_plot=out / "memory.png",
+                         quality_plot=out / "quality.png", samples_page=out / "samples.html",
+                         runs_dir=out / "runs", sample_count=2)
     assert list(table["run"]) == ["base", "lora", "qlora4"]
     csv = pd.read_csv(out / "summary.csv")
     assert csv.loc[csv["run"] == "qlora4", "weights_memory_gb"].item() < csv.loc[csv["run"] == "lora", "weights_memory_gb"].item()
@@ -83,7 +87,11 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| run " in markdown and "qlora4" in markdown and "peak memory (GB)" in markdown
     assert "## Provenance" in markdown and "settings sha256" in markdown
-    for png in ("loss.png", "memory.png"):
+    first_question = read_jsonl(folder / "base.jsonl")[0]["question"]
+    assert markdown.count("| model | answer |") == 2 and first_question in markdown
+    assert "<th>peak memory (GB)</th>" in (out / "summary.html").read_text()
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["lora.html", "qlora4.html"]
+    for png in ("loss.png", "memory.png", "quality.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

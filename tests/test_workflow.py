@@ -12,41 +12,11 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import copy_workflow, demo_records, write_jsonl
-
-
-def snakemake(workdir, *args, timeout=900):
-    command = [sys.executable, "-m", "snakemake", "--cores", "1", *args]
-    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
-
-
-def tiny_config(workdir, model_dir, records=None, **overrides):
-    data = write_jsonl(workdir / "tiny.jsonl", records if records is not None else demo_records(48))
-    config = {
-        "model": {"name": "tiny", "source": f"local:{model_dir}"},
-        "dataset": {"name": "tiny", "source": f"local:{data.name}"},
-        "split": {"heldout_min": 8},
-        "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96},
-        "grid": {"method": ["full", "lora", "qlora4", "qlora8"]},
-        "generate": {"max_new_tokens": 4, "batch_size": 8},
-    }
-    config.update(overrides)
-    path = workdir / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config, allow_unicode=True))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_workflow(tmp_path_factory, tiny_model_dir):
-    workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "workflow")
-    config = tiny_config(workdir, tiny_model_dir)
-    result = snakemake(workdir, "all", "--configfile", str(config))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return workdir, config
+from conftest import demo_records, snakemake, tiny_config
 
 
 def test_whole_dag_writes_the_report(tiny_workflow):
-    workdir, _ = tiny_workflow
+    workdir, _, _ = tiny_workflow
     table = pd.read_csv(workdir / "results/report/summary.csv")
     assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
     assert table["heldout_loss"].notna().all()
@@ -63,7 +33,7 @@ def test_whole_dag_writes_the_report(tiny_workflow):
 
 
 def test_outputs_load_with_the_libraries(tiny_workflow, tiny_model_dir):
-    workdir, _ = tiny_workflow
+    workdir, _, _ = tiny_workflow
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     PeftModel.from_pretrained(base, workdir / "results/runs/lora/adapter")
     AutoModelForCausalLM.from_pretrained(workdir / "results/runs/qlora4/merged")
@@ -73,7 +43,7 @@ def test_outputs_load_with_the_libraries(tiny_workflow, tiny_model_dir):
 
 
 def test_second_run_does_nothing(tiny_workflow):
-    workdir, config = tiny_workflow
+    workdir, config, _ = tiny_workflow
     result = snakemake(workdir, "all", "--configfile", str(config), "--dry-run")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
@@ -104,31 +74,31 @@ FINAL = {("report", ""), ("all", "")}
 
 
 def test_one_runs_learning_rate_reruns_only_that_run(tiny_workflow):
-    workdir, config = tiny_workflow
+    workdir, config, _ = tiny_workflow
     assert planned_jobs(workdir, config, {"methods": {"lora": {"learning_rate": 0.005}}}) == jobs_of("lora") | FINAL
 
 
 def test_command_line_config_overrides_work_like_config_files(tiny_workflow):
-    workdir, config = tiny_workflow
+    workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, None, "--config", "methods={lora: {learning_rate: 0.005}}")
     assert planned == jobs_of("lora") | FINAL
 
 
 def test_a_new_grid_value_adds_only_the_new_runs(tiny_workflow):
-    workdir, config = tiny_workflow
+    workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, {"grid": {"method": ["full", "lora", "qlora4", "qlora8"], "lora_r": [4, 8]}})
     assert planned == jobs_of("lora-r8") | jobs_of("qlora4-r8") | jobs_of("qlora8-r8") | FINAL
 
 
 def test_generation_change_reruns_generation_not_training(tiny_workflow):
-    workdir, config = tiny_workflow
+    workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, {"generate": {"max_new_tokens": 5}})
     names = ["base", "full", "lora", "qlora4", "qlora8"]
     assert planned == {(rule, n) for n in names for rule in ("generate", "evaluate")} | FINAL
 
 
 def test_heldout_seed_change_reruns_prepare_and_everything_after(tiny_workflow):
-    workdir, config = tiny_workflow
+    workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, {"split": {"seed": 7}})
     rules = {rule for rule, _ in planned}
     assert rules == {"prepare", "train_adapter", "train_full", "merge", "generate", "evaluate", "report", "all"}

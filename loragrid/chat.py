@@ -1,0 +1,111 @@
+"""chat: talk to a finished run (or the base model) with the template and generation settings it was evaluated with."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import modeling
+from .common import LoragridError, read_json
+from .generate import generation_config
+from .templates import prompt_token_ids
+from .train import load_tokenizer
+
+log = logging.getLogger("loragrid.chat")
+
+QUIT_WORDS = ("exit", "quit")
+
+
+def finished_runs(workdir: Path) -> list[str]:
+    return sorted(path.stem for path in (workdir / "results" / "generations").glob("*.json"))
+
+
+def run_files(workdir: Path, run: str, merged: bool) -> dict:
+    """Where a run's weights are and how it was asked: {'model_dir', 'adapter_dir' or None, 'template', 'settings'}.
+
+    The generation stage's record (results/generations/RUN.json) names the template, the
+    generation settings and the weights it used (merged, full model or base).
+    """
+    meta_path = workdir / "results" / "generations" / f"{run}.json"
+    if not meta_path.exists():
+        known = ", ".join(finished_runs(workdir)) or "none yet; run `snakemake --cores 1 all` first"
+        raise LoragridError(f"run '{run}' has no {meta_path} (finished runs: {known})")
+    meta = read_json(meta_path)
+    adapter_dir = workdir / "results" / "runs" / run / "adapter"
+    if merged or not adapter_dir.exists():
+        model_dir = workdir / meta["model_dir"]
+        if merged and not (adapter_dir.exists() and model_dir.name == "merged"):
+            raise LoragridError(f"run '{run}' has no merged adapter (--merged is for LoRA and QLoRA runs)")
+        return {"model_dir": model_dir, "adapter_dir": None, "template": meta["template"], "settings": meta["settings"]}
+    base = read_json(adapter_dir / "adapter_config.json")["base_model_name_or_path"]
+    return {"model_dir": workdir / base, "adapter_dir": adapter_dir, "template": meta["template"],
+            "settings": meta["settings"]}
+
+
+def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, trust_remote_code: bool = False):
+    """The weights in the compute dtype, the base optionally as 4-bit NF4 (as QLoRA trains it), the adapter on top."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": modeling.compute_dtype(), "trust_remote_code": trust_remote_code,
+              "attn_implementation": modeling.attention_implementation()}
+    if load_in_4bit:
+        kwargs["quantization_config"] = modeling.quantization_config("qlora4")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    if not load_in_4bit:  # bitsandbytes places quantized weights itself
+        model = model.to(modeling.device())
+    return model.eval()
+
+
+class Chat:
+    def __init__(self, workdir, run: str, merged: bool = False, load_in_4bit: bool = False,
+                 max_new_tokens: int | None = None, trust_remote_code: bool = False):
+        from transformers.utils import logging as transformers_logging
+
+        files = run_files(Path(workdir), run, merged)
+        transformers_logging.disable_progress_bar()  # a loading bar per start clutters a chat
+        self.run = run
+        self.template = files["template"]
+        settings = dict(files["settings"])
+        if max_new_tokens:
+            settings["max_new_tokens"] = max_new_tokens
+        self.tokenizer = load_tokenizer(files["model_dir"], trust_remote_code, padding_side="left")
+        self.model = load_model(files["model_dir"], files["adapter_dir"], load_in_4bit, trust_remote_code)
+        self.config = generation_config(self.tokenizer, settings)
+        self.description = (f"{run}: {'adapter on ' if files['adapter_dir'] else ''}{files['model_dir']}"
+                            f"{' (4-bit)' if load_in_4bit else ''}, template {self.template}, "
+                            f"max_new_tokens {settings['max_new_tokens']}, "
+                            f"{'sampling' if settings['do_sample'] else 'greedy'}")
+
+    @torch.no_grad()
+    def answer(self, question: str, stream: bool = False) -> str:
+        """One answer to one question (each question is asked on its own, as in training and evaluation)."""
+        from transformers import TextStreamer
+
+        ids = prompt_token_ids(self.tokenizer, self.template, [{"role": "user", "content": question}])
+        input_ids = torch.tensor([ids], device=self.model.device)
+        # TextStreamer prints the answer to stdout as it is generated, then a newline.
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     generation_config=self.config, streamer=streamer)
+        return self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def interactive(chat: Chat) -> None:
+    print(f"{chat.description}\nAsk a question; 'exit', 'quit' or Ctrl-D ends.")
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if question.lower() in QUIT_WORDS:
+            return
+        if question:
+            print(f"{chat.run}> ", end="", flush=True)
+            chat.answer(question, stream=True)

@@ -1,0 +1,82 @@
+"""`python -m loragrid`: the chat with a finished run (through a real pseudo-terminal) and the command list."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pexpect
+
+from loragrid.__main__ import parser
+from loragrid.common import read_jsonl
+
+
+def loragrid(workdir, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loragrid", *args], cwd=workdir, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    from conftest import REPO
+
+    result = loragrid(REPO, "--help")
+    assert result.returncode == 0
+    commands = parser()._subparsers._group_actions[0].choices
+    assert set(commands) == {"chat", "runs"}
+    for name in commands:
+        assert name in result.stdout
+    chat_help = loragrid(REPO, "chat", "--help").stdout
+    for option in ("--run", "--merged", "--load-in-4bit", "--question"):
+        assert option in chat_help
+
+
+def test_one_shot_answer_matches_the_workflow_generation(tiny_workflow):
+    """The merged run, asked one held-out question, answers as the generate stage did: same template and settings."""
+    workdir, _, _ = tiny_workflow
+    generated = read_jsonl(workdir / "results/generations/lora.jsonl")[0]
+    result = loragrid(workdir, "chat", "--run", "lora", "--merged", "--question", generated["question"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == generated["answer"]
+
+
+def test_one_shot_on_a_4bit_base_with_the_adapter(tiny_workflow):
+    workdir, _, _ = tiny_workflow
+    question = read_jsonl(workdir / "results/generations/qlora4.jsonl")[0]["question"]
+    result = loragrid(workdir, "chat", "--run", "qlora4", "--load-in-4bit", "--question", question)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_interactive_chat_in_a_terminal(tiny_workflow):
+    workdir, _, _ = tiny_workflow
+    questions = [g["question"] for g in read_jsonl(workdir / "results/generations/lora.jsonl")[:2]]
+    session = pexpect.spawn(sys.executable, ["-m", "loragrid", "chat", "--run", "lora"], cwd=str(workdir),
+                            encoding="utf-8", timeout=180, dimensions=(40, 200))
+    # The run's template and generation settings (tiny config: max_new_tokens 4, greedy), the adapter on its base.
+    session.expect_exact("lora: adapter on resources/models/tiny, template chat, max_new_tokens 4, greedy")
+    for question in questions:
+        session.expect_exact("you> ")
+        session.sendline(question)
+        session.expect_exact("lora> ")
+    session.expect_exact("you> ")
+    session.sendline("exit")
+    session.expect(pexpect.EOF)
+    session.close()
+    assert session.exitstatus == 0
+
+    # Ctrl-D ends the chat too.
+    session = pexpect.spawn(sys.executable, ["-m", "loragrid", "chat", "--run", "base"], cwd=str(workdir),
+                            encoding="utf-8", timeout=180)
+    session.expect_exact("you> ")
+    session.sendeof()
+    session.expect(pexpect.EOF)
+    session.close()
+    assert session.exitstatus == 0
+
+
+def test_unknown_run_names_the_finished_ones(tiny_workflow):
+    workdir, _, _ = tiny_workflow
+    result = loragrid(workdir, "chat", "--run", "nope", "--question", "hi")
+    assert result.returncode == 2
+    assert "run 'nope'" in result.stderr and "base, full, lora, qlora4, qlora8" in result.stderr
+    merged_full = loragrid(workdir, "chat", "--run", "full", "--merged", "--question", "hi")
+    assert merged_full.returncode == 2 and "no merged adapter" in merged_full.stderr
