@@ -106,6 +106,20 @@ def add_lora(model, settings: dict):
         ) from error
 
 
+def quantization_summary(model) -> dict | None:
+    """What bitsandbytes actually did to the weights: read from the first quantized layer."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            state = module.weight.quant_state
+            return {"bits": 4, "quant_type": state.quant_type, "double_quant": bool(state.nested),
+                    "compute_dtype": str(module.compute_dtype).replace("torch.", "")}
+        if isinstance(module, bitsandbytes.nn.Linear8bitLt):
+            return {"bits": 8, "quant_type": "llm.int8"}
+    return None
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; peft counts 4-bit packed weights at their real size."""
     if hasattr(model, "get_nb_trainable_parameters"):

@@ -75,6 +75,15 @@ def verify_model_checksums(model_dir) -> None:
                                 f"(delete {model_dir} to fetch it again)")
 
 
+def verify_prepared_split(data_dir) -> None:
+    """train.jsonl must be the file prepare wrote (prepare.json holds its sha256)."""
+    recorded = read_json(Path(data_dir) / "prepare.json").get("output_sha256", {}).get("train.jsonl")
+    path = Path(data_dir) / "train.jsonl"
+    if recorded and sha256_file(path) != recorded:
+        raise LoragridError(f"{path}: sha256 differs from {Path(data_dir) / 'prepare.json'}; the split changed "
+                            "after prepare (delete the folder to prepare it again)")
+
+
 def gradient_accumulation_steps(batch_size: int, micro_batch_size: int) -> int:
     if batch_size % micro_batch_size:
         raise LoragridError(f"config keys 'batch_size' ({batch_size}) and 'micro_batch_size' ({micro_batch_size}): "
@@ -88,16 +97,26 @@ def check_optimizer(optimizer: str, device: str) -> None:
         return
     import bitsandbytes
 
-    probe = torch.nn.Parameter(torch.zeros(64, 64, device=device))
-    probe.grad = torch.ones_like(probe)
     optimizer_class = bitsandbytes.optim.PagedAdamW8bit if optimizer.startswith("paged") else bitsandbytes.optim.AdamW8bit
     try:
+        probe = torch.nn.Parameter(torch.zeros(64, 64, device=device))
+        probe.grad = torch.ones_like(probe)
         optimizer_class([probe], lr=1e-3).step()
     except Exception as error:  # bitsandbytes raises RuntimeError / NotImplementedError per backend
         raise LoragridError(f"config key 'optimizer': {optimizer} does not run on {device} with bitsandbytes "
                             f"{bitsandbytes.__version__}: {error}") from error
     if optimizer.startswith("paged") and device == "cpu":
         log.warning("optimizer %s: paging needs CUDA; on a CPU bitsandbytes runs it as adamw_bnb_8bit", optimizer)
+
+
+def optimizer_summary(optimizer) -> dict:
+    """What the Trainer built: class, state bits (bitsandbytes keeps 8-bit moments), paging, weight decay."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    kind = type(optimizer)
+    return {"class": f"{kind.__module__}.{kind.__name__}",
+            "state_bits": getattr(getattr(optimizer, "args", None), "optim_bits", 32),
+            "paged": bool(getattr(optimizer, "is_paged", False)),
+            "weight_decay": max(group["weight_decay"] for group in optimizer.param_groups)}
 
 
 def estimate_memory(model, settings: dict, micro_batch_size: int, sequence_length: int, runtime_bytes: int) -> dict:
@@ -213,6 +232,43 @@ def data_collator(tokenizer, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
+def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: int, output_dir, saving: bool):
+    """The Trainer for one run: every training setting reaches TrainingArguments here."""
+    from transformers import Trainer, TrainingArguments
+
+    dtype = modeling.compute_dtype()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps(settings["batch_size"], micro_batch_size),
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"],
+        # transformers 5 reads a float below 1 as a share of the total steps.
+        warmup_steps=settings["warmup_ratio"],
+        num_train_epochs=settings["epochs"],
+        max_steps=settings["max_steps"],
+        optim=settings["optimizer"],
+        weight_decay=settings["weight_decay"],
+        activation_checkpointing=settings["gradient_checkpointing"],
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        # The Trainer only allows bf16 on a CPU together with use_cpu.
+        use_cpu=modeling.device() == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        train_sampling_strategy="group_by_length" if settings["group_by_length"] else "random",
+        include_num_input_tokens_seen="non_padding",
+        logging_steps=1,
+        save_strategy="steps" if saving else "no",
+        save_steps=settings["save_steps"] or 1,
+        save_total_limit=settings["save_total_limit"],
+        report_to=settings["report_to"],
+        disable_tqdm=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=dataset,
+                   data_collator=data_collator(tokenizer, settings["packing"]), processing_class=tokenizer)
+
+
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
           checkpoint_root=None, tensorboard_dir=None) -> dict:
     """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content.
@@ -220,11 +276,12 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     With `checkpoint_root`, checkpoints are written every `save_steps` and a previous attempt's
     last checkpoint of the same settings is resumed; without it, training keeps no checkpoints.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
     method = settings["method"]
     device = modeling.device()
     verify_model_checksums(model_dir)
+    verify_prepared_split(data_dir)
     check_optimizer(settings["optimizer"], device)
     gradient_accumulation_steps(settings["batch_size"], settings["micro_batch_size"])
     if settings["report_to"] == "tensorboard" and tensorboard_dir is None:
@@ -262,45 +319,11 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         # transformers 5's TensorBoard callback takes its folder from this variable.
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(tensorboard_dir).resolve())
 
-    on_cpu = device == "cpu"
     dtype = modeling.compute_dtype()
     saving = checkpoints is not None and settings["save_steps"] > 0
     with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch:
-        args = TrainingArguments(
-            output_dir=str(checkpoints) if saving else scratch,
-            per_device_train_batch_size=micro_batch_size,
-            gradient_accumulation_steps=accumulation,
-            learning_rate=settings["learning_rate"],
-            lr_scheduler_type=settings["lr_scheduler_type"],
-            # transformers 5 reads a float below 1 as a share of the total steps.
-            warmup_steps=settings["warmup_ratio"],
-            num_train_epochs=settings["epochs"],
-            max_steps=settings["max_steps"],
-            optim=settings["optimizer"],
-            weight_decay=settings["weight_decay"],
-            gradient_checkpointing=settings["gradient_checkpointing"],
-            seed=settings["seed"],
-            data_seed=settings["seed"],
-            # The Trainer only allows bf16 on a CPU together with use_cpu.
-            use_cpu=on_cpu,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            train_sampling_strategy="group_by_length" if settings["group_by_length"] else "random",
-            include_num_input_tokens_seen="non_padding",
-            logging_steps=1,
-            save_strategy="steps" if saving else "no",
-            save_steps=settings["save_steps"] or 500,
-            save_total_limit=settings["save_total_limit"],
-            report_to=settings["report_to"],
-            disable_tqdm=False,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=data_collator(tokenizer, settings["packing"]),
-            processing_class=tokenizer,
-        )
+        trainer = make_trainer(model, tokenizer, dataset, settings, micro_batch_size,
+                               output_dir=checkpoints if saving else scratch, saving=saving)
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         wall = time.perf_counter() - started
@@ -321,6 +344,9 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         "memory_estimate": estimate,
         "memory_estimate_vs_peak_rss": estimate["total_bytes"] / memory["peak_rss_bytes"],
         "device": device,
+        "optimizer": optimizer_summary(trainer.optimizer),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "quantization": modeling.quantization_summary(model),
         "compute_dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "train_examples": len(dataset),
