@@ -26,19 +26,34 @@ NAME_LABELS = {
     "warmup_ratio": "warm",
     "epochs": "ep",
     "max_steps": "steps",
+    "batch_size": "bs",
     "micro_batch_size": "mb",
-    "gradient_accumulation_steps": "ga",
+    "max_memory_gb": "mem",
     "cutoff_len": "cut",
     "train_on_inputs": "inputs",
     "add_eos_token": "eos",
     "weight_decay": "wd",
     "seed": "seed",
+    "group_by_length": "gbl",
+    "packing": "pack",
+    "gradient_checkpointing": "gc",
+    "optimizer": "opt",
+    "save_steps": "save",
+    "save_total_limit": "keep",
+    "lora_bias": "bias",
+    "use_rslora": "rslora",
+    "use_dora": "dora",
+    "bnb_4bit_quant_type": "q",
+    "bnb_4bit_use_double_quant": "dq",
+    "bnb_4bit_compute_dtype": "cd",
+    "report_to": "log",
 }
 
 LINKED = "_"
 MODEL_SCHEMES = ("pypi", "gguf", "local", "hf", "modelscope", "torch")
 DATASET_SCHEMES = ("local", "hf", "modelscope")
-LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_bias", "use_rslora", "use_dora")
+QLORA4_ONLY_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
 
 
 def canonical(value):
@@ -86,6 +101,9 @@ def _resolve(config: dict, overrides: dict) -> dict:
         # LoRA settings mean nothing to full fine-tuning; dropping them keeps the
         # run's params (and so Snakemake's rerun decision) free of irrelevant keys.
         for key in LORA_ONLY_KEYS:
+            settings.pop(key, None)
+    if method != "qlora4":
+        for key in QLORA4_ONLY_KEYS:
             settings.pop(key, None)
     return settings
 

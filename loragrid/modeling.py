@@ -28,22 +28,32 @@ def attention_implementation() -> str:
     return "sdpa" if torch.cuda.is_available() else "eager"
 
 
-def quantization_config(method: str):
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def quantization_config(method: str, settings: dict | None = None):
+    """bitsandbytes settings for the QLoRA methods (None for full and lora).
+
+    `settings` are the run's; without them (e.g. when merge rebuilds the training model)
+    qlora4 gets the schema's defaults: NF4, double quantization, the automatic compute dtype.
+    """
     from transformers import BitsAndBytesConfig
 
+    settings = settings or {}
     if method == "qlora4":
+        wanted = settings.get("bnb_4bit_compute_dtype", "auto")
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(),
+            bnb_4bit_quant_type=settings.get("bnb_4bit_quant_type", "nf4"),
+            bnb_4bit_use_double_quant=settings.get("bnb_4bit_use_double_quant", True),
+            bnb_4bit_compute_dtype=compute_dtype() if wanted == "auto" else DTYPES[wanted],
         )
     if method == "qlora8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_for_training(model_dir, method: str, trust_remote_code: bool = False):
+def load_for_training(model_dir, method: str, trust_remote_code: bool = False, settings: dict | None = None):
     """The base model as the method trains it.
 
     full keeps fp32 master weights (bf16 autocast does the math): with bf16 weights the
@@ -54,7 +64,7 @@ def load_for_training(model_dir, method: str, trust_remote_code: bool = False):
     dtype = torch.float32 if method == "full" else compute_dtype()
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
               "attn_implementation": attention_implementation()}
-    quantization = quantization_config(method)
+    quantization = quantization_config(method, settings)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():
@@ -76,14 +86,16 @@ def add_lora(model, settings: dict):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if settings["method"] in ("qlora4", "qlora8"):
-        # Gradient checkpointing costs 25-35% per step at these sizes; memory is not the limit here.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.get("gradient_checkpointing", False))
     lora_config = LoraConfig(
         r=settings["lora_r"],
         lora_alpha=settings["lora_alpha"],
         lora_dropout=settings["lora_dropout"],
         target_modules=settings["target_modules"],
-        bias="none",
+        bias=settings.get("lora_bias", "none"),
+        use_rslora=settings.get("use_rslora", False),
+        use_dora=settings.get("use_dora", False),
         task_type="CAUSAL_LM",
     )
     try:
@@ -106,6 +118,20 @@ def linear_module_names(model) -> list[str]:
         pass
     return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
                    if isinstance(module, linear_types) and name})
+
+
+def quantization_summary(model) -> dict | None:
+    """What bitsandbytes actually did to the weights: read from the first quantized layer."""
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            state = module.weight.quant_state
+            return {"bits": 4, "quant_type": state.quant_type, "double_quant": bool(state.nested),
+                    "compute_dtype": str(module.compute_dtype).replace("torch.", "")}
+        if isinstance(module, bitsandbytes.nn.Linear8bitLt):
+            return {"bits": 8, "quant_type": "llm.int8"}
+    return None
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -1,9 +1,17 @@
-"""train: one run of the grid with the transformers Trainer, peft and bitsandbytes."""
+"""train: one run of the grid with the transformers Trainer, peft and bitsandbytes.
+
+Checkpoints go to `checkpoint_root/<settings hash>/`, beside the declared outputs: Snakemake
+deletes a dead job's outputs, not this folder, so a killed run resumes where it stopped, and
+only from a checkpoint of exactly the same settings, model and data.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -11,10 +19,17 @@ from pathlib import Path
 import torch
 
 from . import modeling
-from .common import LoragridError, atomic_dir, provenance, read_json, read_jsonl, write_json
+from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, read_jsonl, settings_hash,
+                     sha256_file, write_json)
 from .templates import tokenize_split
 
 log = logging.getLogger("loragrid.train")
+
+BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit")
+# Settings that decide where and how often state is written, not what is learned: changing
+# them must not throw away a checkpoint.
+NOT_IN_CHECKPOINT_HASH = ("save_steps", "save_total_limit", "report_to")
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def load_tokenizer(model_dir, trust_remote_code: bool = False, padding_side: str = "right"):
@@ -27,6 +42,11 @@ def load_tokenizer(model_dir, trust_remote_code: bool = False, padding_side: str
     return tokenizer
 
 
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_memory() -> dict:
     # ru_maxrss is in KiB on Linux: the whole process's high-water mark, loading included.
     memory = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -36,14 +56,159 @@ def peak_memory() -> dict:
     return memory
 
 
-def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False) -> dict:
-    """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content."""
-    from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+def verify_model_checksums(model_dir) -> None:
+    """Every file that source.json lists must still have its recorded sha256 (fetch wrote both).
 
-    set_seed(settings["seed"])
-    method = settings["method"]
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    Runs before the model is loaded: a file changed or truncated since the fetch is reported
+    instead of being trained on.
+    """
+    source = Path(model_dir) / "source.json"
+    if not source.exists():
+        return
+    recorded = read_json(source).get("files") or {}
+    for name, expected in recorded.items():
+        path = Path(model_dir) / name
+        if not path.is_file():
+            raise LoragridError(f"{path}: listed in {source} but missing; delete {model_dir} to fetch it again")
+        if sha256_file(path) != expected:
+            raise LoragridError(f"{path}: sha256 differs from {source}; the file changed after the fetch "
+                                f"(delete {model_dir} to fetch it again)")
+
+
+def verify_prepared_split(data_dir) -> None:
+    """train.jsonl must be the file prepare wrote (prepare.json holds its sha256)."""
+    recorded = read_json(Path(data_dir) / "prepare.json").get("output_sha256", {}).get("train.jsonl")
+    path = Path(data_dir) / "train.jsonl"
+    if recorded and sha256_file(path) != recorded:
+        raise LoragridError(f"{path}: sha256 differs from {Path(data_dir) / 'prepare.json'}; the split changed "
+                            "after prepare (delete the folder to prepare it again)")
+
+
+def gradient_accumulation_steps(batch_size: int, micro_batch_size: int) -> int:
+    if batch_size % micro_batch_size:
+        raise LoragridError(f"config keys 'batch_size' ({batch_size}) and 'micro_batch_size' ({micro_batch_size}): "
+                            "batch_size must be a multiple of micro_batch_size")
+    return batch_size // micro_batch_size
+
+
+def check_optimizer(optimizer: str, device: str) -> None:
+    """Fail before training where bitsandbytes' 8-bit optimizers do not run on this device."""
+    if optimizer not in BNB_OPTIMIZERS:
+        return
+    import bitsandbytes
+
+    optimizer_class = bitsandbytes.optim.PagedAdamW8bit if optimizer.startswith("paged") else bitsandbytes.optim.AdamW8bit
+    try:
+        probe = torch.nn.Parameter(torch.zeros(64, 64, device=device))
+        probe.grad = torch.ones_like(probe)
+        optimizer_class([probe], lr=1e-3).step()
+    except Exception as error:  # bitsandbytes raises RuntimeError / NotImplementedError per backend
+        raise LoragridError(f"config key 'optimizer': {optimizer} does not run on {device} with bitsandbytes "
+                            f"{bitsandbytes.__version__}: {error}") from error
+    if optimizer.startswith("paged") and device == "cpu":
+        log.warning("optimizer %s: paging needs CUDA; on a CPU bitsandbytes runs it as adamw_bnb_8bit", optimizer)
+
+
+def optimizer_summary(optimizer) -> dict:
+    """What the Trainer built: class, state bits (bitsandbytes keeps 8-bit moments), paging, weight decay."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    kind = type(optimizer)
+    return {"class": f"{kind.__module__}.{kind.__name__}",
+            "state_bits": getattr(getattr(optimizer, "args", None), "optim_bits", 32),
+            "paged": bool(getattr(optimizer, "is_paged", False)),
+            "weight_decay": max(group["weight_decay"] for group in optimizer.param_groups)}
+
+
+def estimate_memory(model, settings: dict, micro_batch_size: int, sequence_length: int, runtime_bytes: int) -> dict:
+    """Peak training memory from the model's shape, the method, the micro-batch and the sequence length.
+
+    weights: as loaded (quantized weights at their packed size); gradients: one per trainable
+    parameter in its dtype; optimizer: AdamW's two moments, fp32 (1 byte each for the 8-bit
+    ones); activations: what autograd keeps per layer for the backward pass (Korthikanti et
+    al. 2022: 34·h + 5·heads·s bytes per token at 16 bits, 2·h with gradient checkpointing),
+    plus the logits, which the loss upcasts to fp32 (and its gradient), so 12 bytes per vocab
+    entry; runtime: the process's resident memory before the model was loaded (measured).
+    """
+    config = model.config
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads, vocab = config.num_attention_heads, config.vocab_size
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_count = sum(p.numel() for p in trainable)
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = trainable_count * (2 if settings["optimizer"] in BNB_OPTIMIZERS else 8)
+    if settings["method"] == "full":
+        # bf16 autocast keeps a bf16 copy of each fp32 weight for the matmuls.
+        gradients += trainable_count * 2
+    tokens = micro_batch_size * sequence_length
+    per_token_per_layer = 2 * hidden if settings["gradient_checkpointing"] else 34 * hidden + 5 * heads * sequence_length
+    activations = tokens * layers * per_token_per_layer + tokens * vocab * 12
+    parts = {"weights_bytes": modeling.weights_bytes(model), "gradients_bytes": gradients,
+             "optimizer_bytes": optimizer, "activations_bytes": activations, "runtime_bytes": runtime_bytes}
+    return {**parts, "total_bytes": sum(parts.values()), "micro_batch_size": micro_batch_size,
+            "sequence_length": sequence_length}
+
+
+def longest_micro_batch_tokens(lengths: list[int], micro_batch_size: int, packing: bool) -> int:
+    """The sequence length the largest micro-batch pads to (packed: the length of its one row)."""
+    longest = sorted(lengths, reverse=True)[:micro_batch_size]
+    return sum(longest) if packing else longest[0]
+
+
+def choose_micro_batch(model, settings: dict, lengths: list[int], runtime_bytes: int) -> tuple[int, dict]:
+    """micro_batch_size, or with max_memory_gb the largest divisor of batch_size whose estimate fits."""
+    def estimate(micro):
+        sequence = longest_micro_batch_tokens(lengths, micro, settings["packing"])
+        rows = 1 if settings["packing"] else micro
+        return {**estimate_memory(model, settings, rows, sequence, runtime_bytes), "micro_batch_size": micro}
+
+    limit = settings.get("max_memory_gb")
+    if limit is None:
+        return settings["micro_batch_size"], estimate(settings["micro_batch_size"])
+    batch = settings["batch_size"]
+    for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
+        candidate = estimate(micro)
+        if candidate["total_bytes"] <= limit * 1e9:
+            log.info("max_memory_gb %.2f: micro-batch %d fits (estimated %.2f GB); %d accumulation steps keep "
+                     "the batch at %d", limit, micro, candidate["total_bytes"] / 1e9, batch // micro, batch)
+            return micro, candidate
+    raise LoragridError(f"config key 'max_memory_gb': even a micro-batch of 1 needs an estimated "
+                        f"{candidate['total_bytes'] / 1e9:.2f} GB (> {limit} GB)")
+
+
+def checkpoint_folder(checkpoint_root, settings: dict, template: str, model_dir, train_path) -> Path:
+    """The folder for this run's checkpoints: named by the hash of everything that shapes training."""
+    learned = {key: value for key, value in settings.items() if key not in NOT_IN_CHECKPOINT_HASH}
+    model_source = Path(model_dir) / "source.json"
+    identity = {
+        "settings": learned,
+        "template": template,
+        "model": sha256_file(model_source) if model_source.exists() else settings_hash(checksums(model_dir)),
+        "train_split": sha256_file(train_path),
+    }
+    return Path(checkpoint_root) / settings_hash(identity)[:16]
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json exists: the Trainer writes that file last,
+    so a checkpoint cut short by a kill is never resumed from."""
+    if not folder.is_dir():
+        return None
+    complete = [(int(m.group(1)), path) for path in folder.iterdir()
+                if (m := CHECKPOINT.match(path.name)) and (path / "trainer_state.json").is_file()]
+    return max(complete)[1] if complete else None
+
+
+def _drop_stale_checkpoints(folder: Path) -> None:
+    if folder.parent.is_dir():
+        for other in folder.parent.iterdir():
+            if other != folder and other.is_dir():
+                log.info("removing checkpoints of other settings: %s", other)
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def build_dataset(tokenizer, template: str, data_dir, settings: dict):
+    from datasets import Dataset
+
     records = read_jsonl(Path(data_dir) / "train.jsonl")
     examples, tokenization = tokenize_split(
         tokenizer, template, records, settings["cutoff_len"], settings["train_on_inputs"], settings["add_eos_token"]
@@ -53,9 +218,81 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     if tokenization["dropped_prompt_too_long"] or tokenization["truncated"]:
         log.warning("cutoff_len %d: %d records dropped (prompt too long), %d answers truncated",
                     settings["cutoff_len"], len(tokenization["dropped_prompt_too_long"]), tokenization["truncated"])
-    dataset = Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples])
+    # `length` is what the Trainer's LengthGroupedSampler sorts by.
+    return Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples]), tokenization
 
-    model = modeling.load_for_training(model_dir, method, trust_remote_code)
+
+def data_collator(tokenizer, packing: bool):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        # One row per micro-batch; position ids restart at each example, from which transformers
+        # builds a block-diagonal mask, so no example attends to another.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: int, output_dir, saving: bool):
+    """The Trainer for one run: every training setting reaches TrainingArguments here."""
+    from transformers import Trainer, TrainingArguments
+
+    dtype = modeling.compute_dtype()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps(settings["batch_size"], micro_batch_size),
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"],
+        # transformers 5 reads a float below 1 as a share of the total steps.
+        warmup_steps=settings["warmup_ratio"],
+        num_train_epochs=settings["epochs"],
+        max_steps=settings["max_steps"],
+        optim=settings["optimizer"],
+        weight_decay=settings["weight_decay"],
+        activation_checkpointing=settings["gradient_checkpointing"],
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        # The Trainer only allows bf16 on a CPU together with use_cpu.
+        use_cpu=modeling.device() == "cpu",
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        train_sampling_strategy="group_by_length" if settings["group_by_length"] else "random",
+        include_num_input_tokens_seen="non_padding",
+        logging_steps=1,
+        save_strategy="steps" if saving else "no",
+        save_steps=settings["save_steps"] or 1,
+        save_total_limit=settings["save_total_limit"],
+        report_to=settings["report_to"],
+        disable_tqdm=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=dataset,
+                   data_collator=data_collator(tokenizer, settings["packing"]), processing_class=tokenizer)
+
+
+def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
+          checkpoint_root=None, tensorboard_dir=None) -> dict:
+    """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content.
+
+    With `checkpoint_root`, checkpoints are written every `save_steps` and a previous attempt's
+    last checkpoint of the same settings is resumed; without it, training keeps no checkpoints.
+    """
+    from transformers import set_seed
+
+    method = settings["method"]
+    device = modeling.device()
+    verify_model_checksums(model_dir)
+    verify_prepared_split(data_dir)
+    check_optimizer(settings["optimizer"], device)
+    gradient_accumulation_steps(settings["batch_size"], settings["micro_batch_size"])
+    if settings["report_to"] == "tensorboard" and tensorboard_dir is None:
+        raise LoragridError("config key 'report_to': tensorboard needs a folder to write to")
+
+    set_seed(settings["seed"])
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    dataset, tokenization = build_dataset(tokenizer, template, data_dir, settings)
+
+    runtime_bytes = current_rss_bytes()
+    model = modeling.load_for_training(model_dir, method, trust_remote_code, settings)
     weights = modeling.weights_bytes(model)
     if method != "full":
         model = modeling.add_lora(model, settings)
@@ -63,64 +300,69 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     log.info("%s: %d of %d parameters trainable (%.2f%%), weights %.1f MB",
              method, trainable, total, 100 * trainable / total, weights / 1e6)
 
-    on_cpu = not torch.cuda.is_available()
+    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], runtime_bytes)
+    accumulation = gradient_accumulation_steps(settings["batch_size"], micro_batch_size)
+    log.info("estimated peak memory %.2f GB: weights %.2f, gradients %.2f, optimizer %.2f, activations %.2f "
+             "(micro-batch %d x %d tokens), runtime %.2f", estimate["total_bytes"] / 1e9,
+             *(estimate[k] / 1e9 for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes")),
+             estimate["micro_batch_size"], estimate["sequence_length"], runtime_bytes / 1e9)
+
+    checkpoints = None
+    resume_from = None
+    if checkpoint_root is not None:
+        checkpoints = checkpoint_folder(checkpoint_root, settings, template, model_dir, Path(data_dir) / "train.jsonl")
+        _drop_stale_checkpoints(checkpoints)
+        resume_from = last_complete_checkpoint(checkpoints)
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+    if settings["report_to"] == "tensorboard":
+        # transformers 5's TensorBoard callback takes its folder from this variable.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(tensorboard_dir).resolve())
+
     dtype = modeling.compute_dtype()
+    saving = checkpoints is not None and settings["save_steps"] > 0
     with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=settings["micro_batch_size"],
-            gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-            learning_rate=settings["learning_rate"],
-            lr_scheduler_type=settings["lr_scheduler_type"],
-            warmup_steps=settings["warmup_ratio"],
-            num_train_epochs=settings["epochs"],
-            max_steps=settings["max_steps"],
-            weight_decay=settings["weight_decay"],
-            seed=settings["seed"],
-            data_seed=settings["seed"],
-            # The Trainer only allows bf16 on a CPU together with use_cpu.
-            use_cpu=on_cpu,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            train_sampling_strategy="group_by_length",
-            include_num_input_tokens_seen="non_padding",
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=False,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            processing_class=tokenizer,
-        )
+        trainer = make_trainer(model, tokenizer, dataset, settings, micro_batch_size,
+                               output_dir=checkpoints if saving else scratch, saving=saving)
         started = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         wall = time.perf_counter() - started
 
     with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
 
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
+    resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
+    memory = {**peak_memory(), "weights_bytes": int(weights)}
     return {
         "method": method,
         "parameters": {"trainable": int(trainable), "total": int(total), "trainable_percent": 100 * trainable / total},
-        "memory": {**peak_memory(), "weights_bytes": int(weights)},
-        "device": "cuda" if not on_cpu else "cpu",
+        "memory": memory,
+        "memory_estimate": estimate,
+        "memory_estimate_vs_peak_rss": estimate["total_bytes"] / memory["peak_rss_bytes"],
+        "device": device,
+        "optimizer": optimizer_summary(trainer.optimizer),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "quantization": modeling.quantization_summary(model),
         "compute_dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
-        "train_examples": len(examples),
+        "train_examples": len(dataset),
         "tokenization": {"dropped_prompt_too_long": len(tokenization["dropped_prompt_too_long"]),
                          "truncated": tokenization["truncated"]},
+        "micro_batch_size": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
         "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_step,
+        "checkpoints": str(checkpoints) if saving else None,
         "wall_seconds": wall,
         "train_runtime_seconds": result.metrics["train_runtime"],
         "tokens_seen_non_padding": tokens,
-        "tokens_per_second": tokens / result.metrics["train_runtime"],
+        # On a resume the runtime covers only this attempt's steps, the token count all of them.
+        "tokens_per_second": tokens * (1 - resumed_step / max(trainer.state.global_step, 1))
+                             / result.metrics["train_runtime"],
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
         "provenance": provenance({**settings, "template": template},
@@ -129,7 +371,12 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     }
 
 
-def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False) -> dict:
-    summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code)
+def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False,
+                   checkpoint_root=None, tensorboard_dir=None) -> dict:
+    summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code,
+                    checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir)
     write_json(train_json, summary)
+    if summary["checkpoints"]:
+        # Both outputs are in place: the checkpoints have served their purpose.
+        shutil.rmtree(summary["checkpoints"], ignore_errors=True)
     return summary

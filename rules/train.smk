@@ -13,6 +13,9 @@ rule train_adapter:
         template=config["template"],
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
+        # Beside, not inside, the outputs: Snakemake deletes a failed job's outputs.
+        checkpoints=lambda wildcards: f"results/checkpoints/{wildcards.run}",
+        tensorboard=lambda wildcards: f"results/tensorboard/{wildcards.run}",
     log:
         "logs/train/{run}.log",
     benchmark:

@@ -13,4 +13,6 @@ with logging_to(snakemake.log[0]):
         snakemake.params.settings,
         snakemake.params.template,
         trust_remote_code=snakemake.params.trust_remote_code,
+        checkpoint_root=snakemake.params.checkpoints,
+        tensorboard_dir=snakemake.params.tensorboard,
     )

@@ -96,8 +96,11 @@ def prepared_dir(tmp_path_factory) -> Path:
 TINY_RUN = {
     "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear",
     "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "epochs": 1, "max_steps": 3,
-    "micro_batch_size": 4, "gradient_accumulation_steps": 1, "cutoff_len": 128, "train_on_inputs": False,
-    "add_eos_token": True, "weight_decay": 0.0, "seed": 0,
+    "batch_size": 4, "micro_batch_size": 4, "max_memory_gb": None, "cutoff_len": 128, "train_on_inputs": False,
+    "add_eos_token": True, "weight_decay": 0.0, "seed": 0, "group_by_length": True, "packing": False,
+    "gradient_checkpointing": False, "optimizer": "adamw_torch", "save_steps": 0, "save_total_limit": 1,
+    "lora_bias": "none", "use_rslora": False, "use_dora": False, "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "auto", "report_to": "none",
 }
 
 
