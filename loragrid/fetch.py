@@ -182,8 +182,7 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
                             ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "._____temp", ".*"))
             provenance.update(hub)
         elif scheme == "torch":
-            _save_from_pickle(Path(location), staging, allow_pickle)
-            provenance.update(pickle_sha256=sha256_file(location))
+            _save_from_pickle(Path(location), staging, allow_pickle)  # source_sha256 is the pickle's checksum
         else:
             raise LoragridError(f"config key 'model.source': unknown source type '{scheme}' "
                                 "(expected pypi:, gguf:, local:, hf:, modelscope: or torch:)")

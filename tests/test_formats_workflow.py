@@ -35,6 +35,17 @@ def test_a_folder_of_csv_and_parquet_files_prepares_by_snakemake(copy_repo, tiny
     assert summary["rejected"] == [{"file": "mydata/part2.parquet", "row": 25,
                                     "reason": "answer field 'answer_en' is empty (an empty answer teaches the model to say nothing)"}]
 
+    again = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml")
+    assert "Nothing to be done" in again.stdout + again.stderr  # the same source: nothing is fetched again
+    pd.DataFrame(records[:20]).to_csv(copy_repo / "mydata" / "part3.csv", index=False)  # the folder changed
+    changed = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml", "-n")
+    assert "rule fetch_dataset:" in changed.stdout and "rule prepare:" in changed.stdout
+    (copy_repo / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config["dataset"]["source"] = "local:other.jsonl"  # a changed source
+    (copy_repo / "c.yaml").write_text(yaml.safe_dump(config))
+    moved = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml", "-n")
+    assert "rule fetch_dataset:" in moved.stdout and "rule prepare:" in moved.stdout
+
 
 def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, tiny_model_dir):
     conversations = []

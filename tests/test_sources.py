@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, demo_records, write_jsonl
-from loragrid.common import LoragridError, checksums, read_json, read_jsonl
+from loragrid.common import LoragridError, checksums, read_json, read_jsonl, sha256_file
 from loragrid.fetch import fetch_dataset, fetch_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -179,7 +179,7 @@ def test_pickled_model_only_with_allow_pickle(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
     provenance = fetch_model(f"torch:{path}", tmp_path / "out", allow_pickle=True)
-    assert provenance["pickle_sha256"] and (tmp_path / "out" / "model.safetensors").exists()
+    assert provenance["source_sha256"] == sha256_file(path) and (tmp_path / "out" / "model.safetensors").exists()
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "out" / "model.safetensors")
