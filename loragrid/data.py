@@ -73,6 +73,7 @@ def _rows_with_datasets(file: Path, display: str, builder: str, scratch: Path) -
         if builder == "csv" and len([line for line in text.splitlines() if line.strip()]) < 2:
             return []  # a header alone: datasets would report "no data" instead of an empty file
         if builder == "json":
+            # Parsed here as well because datasets' error for a broken file names no line.
             try:
                 parsed = json.loads(text)
             except json.JSONDecodeError as error:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .common import LoragridError, atomic_dir, checksums, read_json, settings_hash, sha256_file, write_json
 from .data import FILE_FORMATS, gather_records
+from .modeling import PICKLED_MODEL
 
 log = logging.getLogger("loragrid.fetch")
 
@@ -88,6 +89,8 @@ def _save_from_pickle(path: Path, staging: Path, allow_pickle: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .modeling import save_pickled
+
     if not allow_pickle:
         raise LoragridError(
             f"config key 'model.source': {path} is a pickle, and loading a pickle runs code from the file; "
@@ -107,14 +110,15 @@ def _save_from_pickle(path: Path, staging: Path, allow_pickle: bool) -> None:
         regular = AutoModelForCausalLM.from_config(model.config)
     expected = {name: tuple(tensor.shape) for name, tensor in regular.state_dict().items()}
     irregular = [name for name, tensor in model.state_dict().items() if expected.get(name, tuple(tensor.shape)) != tuple(tensor.shape)]
-    if irregular:
-        raise LoragridError(
-            f"config key 'model.source': {path} has {len(irregular)} weights whose shapes its config does not describe "
-            f"(e.g. {irregular[0]}: {tuple(model.state_dict()[irregular[0]].shape)} vs {expected[irregular[0]]}); "
-            "pruned models with irregular layer shapes cannot be written as a Hugging Face folder"
-        )
-    model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    if irregular:
+        # transformers would rebuild the layers from config.json and reject these weights:
+        # the model stays a pickle, which every stage loads through modeling.load_pickled.
+        log.info("%d weights have pruned shapes (e.g. %s); keeping the pickled model", len(irregular), irregular[0])
+        model.config.save_pretrained(staging)
+        save_pickled(model, tokenizer, staging)
+        return
+    model.save_pretrained(staging, safe_serialization=True)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -128,7 +132,7 @@ def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
         raise LoragridError(f"config key 'model.source': {folder} has no config.json")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise LoragridError(f"config key 'model.source': {folder} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
-    if not list(folder.glob("*.safetensors")):
+    if not list(folder.glob("*.safetensors")) and not (folder / PICKLED_MODEL).exists():
         raise LoragridError(f"config key 'model.source': {folder} has no *.safetensors weights (pickled .bin files are not loaded)")
     try:
         AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -168,7 +172,8 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
         elif scheme == "local":
             folder = Path(location)
             _check_model_folder(folder, trust_remote_code)
-            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            # A pickle is unpickled only when it came through torch: with allow_pickle, never from a folder.
+            shutil.copytree(folder, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(PICKLED_MODEL))
         elif scheme in ("hf", "modelscope"):
             path, hub = _hub_snapshot(scheme, location, "model", offline, MODEL_FILES)
             _check_model_folder(path, trust_remote_code)
@@ -177,8 +182,7 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
                             ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "._____temp", ".*"))
             provenance.update(hub)
         elif scheme == "torch":
-            _save_from_pickle(Path(location), staging, allow_pickle)
-            provenance.update(pickle_sha256=sha256_file(location))
+            _save_from_pickle(Path(location), staging, allow_pickle)  # source_sha256 is the pickle's checksum
         else:
             raise LoragridError(f"config key 'model.source': unknown source type '{scheme}' "
                                 "(expected pypi:, gguf:, local:, hf:, modelscope: or torch:)")

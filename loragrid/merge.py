@@ -41,7 +41,9 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
     batch = _check_batch(tokenizer, template, heldout_path, check_prompts)
 
     # Merging happens in fp32 so the check measures the merge, not bf16 rounding.
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    base = modeling.load_pickled(base_dir, torch.float32)
+    if base is None:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
     adapter_logits = _logits(with_adapter, batch)
     merged = with_adapter.merge_and_unload()
@@ -77,12 +79,9 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
         tokenizer.save_pretrained(staging)
         if _from_pickle(base_dir):
             # A torch: base came as a pickled {'model', 'tokenizer'}; the tools that made it read that form back.
-            torch.save({"model": merged, "tokenizer": tokenizer}, staging / PICKLED_MODEL)
-            summary["pickled_model"] = PICKLED_MODEL
+            modeling.save_pickled(merged, tokenizer, staging)
+            summary["pickled_model"] = modeling.PICKLED_MODEL
     return summary
-
-
-PICKLED_MODEL = "pytorch_model.pickle.bin"
 
 
 def _from_pickle(base_dir) -> bool:

@@ -65,6 +65,14 @@ def load_for_training(model_dir, method: str, trust_remote_code: bool = False, s
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
               "attn_implementation": attention_implementation()}
     quantization = quantization_config(method, settings)
+    pruned = load_pickled(model_dir, dtype)
+    if pruned is not None:
+        if quantization is not None:
+            raise LoragridError(
+                f"config key 'method': {method} quantizes weights while transformers loads them from safetensors; "
+                f"{model_dir} holds a pickled model with pruned shapes, which trains with full or lora only"
+            )
+        return pruned
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():
@@ -75,11 +83,35 @@ def load_for_training(model_dir, method: str, trust_remote_code: bool = False, s
 def load_for_inference(model_dir, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype or compute_dtype(), trust_remote_code=trust_remote_code,
-        attn_implementation=attention_implementation(),
-    )
+    model = load_pickled(model_dir, dtype or compute_dtype())
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype or compute_dtype(), trust_remote_code=trust_remote_code,
+            attn_implementation=attention_implementation(),
+        )
     return model.to(device()).eval()
+
+
+# A model whose pruned layers have shapes no config.json describes stays a pickled
+# {'model', 'tokenizer'} (see fetch.py's torch: source); every stage loads it from here.
+PICKLED_MODEL = "pytorch_model.pickle.bin"
+
+
+def load_pickled(model_dir, dtype: torch.dtype):
+    """The pickled model in `model_dir`, or None where the folder holds safetensors only."""
+    from pathlib import Path
+
+    path = Path(model_dir) / PICKLED_MODEL
+    if not path.exists():
+        return None
+    # Written by loragrid itself, from a source the config allowed to be unpickled (model.allow_pickle).
+    return torch.load(path, map_location="cpu", weights_only=False)["model"].to(dtype)
+
+
+def save_pickled(model, tokenizer, out_dir) -> None:
+    from pathlib import Path
+
+    torch.save({"model": model, "tokenizer": tokenizer}, Path(out_dir) / PICKLED_MODEL)
 
 
 def add_lora(model, settings: dict):

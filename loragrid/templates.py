@@ -95,6 +95,12 @@ def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
                                          add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
+def _require_chat_template(tokenizer) -> None:
+    if not tokenizer.chat_template:
+        raise LoragridError("config key 'template': the model has no chat template; choose another template "
+                            f"({', '.join(TEMPLATES[1:])} or a format string)")
+
+
 def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list[tuple[str, bool]]:
     """Cut the chat template's rendering into (text, is_answer) pieces, turn by turn.
 
@@ -102,9 +108,7 @@ def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list
     the end-of-turn text that the template writes after an answer is EOS (labelled with the
     answer), so it is not repeated in the next prompt.
     """
-    if not tokenizer.chat_template:
-        raise LoragridError("config key 'template': the model has no chat template; choose another template "
-                            f"({', '.join(TEMPLATES[1:])} or a format string)")
+    _require_chat_template(tokenizer)
     segments, covered = [], ""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -144,8 +148,7 @@ def segments(tokenizer, template: str, messages: list[dict], add_eos_token: bool
 def render_prompt(tokenizer, template: str, messages: list[dict]) -> str:
     """The text the model sees before its answer; `messages` ends with the user's turn."""
     if template == "chat":
-        if not tokenizer.chat_template:
-            _chat_segments(tokenizer, [], True)  # raises the no-chat-template error
+        _require_chat_template(tokenizer)
         return _chat(tokenizer, messages, add_generation_prompt=True)
     eos = tokenizer.eos_token or ""
     return "".join(text + (eos if is_answer else "") for text, is_answer in segments(tokenizer, template, messages))

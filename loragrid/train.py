@@ -332,6 +332,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        if method == "full" and (Path(model_dir) / modeling.PICKLED_MODEL).exists():
+            modeling.save_pickled(model, tokenizer, staging)  # pruned shapes: only the pickle loads again
 
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)

@@ -160,3 +160,14 @@ def test_openai_and_sharegpt_conversations_are_the_same_conversation(tmp_path):
     assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
     assert [r["messages"] for r in read_jsonl(tmp_path / "o/train.jsonl")] == \
         [r["messages"] for r in read_jsonl(tmp_path / "s/train.jsonl")]
+
+
+def test_a_bad_record_in_a_json_list_is_named_by_its_number(tmp_path):
+    from loragrid.fetch import fetch_dataset
+
+    records = [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(40)]
+    records.insert(4, {"question": "no answer here"})
+    (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
+    fetch_dataset(f"local:{tmp_path / 'd.json'}", tmp_path / "dataset")
+    with pytest.raises(LoragridError, match=r"d\.json, record 5: answer field 'answer_en' is empty"):
+        prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=5)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, demo_records, write_jsonl
-from loragrid.common import LoragridError, checksums, read_json, read_jsonl
+from loragrid.common import LoragridError, checksums, read_json, read_jsonl, sha256_file
 from loragrid.fetch import fetch_dataset, fetch_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -179,7 +179,7 @@ def test_pickled_model_only_with_allow_pickle(tmp_path, tiny_model_dir):
     assert not (tmp_path / "out").exists()
 
     provenance = fetch_model(f"torch:{path}", tmp_path / "out", allow_pickle=True)
-    assert provenance["pickle_sha256"] and (tmp_path / "out" / "model.safetensors").exists()
+    assert provenance["source_sha256"] == sha256_file(path) and (tmp_path / "out" / "model.safetensors").exists()
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "out" / "model.safetensors")
@@ -187,19 +187,39 @@ def test_pickled_model_only_with_allow_pickle(tmp_path, tiny_model_dir):
     assert all((saved[name] == original[name]).all() for name in original)
 
 
-def test_pickled_model_with_pruned_shapes_is_refused_clearly(tmp_path, tiny_model_dir):
-    path = _pickled_model(tmp_path, tiny_model_dir, prune=True)
-    with pytest.raises(LoragridError, match=r"has 3 weights whose shapes its config does not describe "
-                                            r"\(e\.g\. model\.layers\.1\.mlp\.gate_proj\.weight: \(96, 64\) vs \(128, 64\)\)"):
-        fetch_model(f"torch:{path}", tmp_path / "out", allow_pickle=True)
-    assert not (tmp_path / "out").exists()
+def test_a_pruned_pickled_model_trains_merges_and_generates(tmp_path, tiny_model_dir, prepared_dir):
+    """Pruned layers (shapes no config.json describes) stay a pickle that every stage loads."""
+    import torch
+
+    from conftest import TINY_RUN
+    from loragrid import modeling
+    from loragrid.merge import merge
+    from loragrid.train import train
+
+    base = tmp_path / "base"
+    fetch_model(f"torch:{_pickled_model(tmp_path, tiny_model_dir, prune=True)}", base, allow_pickle=True)
+    assert (base / modeling.PICKLED_MODEL).exists() and not list(base.glob("*.safetensors"))
+    assert modeling.load_for_inference(base).model.layers[1].mlp.up_proj.out_features == 96
+
+    summary = train(base, prepared_dir, tmp_path / "adapter", TINY_RUN, "chat")
+    assert summary["steps"] == 3
+    merge(base, tmp_path / "adapter", tmp_path / "merged", prepared_dir / "heldout.jsonl", "chat", "lora")
+    merged = modeling.load_for_inference(tmp_path / "merged", dtype=torch.float32)
+    assert merged.model.layers[1].mlp.down_proj.in_features == 96
+
+    train(base, prepared_dir, tmp_path / "full", {**TINY_RUN, "method": "full"}, "chat")
+    assert modeling.load_for_inference(tmp_path / "full").model.layers[1].mlp.gate_proj.out_features == 96
+
+    with pytest.raises(LoragridError, match=r"config key 'method': qlora4 quantizes weights .* trains with full or lora only"):
+        train(base, prepared_dir, tmp_path / "q", {**TINY_RUN, "method": "qlora4"}, "chat")
 
 
 def test_a_pickled_base_gets_its_merged_model_back_as_a_pickle(tmp_path, tiny_model_dir, prepared_dir):
     import torch
 
     from conftest import TINY_RUN
-    from loragrid.merge import PICKLED_MODEL, merge
+    from loragrid.merge import merge
+    from loragrid.modeling import PICKLED_MODEL
     from loragrid.train import train
 
     fetch_model(f"torch:{_pickled_model(tmp_path, tiny_model_dir)}", tmp_path / "base", allow_pickle=True)
