@@ -52,6 +52,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, tr
               "attn_implementation": modeling.attention_implementation()}
     if load_in_4bit:
         kwargs["quantization_config"] = modeling.quantization_config("qlora4")
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if adapter_dir is not None:
         from peft import PeftModel
