@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -12,8 +11,6 @@ from .common import LoragridError, read_json
 from .generate import generation_config
 from .templates import prompt_token_ids
 from .train import load_tokenizer
-
-log = logging.getLogger("loragrid.chat")
 
 QUIT_WORDS = ("exit", "quit")
 
