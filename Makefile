@@ -29,7 +29,7 @@ run: install
 
 # The report test opens the HTML report in a real headless browser: Debian's chromium (as root, as CI runs).
 browser:
-	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium; }
 
 test: install-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -27,8 +27,9 @@ def runs_command(args) -> None:
 
     from .config import check_config, schema_path
 
+    # Like the Snakefile: config/config.yaml first, then each --configfile merged over it.
     config = {}
-    for path in args.configfile:  # merged like snakemake merges --configfile
+    for path in [Path(args.directory) / "config" / "config.yaml", *args.configfile]:
         with open(path, encoding="utf-8") as handle:
             update_config(config, yaml.safe_load(handle) or {})
     try:
@@ -37,8 +38,20 @@ def runs_command(args) -> None:
         raise LoragridError(str(error)) from None
     runs = check_config(config, workdir=args.directory)
     for name, settings in runs.items():
-        done = (Path(args.directory) / "results" / "eval" / f"{name}.json").exists()
-        print(f"{name:24} {settings['method']:7} {'evaluated' if done else 'not run yet'}")
+        print(f"{name:24} {settings['method']:7} {run_status(Path(args.directory), name, settings)}")
+
+
+def run_status(workdir: Path, name: str, settings: dict) -> str:
+    """How far a run got, judged by its train.json's recorded settings and its evaluation."""
+    from .common import read_json
+
+    train_json = workdir / "results" / "runs" / name / "train.json"
+    if not train_json.exists():
+        return "not trained"
+    trained_with = read_json(train_json)["provenance"]["settings"]
+    if any(trained_with.get(key) != value for key, value in settings.items()):
+        return "trained with other settings (snakemake re-runs it)"
+    return "evaluated" if (workdir / "results" / "eval" / f"{name}.json").exists() else "trained"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,10 +79,13 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     chat.set_defaults(handler=chat_command)
 
-    runs = commands.add_parser("runs", help="list the runs a config resolves to and whether they are evaluated",
-                               description="List the runs the config's grid and runs: resolve to.")
-    runs.add_argument("--configfile", nargs="+", default=["config/config.yaml"],
-                      help="config files, later ones override earlier ones (default: config/config.yaml)")
+    runs = commands.add_parser(
+        "runs", help="list the runs a config resolves to and how far each got",
+        description="List the runs that the config's grid: and runs: resolve to, and how far each got "
+                    "(not trained, trained with other settings, trained, evaluated).",
+    )
+    runs.add_argument("--configfile", nargs="+", default=[],
+                      help="config files merged over config/config.yaml, later ones over earlier ones")
     runs.add_argument("--directory", type=Path, default=Path("."), help="the workflow folder (default: .)")
     runs.set_defaults(handler=runs_command)
     return main

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -12,8 +11,6 @@ from .common import LoragridError, read_json
 from .generate import generation_config
 from .templates import prompt_token_ids
 from .train import load_tokenizer
-
-log = logging.getLogger("loragrid.chat")
 
 QUIT_WORDS = ("exit", "quit")
 
@@ -52,6 +49,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, tr
               "attn_implementation": modeling.attention_implementation()}
     if load_in_4bit:
         kwargs["quantization_config"] = modeling.quantization_config("qlora4")
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if adapter_dir is not None:
         from peft import PeftModel

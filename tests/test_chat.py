@@ -80,3 +80,20 @@ def test_unknown_run_names_the_finished_ones(tiny_workflow):
     assert "run 'nope'" in result.stderr and "base, full, lora, qlora4, qlora8" in result.stderr
     merged_full = loragrid(workdir, "chat", "--run", "full", "--merged", "--question", "hi")
     assert merged_full.returncode == 2 and "no merged adapter" in merged_full.stderr
+
+
+def test_runs_lists_what_a_config_resolves_to(tiny_workflow, tmp_path):
+    workdir, config, _ = tiny_workflow
+    more = tmp_path / "more.yaml"
+    more.write_text("grid:\n  method: [full, lora, qlora4, qlora8]\n  lora_r: [4, 8]\n")
+    result = loragrid(workdir, "runs", "--configfile", str(config), str(more))
+    assert result.returncode == 0, result.stderr[-2000:]
+    status = {line.split()[0]: line.split(maxsplit=2)[2] for line in result.stdout.splitlines()}
+    assert status == {"full": "evaluated", "lora": "evaluated", "qlora4": "evaluated", "qlora8": "evaluated",
+                      "lora-r8": "not trained", "qlora4-r8": "not trained", "qlora8-r8": "not trained"}
+    # Without the tiny config, the default config's runs have the same names but other settings.
+    default = loragrid(workdir, "runs")
+    assert default.stdout.splitlines()[0].split(maxsplit=2) == ["full", "full", "trained with other settings (snakemake re-runs it)"]
+    more.write_text("grid:\n  method: [lora, qlora3]\n")
+    bad = loragrid(workdir, "runs", "--configfile", str(config), str(more))
+    assert bad.returncode == 2 and "qlora3" in bad.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, snakemake
+from conftest import REPO, snakemake, tiny_config
 
 BIN = Path(sys.executable).parent
 
@@ -59,3 +59,13 @@ def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow)
     # The Trainer's bar over the tiny config's 2 steps, and generate's tqdm over its one batch.
     assert re.search(r"100%\|[^|]*\| 2/2 \[", (workdir / "logs/train/lora.log").read_text())
     assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/generate/lora.log").read_text())
+
+
+def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir):
+    config = tiny_config(copy_repo, tiny_model_dir, training={"max_steps": 2, "target_modules": ["no_such_proj"]})
+    result = snakemake(copy_repo, "results/runs/lora/train.json", "--configfile", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "config key 'target_modules'" in output and "(details: logs/train/lora.log)" in output
+    assert "ERROR: config key 'target_modules'" in (copy_repo / "logs/train/lora.log").read_text()
+    assert not (copy_repo / "results/runs/lora/adapter").exists()

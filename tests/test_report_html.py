@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -38,14 +39,27 @@ def html_report(tiny_workflow):
     return workdir / "results" / "report.html"
 
 
-def test_report_is_self_contained(html_report):
+def embedded_results(page: str) -> dict:
+    """The report's own index of its results (path -> name, caption, labels, data, ...)."""
+    return json.loads(re.search(r"var results = (\{.*?\});\n", page, flags=re.DOTALL).group(1))
+
+
+def test_report_is_self_contained_with_captions_and_labels(html_report, tiny_workflow):
+    workdir, _, _ = tiny_workflow
     page = html_report.read_text()
     # Every result is embedded: nothing points at the results folder or the local disk.
     assert not re.search(r'(src|href)=\\?"(results/|file:)', page)
-    for name in ("summary.html", "samples.html", "loss_curves.png", "quality_vs_memory.png", "report.md"):
-        assert name in page
-    for run in RUNS:
-        assert f"{run}.html" in page
+    results = embedded_results(page)
+    written = {str(path.relative_to(workdir)) for path in (workdir / "results/report").rglob("*")
+               if path.is_file() and not path.name.startswith(".")}
+    assert set(results) == written
+    assert {f"results/report/runs/{run}.html" for run in RUNS} <= written
+    for path, result in results.items():
+        assert len(result["caption"]) > 40, path
+        assert result["labels"], path
+        assert result["data_uri"].startswith("data:"), path
+    assert results["results/report/runs/qlora4.html"]["labels"] == {"run": "qlora4"}
+    assert "The first 4 held-out questions" in results["results/report/samples.html"]["caption"]
 
 
 def test_report_renders_table_and_plots_in_chromium(html_report, tmp_path):
