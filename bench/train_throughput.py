@@ -1,0 +1,316 @@
+"""Training throughput: the seed recipe vs TRL's SFTTrainer vs loragrid, on the same model, data and LoRA.
+
+    python bench/train_throughput.py                 # the comparison (about 10 minutes on 2 cores)
+    python bench/train_throughput.py --levers        # loragrid with one setting changed at a time
+
+Every configuration trains the embedded SmolLM2-135M-Instruct (fetch it first:
+`snakemake --cores 1 resources/models/smollm2-135m-instruct`) on the same first 128 records of
+data/emoji_qa.jsonl, LoRA r=16 alpha=32 on all linear layers, the same epochs and learning rate:
+
+- seed: the emoji tutorial: transformers Trainer, padding="max_length", max_length=512,
+  labels = input_ids, per_device_train_batch_size=1, default precision (fp32);
+- trl: TRL SFTTrainer with its default collator (dynamic padding), per_device_train_batch_size=4,
+  bf16, gradient checkpointing off;
+- loragrid: loragrid.train.train with the schema's defaults.
+
+Each configuration runs in its own process (so that peak RSS is its own), configurations
+alternate within each repeat, and medians are reported. Effective tokens are the non-padding
+tokens of the examples (prompt and answer, as tokenized for loragrid) times epochs: the same
+count for every configuration, so tokens/s ratios are inverse ratios of training time. The
+final loss is measured the same way for every trained model: mean loss on the answer tokens
+of the 128 training examples, after training. MFU is 6 x parameters x tokens/s over the rate
+of a bf16 matmul measured in the same run on the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODEL = REPO / "resources/models/smollm2-135m-instruct"
+DATA = REPO / "data/emoji_qa.jsonl"
+LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+CONFIGURATIONS = ("seed", "trl", "loragrid")
+# loragrid with one setting changed from its defaults, to measure what each lever is worth.
+LEVERS = {
+    "defaults": {},
+    "no_group_by_length": {"group_by_length": False},
+    "micro_batch_4": {"micro_batch_size": 4},
+    "micro_batch_2": {"micro_batch_size": 2},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+    "packing": {"packing": True},
+    "adamw_torch_fused": {"optimizer": "adamw_torch_fused"},
+}
+
+
+def records(count: int) -> list[dict]:
+    from loragrid.data import read_qa_records
+
+    valid = [r for _, r, _ in read_qa_records(DATA, "question", ["answer_en", "answer_zh"]) if r]
+    return valid[:count]
+
+
+def effective_tokens(examples: list[dict]) -> int:
+    from loragrid.templates import tokenize_example
+    from loragrid.train import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)
+    return sum(len(tokenize_example(tokenizer, "chat", r["messages"], 512)["input_ids"]) for r in examples)
+
+
+def answer_loss(model, tokenizer, examples: list[dict]) -> float:
+    """Mean cross-entropy on answer tokens (the same measure for every configuration)."""
+    import torch
+    from loragrid.templates import tokenize_example
+
+    model.eval()
+    total, count = 0.0, 0
+    tokenized = [tokenize_example(tokenizer, "chat", r["messages"], 512) for r in examples]
+    dtype = next(p for p in model.parameters()).dtype
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        for start in range(0, len(tokenized), 16):
+            batch = tokenizer.pad([{"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+                                   for t in tokenized[start:start + 16]], return_tensors="pt")
+            labels = torch.full_like(batch["input_ids"], -100)
+            for row, t in enumerate(tokenized[start:start + 16]):
+                labels[row, :len(t["labels"])] = torch.tensor(t["labels"])
+            logits = model(**batch).logits.float()
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                       ignore_index=-100, reduction="sum")
+            total += losses.item()
+            count += (labels[:, 1:] != -100).sum().item()
+    return total / count
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+
+
+def train_seed(examples, epochs, learning_rate, scratch):
+    """The emoji tutorial's recipe, as written there."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    from loragrid.templates import render_prompt
+
+    texts = [render_prompt(tokenizer, "chat", r["messages"][:-1]) + r["messages"][-1]["content"] + tokenizer.eos_token
+             for r in examples]
+
+    def tokenize(batch):
+        tokenized = tokenizer(batch["text"], padding="max_length", max_length=512, truncation=True,
+                              add_special_tokens=False)
+        tokenized["labels"] = tokenized["input_ids"].copy()
+        return tokenized
+
+    dataset = Dataset.from_dict({"text": texts}).map(tokenize, batched=True, remove_columns=["text"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(MODEL), lora_config())
+    args = TrainingArguments(output_dir=scratch, per_device_train_batch_size=1, num_train_epochs=epochs,
+                             learning_rate=learning_rate, logging_steps=10, save_strategy="no", report_to="none",
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    return model, tokenizer, time.perf_counter() - started
+
+
+def train_trl(examples, epochs, learning_rate, scratch):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from loragrid.templates import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, "chat", r["messages"][:-1]),
+                                  "completion": r["messages"][-1]["content"]} for r in examples])
+    args = SFTConfig(output_dir=scratch, per_device_train_batch_size=4, bf16=True, gradient_checkpointing=False,
+                     num_train_epochs=epochs, learning_rate=learning_rate, logging_steps=10, save_strategy="no",
+                     report_to="none", use_cpu=True, disable_tqdm=True, max_length=512)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(MODEL), args=args, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=lora_config())
+    started = time.perf_counter()
+    trainer.train()
+    return trainer.model, tokenizer, time.perf_counter() - started
+
+
+def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict):
+    import yaml
+
+    from loragrid.common import sha256_file, write_json, write_jsonl
+    from loragrid.train import load_tokenizer, train
+
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    defaults = {key: spec["default"] for key, spec in schema["properties"]["training"]["properties"].items()}
+    settings = {**defaults, **LORA, "method": "lora", "learning_rate": learning_rate, "epochs": epochs,
+                "max_steps": -1, **lever}
+    data = Path(scratch) / "data"
+    write_jsonl(data / "train.jsonl", examples)
+    write_json(data / "prepare.json", {"input_sha256": sha256_file(DATA),
+                                       "output_sha256": {"train.jsonl": sha256_file(data / "train.jsonl")}})
+    summary = train(MODEL, data, Path(scratch) / "adapter", settings, "chat")
+    # The loss is measured on what loragrid wrote: the saved adapter on the bf16 base it trained.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16),
+                                      Path(scratch) / "adapter")
+    return model, load_tokenizer(MODEL), summary["train_runtime_seconds"]
+
+
+def one_run(name: str, lever: str, count: int, epochs: float, learning_rate: float, threads: int) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    examples = records(count)
+    tokens = int(effective_tokens(examples) * epochs)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        if name == "seed":
+            model, tokenizer, seconds = train_seed(examples, epochs, learning_rate, scratch)
+        elif name == "trl":
+            model, tokenizer, seconds = train_trl(examples, epochs, learning_rate, scratch)
+        else:
+            model, tokenizer, seconds = train_loragrid(examples, epochs, learning_rate, scratch, LEVERS[lever])
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        loss = answer_loss(model, tokenizer, examples)
+    return {"configuration": name, "lever": lever, "examples": len(examples), "tokens": tokens,
+            "seconds": seconds, "tokens_per_second": tokens / seconds, "peak_rss_bytes": peak_rss,
+            "final_answer_loss": loss, "threads": torch.get_num_threads()}
+
+
+def matmul_flops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def parameter_count() -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(MODEL / "model.safetensors", "pt") as handle:
+        for key in handle.keys():
+            size = 1
+            for dimension in handle.get_slice(key).get_shape():
+                size *= dimension
+            total += size
+    return total
+
+
+def spawn(name: str, lever: str, args) -> dict:
+    examples = args.seed_examples if name == "seed" and args.seed_examples else args.examples
+    command = [sys.executable, __file__, "--one", name, "--lever", lever, "--examples", str(examples),
+               "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate), "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"  {name:9s} {lever:24s} {run['examples']:4d} examples {run['seconds']:7.1f} s "
+          f"{run['tokens_per_second']:6.1f} tok/s  loss {run['final_answer_loss']:.3f}  "
+          f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    return run
+
+
+def summarize(runs: list[dict], key: str, flops_bf16: float, parameters: int) -> dict:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run[key], []).append(run)
+    table = {}
+    for name, group in groups.items():
+        rate = statistics.median(r["tokens_per_second"] for r in group)
+        table[name] = {"repeats": len(group), "examples": group[0]["examples"],
+                       "median_seconds": statistics.median(r["seconds"] for r in group), "tokens_per_second": rate,
+                       "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in group) / 2**30,
+                       "final_answer_loss": statistics.median(r["final_answer_loss"] for r in group),
+                       "mfu_vs_bf16_matmul": 6 * parameters * rate / flops_bf16}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of trl and loragrid (and of each lever)")
+    parser.add_argument("--seed-repeats", type=int, default=1,
+                        help="repeats of the seed recipe: one run takes ~5 minutes, so 3 would break the 15-minute budget")
+    parser.add_argument("--seed-examples", type=int, default=0,
+                        help="train the seed recipe on only this many examples (its tokens/s is per token, but its "
+                             "loss is then not comparable); for a loaded machine where a full seed run does not fit")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run; 0: torch's default")
+    parser.add_argument("--levers", action="store_true", help="measure loragrid's levers instead of the comparison")
+    parser.add_argument("--one", choices=CONFIGURATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--lever", default="defaults", choices=sorted(LEVERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args.one, args.lever, args.examples, args.epochs, args.learning_rate, args.threads)))
+        return
+    if not MODEL.exists():
+        raise SystemExit(f"{MODEL} is missing: run `snakemake --cores 1 {MODEL.relative_to(REPO)}` first")
+
+    import torch
+
+    started = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}; torch threads: "
+          f"{args.threads or torch.get_num_threads()}", flush=True)
+    examples = records(args.examples)
+    tokens = int(effective_tokens(examples) * args.epochs)
+    parameters = parameter_count()
+    flops = {dtype: matmul_flops(dtype) for dtype in ("bfloat16", "float32")}
+    print(f"{len(examples)} examples, {tokens} effective tokens, {parameters / 1e6:.1f}M parameters; "
+          f"matmul bf16 {flops['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {flops['float32'] / 1e9:.0f} GFLOP/s", flush=True)
+
+    runs = []
+    if args.levers:
+        for repeat in range(args.repeats):
+            for lever in LEVERS:
+                runs.append(spawn("loragrid", lever, args))
+        table = summarize(runs, "lever", flops["bfloat16"], parameters)
+        baseline = table["defaults"]["tokens_per_second"]
+        print(f"\n{'lever':24s} {'tok/s':>7s} {'vs defaults':>11s} {'loss':>6s} {'RSS GiB':>8s}")
+        for lever, row in table.items():
+            print(f"{lever:24s} {row['tokens_per_second']:7.0f} {row['tokens_per_second'] / baseline:10.2f}x "
+                  f"{row['final_answer_loss']:6.3f} {row['peak_rss_gib']:8.2f}")
+    else:
+        for repeat in range(max(args.repeats, args.seed_repeats)):
+            for name in CONFIGURATIONS:
+                if repeat < (args.seed_repeats if name == "seed" else args.repeats):
+                    runs.append(spawn(name, "defaults", args))
+        table = summarize(runs, "configuration", flops["bfloat16"], parameters)
+        print(f"\n{'configuration':14s} {'runs':>4s} {'examples':>8s} {'median s':>9s} {'tok/s':>7s} {'loss':>6s} {'RSS GiB':>8s} {'MFU':>6s}")
+        for name, row in table.items():
+            print(f"{name:14s} {row['repeats']:4d} {row['examples']:8d} {row['median_seconds']:9.1f} {row['tokens_per_second']:7.0f} "
+                  f"{row['final_answer_loss']:6.3f} {row['peak_rss_gib']:8.2f} {100 * row['mfu_vs_bf16_matmul']:5.1f}%")
+        ours = table["loragrid"]["tokens_per_second"]
+        print(f"\nloragrid / seed: {ours / table['seed']['tokens_per_second']:.1f}x (target >= 10x)")
+        print(f"loragrid / trl:  {ours / table['trl']['tokens_per_second']:.2f}x (target >= 2x)")
+        print(f"final answer loss: loragrid {table['loragrid']['final_answer_loss']:.3f}, "
+              f"trl {table['trl']['final_answer_loss']:.3f}, seed {table['seed']['final_answer_loss']:.3f}")
+    print(f"\nload average at end: {os.getloadavg()}; total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
