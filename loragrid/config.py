@@ -31,6 +31,7 @@ NAME_LABELS = {
     "add_eos_token": "eos",
     "weight_decay": "wd",
     "seed": "seed",
+    "gpus": "gpu",
 }
 
 LINKED = "_"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import tempfile
 import time
@@ -100,9 +101,10 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         result = trainer.train()
         wall = time.perf_counter() - started
 
-    with atomic_dir(out_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+    if trainer.is_world_process_zero():  # under DDP (loragrid.launch) one process writes
+        with atomic_dir(out_dir) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
 
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -131,5 +133,6 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
 def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False) -> dict:
     summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code)
-    write_json(train_json, summary)
+    if int(os.environ.get("RANK", 0)) == 0:  # under DDP (loragrid.launch) one process writes
+        write_json(train_json, summary)
     return summary

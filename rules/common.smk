@@ -12,6 +12,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
 )
 
+from loragrid import launch
 from loragrid.common import LoragridError
 from loragrid.config import (
     PEFT_METHODS,
@@ -49,6 +50,15 @@ def model_for(name):
     if name in FULL_RUNS:
         return f"results/runs/{name}/model"
     return f"results/runs/{name}/merged"
+
+
+def train_mem_mb(wildcards, input):
+    """Host memory a train job asks for: its method, its GPUs and the model's size decide."""
+    return launch.train_mem_mb(RUNS[wildcards.run], input.model)
+
+
+def train_gpus(wildcards):
+    return launch.gpus_of(RUNS[wildcards.run])
 
 
 
