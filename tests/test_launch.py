@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN, copy_workflow, demo_records, write_jsonl
 from loragrid import launch, modeling
-from loragrid.common import LoragridError
+from loragrid.common import LoragridError, read_json
+from loragrid.train import train_to_files
 
 # SmolLM2-135M-Instruct, the default model, and the peak RSS the README's CPU table measured
 # (micro_batch_size 8, cutoff_len 256, 30 steps) in GB.
@@ -126,3 +129,25 @@ def test_gpu_and_memory_resources_reach_the_train_jobs(tmp_path, tiny_model_dir)
     # The model is not fetched yet, so the memory request waits for it; GPUs are known now.
     assert "gpu=2" in train_ddp and "mem_mb=<TBD>" in train_ddp and "slurm_partition=gpu" in train_ddp
     assert "gpu=0" in train_lora and "cpus_per_task=8" in train_lora
+
+
+def test_two_ddp_processes_train_one_run_and_only_the_first_writes(tiny_model_dir, prepared_dir, tmp_path):
+    # The very command a run with `gpus: 2` launches; without GPUs its two processes train on the
+    # CPU over gloo, which is still DDP: both take part in every step, one writes the results.
+    call = {"model_dir": str(tiny_model_dir), "data_dir": str(prepared_dir), "weights_dir": str(tmp_path / "adapter"),
+            "train_json": str(tmp_path / "train.json"), "template": "chat", "settings": {**TINY_RUN, "gpus": 2}}
+    call_file = tmp_path / "call.json"
+    call_file.write_text(json.dumps(call))
+    command = launch.accelerate_command(2, call_file, launch.mixed_precision(modeling.compute_dtype()), launch.free_port())
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 1 loragrid.train" in result.stdout + result.stderr  # the second process trained too
+    ddp = read_json(tmp_path / "train.json")
+    single = train_to_files(tiny_model_dir, prepared_dir, tmp_path / "single", tmp_path / "single.json",
+                            {**TINY_RUN, "gpus": 0}, "chat")
+    assert ddp["steps"] == single["steps"] == TINY_RUN["max_steps"]
+    # Each optimizer step takes a micro-batch from each process: about twice the tokens.
+    assert ddp["tokens_seen_non_padding"] > 1.5 * single["tokens_seen_non_padding"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(tmp_path.glob(".adapter.tmp-*"))

@@ -30,9 +30,9 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     || ! command -v munged >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt=(apt-get -o DPkg::Lock::Timeout=600 -o Dpkg::Options::=--force-confold)
-    if ! "${apt[@]}" install -y --no-install-recommends "${packages[@]}" >"$state/apt.log" 2>&1; then
+    if ! "${apt[@]}" install -y "${packages[@]}" >"$state/apt.log" 2>&1; then
         "${apt[@]}" update >>"$state/apt.log" 2>&1 \
-            && "${apt[@]}" install -y --no-install-recommends "${packages[@]}" >>"$state/apt.log" 2>&1 \
+            && "${apt[@]}" install -y "${packages[@]}" >>"$state/apt.log" 2>&1 \
             || { echo "start.sh: could not install ${packages[*]}; see $state/apt.log" >&2; exit 3; }
     fi
 fi
