@@ -13,15 +13,15 @@ rule train_adapter:
         template=config["template"],
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
-    resources:
-        mem_mb=train_mem_mb,
-        gpu=train_gpus,
     log:
         "logs/train/{run}.log",
     benchmark:
         "results/benchmarks/train/{run}.tsv"
     conda:
         "../envs/train.yaml"
+    resources:
+        mem_mb=train_mem_mb,
+        gpu=train_gpus,
     script:
         "../scripts/train.py"
 

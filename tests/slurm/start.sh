@@ -56,9 +56,14 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 
 conf=/etc/slurm/slurm.conf
 marker="# loragrid test cluster, state in $state"
-if [[ -e $conf ]] && [[ $(head -n 1 "$conf") != "# loragrid test cluster"* ]]; then
-    echo "start.sh: $conf exists and is not a loragrid test config; not touching this machine's SLURM" >&2
-    exit 3
+if [[ -e $conf ]]; then
+    previous=$(head -n 1 "$conf")
+    if [[ $previous != "# loragrid test cluster, state in "* ]]; then
+        echo "start.sh: $conf exists and is not a loragrid test config; not touching this machine's SLURM" >&2
+        exit 3
+    fi
+    # An earlier test run that died before its teardown: stop the daemons it recorded.
+    "$here/stop.sh" "${previous#\# loragrid test cluster, state in }"
 fi
 
 host=$(hostname -s)
