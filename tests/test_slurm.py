@@ -32,7 +32,7 @@ METHODS = ["qlora4"]
 
 
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
+def slurm_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     started = time.perf_counter()
     result = subprocess.run(["bash", str(CLUSTER_SCRIPTS / "start.sh"), str(state)],
@@ -44,7 +44,7 @@ def slurm_env(tmp_path_factory):
             pytest.skip(message)
         pytest.fail(message + "".join(f"\n--- {log.name}\n{log.read_text()[-2000:]}" for log in state.glob("*.log")))
     print(f"SLURM cluster up in {time.perf_counter() - started:.1f} s")
-    yield dict(os.environ)
+    yield
     subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=120)
 
 
@@ -65,15 +65,15 @@ def write_config(workdir: Path, model_dir: Path) -> Path:
     return path
 
 
-def run_snakemake(workdir: Path, args: list[str], env=None) -> subprocess.CompletedProcess:
+def run_snakemake(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
     command = ["timeout", "-k", "30", str(WORKFLOW_TIMEOUT_S), sys.executable, "-m", "snakemake", *args]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
 
 
 @pytest.fixture(scope="module")
-def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_env):
+def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_cluster):
     root = tmp_path_factory.mktemp("runs")
     local = copy_workflow(root / "local")
     run_snakemake(local, ["--cores", "2", "all", "--configfile", str(write_config(local, tiny_model_dir))])
@@ -86,9 +86,9 @@ def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_env):
         "--workflow-profile", "profiles/slurm", "all", "--configfile", str(config),
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "2",
-    ], env=slurm_env)
+    ])
     print(f"workflow through SLURM: {time.perf_counter() - started:.1f} s")
-    return local, cluster, result.stdout + result.stderr, slurm_env
+    return local, cluster, result.stdout + result.stderr
 
 
 def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
@@ -100,13 +100,14 @@ def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
     return jobs
 
 
-def scontrol_job(job_id: str, env) -> dict[str, str]:
-    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env, check=True)
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """The job as slurmctld knows it (it keeps finished jobs for MinJobAge = 600 s)."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True)
     return dict(re.findall(r"(\w+)=(\S+)", shown.stdout))
 
 
 def test_every_job_ran_as_a_slurm_job(local_and_slurm):
-    _, cluster, output, env = local_and_slurm
+    _, cluster, output = local_and_slurm
     jobs = slurm_jobs(cluster)
     expected = {"fetch_model": 1, "fetch_dataset": 1, "prepare": 1, "train_adapter": 1, "merge": 1,
                 "generate": 2, "evaluate": 2, "report": 1}
@@ -114,16 +115,16 @@ def test_every_job_ran_as_a_slurm_job(local_and_slurm):
     for rule, entries in jobs.items():
         for _, job_id in entries:
             assert re.search(rf"submitted with SLURM jobid {job_id} \(log: .*/rule_{rule}/", output), (rule, job_id)
-            job = scontrol_job(job_id, env)
+            job = scontrol_job(job_id)
             assert job["JobState"] == "COMPLETED", (rule, job)
             # The profile's partitions: training on `gpu`, everything else on `cpu`.
             assert job["Partition"] == ("gpu" if rule.startswith("train") else "cpu"), (rule, job)
 
 
 def test_train_job_asks_for_what_its_run_needs(local_and_slurm):
-    _, cluster, _, env = local_and_slurm
+    _, cluster, _ = local_and_slurm
     (run, job_id), = slurm_jobs(cluster)["train_adapter"]
-    job = scontrol_job(job_id, env)
+    job = scontrol_job(job_id)
     settings = json.loads((cluster / f"results/runs/{run}/train.json").read_text())["provenance"]["settings"]
     # mem_mb from the run's callable (not the profile's default), cpus_per_task from the profile.
     assert job["MinMemoryNode"] == f"{launch.train_mem_mb(settings, cluster / 'resources/models/tiny')}M"
@@ -132,7 +133,7 @@ def test_train_job_asks_for_what_its_run_needs(local_and_slurm):
 
 
 def test_results_equal_a_local_run(local_and_slurm):
-    local, cluster, _, _ = local_and_slurm
+    local, cluster, _ = local_and_slurm
     for prepared in ("train.jsonl", "heldout.jsonl"):
         path = f"results/data/tiny/{prepared}"
         assert (cluster / path).read_bytes() == (local / path).read_bytes()
