@@ -36,3 +36,9 @@ test: install-test browser
 
 clean:
 	rm -rf results logs .snakemake
+
+.PHONY: test-slurm
+
+# The SLURM workflow test alone: installs and starts a single-node cluster (tests/slurm/, as root).
+test-slurm: install-test
+	$(BIN)/python -m pytest tests/test_slurm.py $(PYTEST_ARGS)

@@ -47,6 +47,7 @@ NAME_LABELS = {
     "bnb_4bit_use_double_quant": "dq",
     "bnb_4bit_compute_dtype": "cd",
     "report_to": "log",
+    "gpus": "gpu",
 }
 
 LINKED = "_"

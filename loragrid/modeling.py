@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -13,6 +14,16 @@ log = logging.getLogger("loragrid.modeling")
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def process_gpu() -> int:
+    """The CUDA device of this process: its LOCAL_RANK under `accelerate launch` (DDP), else the current one.
+
+    Quantized weights are placed at load time, before the Trainer's accelerator picks each
+    process's device, so every DDP process must name its own GPU here.
+    """
+    local_rank = os.environ.get("LOCAL_RANK")
+    return int(local_rank) if local_rank is not None else torch.cuda.current_device()
 
 
 def compute_dtype() -> torch.dtype:
@@ -76,7 +87,7 @@ def load_for_training(model_dir, method: str, trust_remote_code: bool = False, s
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            kwargs["device_map"] = {"": process_gpu()}
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 

@@ -328,12 +328,13 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         wall = time.perf_counter() - started
 
-    with atomic_dir(out_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        trainer.state.save_to_json(str(staging / "trainer_state.json"))
-        if method == "full" and (Path(model_dir) / modeling.PICKLED_MODEL).exists():
-            modeling.save_pickled(model, tokenizer, staging)  # pruned shapes: only the pickle loads again
+    if trainer.is_world_process_zero():  # under DDP (loragrid.launch) one process writes
+        with atomic_dir(out_dir) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            trainer.state.save_to_json(str(staging / "trainer_state.json"))
+            if method == "full" and (Path(model_dir) / modeling.PICKLED_MODEL).exists():
+                modeling.save_pickled(model, tokenizer, staging)  # pruned shapes: only the pickle loads again
 
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -377,8 +378,9 @@ def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, templ
                    checkpoint_root=None, tensorboard_dir=None) -> dict:
     summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code,
                     checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir)
-    write_json(train_json, summary)
-    if summary["checkpoints"]:
-        # Both outputs are in place: the checkpoints have served their purpose.
-        shutil.rmtree(summary["checkpoints"], ignore_errors=True)
+    if int(os.environ.get("RANK", 0)) == 0:  # under DDP (loragrid.launch) one process writes
+        write_json(train_json, summary)
+        if summary["checkpoints"]:
+            # Both outputs are in place: the checkpoints have served their purpose.
+            shutil.rmtree(summary["checkpoints"], ignore_errors=True)
     return summary

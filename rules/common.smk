@@ -8,6 +8,7 @@ from snakemake.utils import validate
 # checkout: Snakemake's script preamble hands this process's sys.path on to each `script:` job.
 sys.path.insert(0, workflow.basedir)
 
+from loragrid import launch
 from loragrid.common import LoragridError
 from loragrid.config import (
     PEFT_METHODS,
@@ -46,6 +47,16 @@ def model_for(name):
     if name in FULL_RUNS:
         return f"results/runs/{name}/model"
     return f"results/runs/{name}/merged"
+
+
+def train_mem_mb(wildcards, input):
+    """Host memory a train job asks for: its method, its GPUs and the model's size decide."""
+    return launch.train_mem_mb(RUNS[wildcards.run], input.model)
+
+
+def train_gpus(wildcards):
+    return launch.gpus_of(RUNS[wildcards.run])
+
 
 
 wildcard_constraints:

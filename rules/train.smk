@@ -22,6 +22,9 @@ rule train_adapter:
         "results/benchmarks/train/{run}.tsv"
     conda:
         "../envs/train.yaml"
+    resources:
+        mem_mb=train_mem_mb,
+        gpu=train_gpus,
     script:
         "../scripts/train.py"
 

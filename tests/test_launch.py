@@ -1,0 +1,153 @@
+"""loragrid.launch: the resources a training job asks for, GPU checks, and the `accelerate launch` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.launch import launch_command_parser
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, TINY_RUN, copy_workflow, demo_records, write_jsonl
+from loragrid import launch, modeling
+from loragrid.common import LoragridError, read_json
+from loragrid.train import train_to_files
+
+# SmolLM2-135M-Instruct, the default model, and the peak RSS the README's CPU table measured
+# (micro_batch_size 8, cutoff_len 256, 30 steps) in GB.
+SMOLLM2_PARAMETERS = 134_515_008
+SMOLLM2_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "vocab_size": 49152}
+SMOLLM2_MEASURED_PEAK_GB = {"full": 7.91, "lora": 6.35, "qlora4": 7.31, "qlora8": 6.84}
+DEFAULT_RUN = {"micro_batch_size": 8, "cutoff_len": 256, "gpus": 0}
+
+
+def request_gb(method, **settings):
+    return launch.train_mem_mb_for({**DEFAULT_RUN, "method": method, **settings}, SMOLLM2_PARAMETERS, SMOLLM2_SHAPE) / 1000
+
+
+@pytest.mark.parametrize("method", sorted(SMOLLM2_MEASURED_PEAK_GB))
+def test_memory_request_covers_the_measured_cpu_peak_without_waste(method):
+    measured = SMOLLM2_MEASURED_PEAK_GB[method]
+    assert measured < request_gb(method) < 2 * measured
+
+
+def test_memory_request_follows_method_gpus_and_batch():
+    assert request_gb("full") > request_gb("lora")
+    assert request_gb("full", micro_batch_size=16) > request_gb("full")
+    # On a GPU the host only loads the weights; each DDP process loads its own copy.
+    assert request_gb("full", gpus=1) < request_gb("full")
+    assert request_gb("full", gpus=2) == pytest.approx(2 * request_gb("full", gpus=1), abs=1)
+    # A 7B full fine-tune on a CPU needs 16 bytes per parameter before activations.
+    assert launch.train_mem_mb_for({**DEFAULT_RUN, "method": "full"}, 7_000_000_000, SMOLLM2_SHAPE) > 112_000
+
+
+def test_memory_request_reads_the_model_folder(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert launch.model_parameters(tiny_model_dir) == model.num_parameters()
+    assert launch.model_shape(tiny_model_dir)["num_hidden_layers"] == model.config.num_hidden_layers
+    settings = {**TINY_RUN, "gpus": 0}
+    assert launch.train_mem_mb(settings, tiny_model_dir) == launch.train_mem_mb_for(
+        settings, model.num_parameters(), launch.model_shape(tiny_model_dir))
+
+
+def test_memory_request_waits_for_the_model(tmp_path):
+    # Snakemake takes a FileNotFoundError naming an input as "known once the input exists".
+    with pytest.raises(FileNotFoundError) as missing:
+        launch.train_mem_mb(TINY_RUN, tmp_path / "not-fetched")
+    assert missing.value.filename == str(tmp_path / "not-fetched")
+
+
+def test_a_run_asking_for_more_gpus_than_visible_fails_before_training(tiny_model_dir, prepared_dir, tmp_path):
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    settings = {**TINY_RUN, "gpus": visible + 1}
+    with pytest.raises(LoragridError, match=rf"config key 'runs.big.gpus': the run asks for {visible + 1} GPU"):
+        launch.train_run(settings, run="big", model_dir=tiny_model_dir, data_dir=prepared_dir,
+                         weights_dir=tmp_path / "adapter", train_json=tmp_path / "train.json", template="chat")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train.json").exists()
+    assert launch.check_gpus({**TINY_RUN, "gpus": 0}) == 0
+
+
+def test_accelerate_command_is_what_accelerate_parses(tmp_path):
+    command = launch.accelerate_command(4, tmp_path / "call.json", "bf16", 29777, python="/venv/bin/python")
+    assert command[:3] == ["/venv/bin/python", "-m", "accelerate.commands.launch"]
+    parsed = launch_command_parser().parse_args(command[3:])
+    assert parsed.multi_gpu and parsed.num_processes == 4 and parsed.num_machines == 1
+    assert parsed.mixed_precision == "bf16" and parsed.main_process_port == 29777
+    assert parsed.module and parsed.training_script == "loragrid.launch"
+    assert parsed.training_script_args == [str(tmp_path / "call.json")]
+
+
+def test_each_process_launches_a_module_that_exists():
+    shown = subprocess.run([sys.executable, "-m", "loragrid.launch", "--help"], cwd=REPO,
+                           capture_output=True, text=True, check=True)
+    assert "train_to_files" in shown.stdout
+
+
+def test_mixed_precision_matches_the_compute_dtype():
+    assert launch.mixed_precision(torch.bfloat16) == "bf16"
+    assert launch.mixed_precision(torch.float16) == "fp16"
+    assert launch.mixed_precision(torch.float32) == "no"
+    if not torch.cuda.is_available():
+        # bf16 on a CPU: fp16 matmuls crawl there.
+        assert modeling.compute_dtype() == torch.bfloat16
+
+
+def test_each_ddp_process_loads_quantized_weights_on_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert modeling.process_gpu() == 3
+
+
+def test_free_ports_differ_between_jobs():
+    assert launch.free_port() > 0
+
+
+def test_gpu_and_memory_resources_reach_the_train_jobs(tmp_path, tiny_model_dir):
+    workdir = copy_workflow(tmp_path / "workflow")
+    data = write_jsonl(workdir / "tiny.jsonl", demo_records(48))
+    config = {
+        "model": {"name": "tiny", "source": f"local:{tiny_model_dir}"},
+        "dataset": {"name": "tiny", "source": f"local:{data.name}"},
+        "split": {"heldout_min": 8},
+        "grid": {"method": ["lora"]},
+        "runs": {"ddp": {"method": "full", "gpus": 2}},
+    }
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--workflow-profile", "profiles/slurm", "--dry-run", "all",
+         "--configfile", "tiny.yaml"],
+        cwd=workdir, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = result.stdout.split("\n\n")
+    train_ddp = next(job for job in jobs if "rule train_full:" in job and "run=ddp" in job)
+    train_lora = next(job for job in jobs if "rule train_adapter:" in job and "run=lora" in job)
+    # The model is not fetched yet, so the memory request waits for it; GPUs are known now.
+    assert "gpu=2" in train_ddp and "mem_mb=<TBD>" in train_ddp and "slurm_partition=gpu" in train_ddp
+    assert "gpu=0" in train_lora and "cpus_per_task=8" in train_lora
+
+
+def test_two_ddp_processes_train_one_run_and_only_the_first_writes(tiny_model_dir, prepared_dir, tmp_path):
+    # The very command a run with `gpus: 2` launches; without GPUs its two processes train on the
+    # CPU over gloo, which is still DDP: both take part in every step, one writes the results.
+    call = {"model_dir": str(tiny_model_dir), "data_dir": str(prepared_dir), "weights_dir": str(tmp_path / "adapter"),
+            "train_json": str(tmp_path / "train.json"), "template": "chat", "settings": {**TINY_RUN, "gpus": 2}}
+    call_file = tmp_path / "call.json"
+    call_file.write_text(json.dumps(call))
+    command = launch.accelerate_command(2, call_file, launch.mixed_precision(modeling.compute_dtype()), launch.free_port())
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 1 loragrid.train" in result.stdout + result.stderr  # the second process trained too
+    ddp = read_json(tmp_path / "train.json")
+    single = train_to_files(tiny_model_dir, prepared_dir, tmp_path / "single", tmp_path / "single.json",
+                            {**TINY_RUN, "gpus": 0}, "chat")
+    assert ddp["steps"] == single["steps"] == TINY_RUN["max_steps"]
+    # Each optimizer step takes a micro-batch from each process: about twice the tokens.
+    assert ddp["tokens_seen_non_padding"] > 1.5 * single["tokens_seen_non_padding"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(tmp_path.glob(".adapter.tmp-*"))

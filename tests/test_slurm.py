@@ -1,0 +1,152 @@
+"""The workflow through profiles/slurm on a real single-node SLURM cluster, against a local run.
+
+tests/slurm/start.sh installs Debian's slurmctld, slurmd, slurm-client and munge when they are
+missing and starts the daemons; the module's teardown stops exactly those daemons by PID. Without
+root the cluster cannot start and the test is skipped, except where it must run (CI=true or
+LORAGRID_REQUIRE_SLURM=1), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, copy_workflow, demo_records, write_jsonl
+from loragrid import launch
+
+CLUSTER_SCRIPTS = REPO / "tests" / "slurm"
+REQUIRED = os.environ.get("CI") == "true" or os.environ.get("LORAGRID_REQUIRE_SLURM") == "1"
+# Snakemake under the SLURM executor ignores SIGTERM while it waits on jobs: `timeout -k` kills it.
+WORKFLOW_TIMEOUT_S = 1200
+# One quantized run keeps the test short: every wave of the DAG waits on SLURM and a status poll.
+METHODS = ["qlora4"]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    started = time.perf_counter()
+    result = subprocess.run(["bash", str(CLUSTER_SCRIPTS / "start.sh"), str(state)],
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=120)
+        message = f"the SLURM cluster did not start (exit {result.returncode}): {result.stderr.strip()}"
+        if result.returncode == 3 and not REQUIRED:
+            pytest.skip(message)
+        pytest.fail(message + "".join(f"\n--- {log.name}\n{log.read_text()[-2000:]}" for log in state.glob("*.log")))
+    print(f"SLURM cluster up in {time.perf_counter() - started:.1f} s")
+    yield
+    subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=120)
+
+
+def write_config(workdir: Path, model_dir: Path) -> Path:
+    data = write_jsonl(workdir / "tiny.jsonl", demo_records(48))
+    config = {
+        "model": {"name": "tiny", "source": f"local:{model_dir}"},
+        "dataset": {"name": "tiny", "source": f"local:{data.name}"},
+        "split": {"heldout_min": 8},
+        # One thread: the same arithmetic, so the same bytes, whatever CPUs a job gets.
+        "torch_threads": 1,
+        "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96},
+        "grid": {"method": METHODS},
+        "generate": {"max_new_tokens": 4, "batch_size": 8},
+    }
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_snakemake(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    command = ["timeout", "-k", "30", str(WORKFLOW_TIMEOUT_S), sys.executable, "-m", "snakemake", *args]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_cluster):
+    root = tmp_path_factory.mktemp("runs")
+    local = copy_workflow(root / "local")
+    run_snakemake(local, ["--cores", "2", "all", "--configfile", str(write_config(local, tiny_model_dir))])
+
+    cluster = copy_workflow(root / "slurm")
+    config = write_config(cluster, tiny_model_dir)
+    started = time.perf_counter()
+    # The test cluster has no slurmdbd: job states come from squeue (sacct would wait forever).
+    result = run_snakemake(cluster, [
+        "--workflow-profile", "profiles/slurm", "all", "--configfile", str(config),
+        "--slurm-status-command", "squeue",
+        "--slurm-init-seconds-before-status-checks", "2",
+    ])
+    print(f"workflow through SLURM: {time.perf_counter() - started:.1f} s")
+    return local, cluster, result.stdout + result.stderr
+
+
+def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
+    """rule -> [(wildcard value, SLURM job id)] from the plugin's logs, logs/slurm/rule_RULE/[VALUE/]ID.log."""
+    jobs: dict[str, list[tuple[str, str]]] = {}
+    for log in sorted((cluster / "logs" / "slurm").rglob("*.log")):
+        rule, *value, _ = log.relative_to(cluster / "logs" / "slurm").parts
+        jobs.setdefault(rule.removeprefix("rule_"), []).append(("/".join(value), log.stem))
+    return jobs
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """The job as slurmctld knows it (it keeps finished jobs for MinJobAge = 600 s)."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True)
+    return dict(re.findall(r"(\w+)=(\S+)", shown.stdout))
+
+
+def test_every_job_ran_as_a_slurm_job(local_and_slurm):
+    _, cluster, output = local_and_slurm
+    jobs = slurm_jobs(cluster)
+    expected = {"fetch_model": 1, "fetch_dataset": 1, "prepare": 1, "train_adapter": 1, "merge": 1,
+                "generate": 2, "evaluate": 2, "report": 1}
+    assert {rule: len(entries) for rule, entries in jobs.items()} == expected
+    for rule, entries in jobs.items():
+        for _, job_id in entries:
+            assert re.search(rf"submitted with SLURM jobid {job_id} \(log: .*/rule_{rule}/", output), (rule, job_id)
+            job = scontrol_job(job_id)
+            assert job["JobState"] == "COMPLETED", (rule, job)
+            # The profile's partitions: training on `gpu`, everything else on `cpu`.
+            assert job["Partition"] == ("gpu" if rule.startswith("train") else "cpu"), (rule, job)
+
+
+def test_train_job_asks_for_what_its_run_needs(local_and_slurm):
+    _, cluster, _ = local_and_slurm
+    (run, job_id), = slurm_jobs(cluster)["train_adapter"]
+    job = scontrol_job(job_id)
+    settings = json.loads((cluster / f"results/runs/{run}/train.json").read_text())["provenance"]["settings"]
+    # mem_mb from the run's callable (not the profile's default), cpus_per_task from the profile.
+    assert job["MinMemoryNode"] == f"{launch.train_mem_mb(settings, cluster / 'resources/models/tiny')}M"
+    assert job["MinMemoryNode"] != "4000M"
+    assert job["NumCPUs"] == "8"
+
+
+def test_results_equal_a_local_run(local_and_slurm):
+    local, cluster, _ = local_and_slurm
+    for prepared in ("train.jsonl", "heldout.jsonl"):
+        path = f"results/data/tiny/{prepared}"
+        assert (cluster / path).read_bytes() == (local / path).read_bytes()
+    for method in METHODS:
+        runs = [json.loads((root / f"results/runs/{method}/train.json").read_text()) for root in (local, cluster)]
+        for key in ("parameters", "loss_curve", "steps", "tokens_seen_non_padding", "train_examples"):
+            assert runs[0][key] == runs[1][key], (method, key)
+        weights = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
+        assert (cluster / f"results/runs/{method}/{weights}").read_bytes() == \
+            (local / f"results/runs/{method}/{weights}").read_bytes()
+    for name in ["base", *METHODS]:
+        path = f"results/generations/{name}.jsonl"
+        assert (cluster / path).read_text() == (local / path).read_text()
+    columns = ["run", "method", "trainable_params", "heldout_loss"]
+    tables = [pd.read_csv(root / "results/report/summary.csv") for root in (local, cluster)]
+    pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])
