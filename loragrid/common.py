@@ -64,7 +64,18 @@ def checksums(folder: str | os.PathLike) -> dict[str, str]:
 
 def _staging_path(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    staging.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; outputs get the user's usual mode
+    return staging
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 @contextlib.contextmanager
@@ -92,6 +103,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w"):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs get the user's usual mode
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as handle:

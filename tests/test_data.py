@@ -171,3 +171,15 @@ def test_a_bad_record_in_a_json_list_is_named_by_its_number(tmp_path):
     fetch_dataset(f"local:{tmp_path / 'd.json'}", tmp_path / "dataset")
     with pytest.raises(LoragridError, match=r"d\.json, record 5: answer field 'answer_en' is empty"):
         prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=5)
+
+
+def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
+    from loragrid.common import atomic_dir, write_json
+
+    write_json(tmp_path / "out.json", {"a": 1})
+    with atomic_dir(tmp_path / "folder") as staging:
+        (staging / "x").write_text("x")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
