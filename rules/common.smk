@@ -40,6 +40,12 @@ def one_of(names):
     return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
+def local_source(source):
+    """A local source as an input, so that editing the file re-fetches it (hub sources: none)."""
+    scheme, _, location = source.partition(":")
+    return [location] if scheme in ("local", "gguf", "torch") else []
+
+
 def model_for(name):
     """The weights that generate and evaluate read for the base model or a run."""
     if name == "base":
@@ -56,7 +62,6 @@ def train_mem_mb(wildcards, input):
 
 def train_gpus(wildcards):
     return launch.gpus_of(RUNS[wildcards.run])
-
 
 
 wildcard_constraints:

@@ -5,12 +5,12 @@ rule prepare:
         train=f"{PREPARED_DIR}/train.jsonl",
         heldout=f"{PREPARED_DIR}/heldout.jsonl",
         summary=f"{PREPARED_DIR}/prepare.json",
-    params:
-        dataset=canonical(config["dataset"]),
-        split=canonical(config["split"]),
     log:
         f"logs/prepare/{DATASET}.log",
     conda:
         "../envs/data.yaml"
+    params:
+        dataset=canonical(config["dataset"]),
+        split=canonical(config["split"]),
     script:
         "../scripts/prepare.py"

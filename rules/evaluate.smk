@@ -7,16 +7,16 @@ rule evaluate:
         meta=rules.generate.output.meta,
     output:
         "results/eval/{name}.json",
-    params:
-        settings=canonical(config["evaluate"]),
-        template=config["template"],
-        trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     log:
         "logs/evaluate/{name}.log",
     benchmark:
         "results/benchmarks/evaluate/{name}.tsv"
     conda:
         "../envs/evaluate.yaml"
+    params:
+        settings=canonical(config["evaluate"]),
+        template=config["template"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        torch_threads=config["torch_threads"],
     script:
         "../scripts/evaluate.py"

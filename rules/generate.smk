@@ -5,16 +5,16 @@ rule generate:
     output:
         answers="results/generations/{name}.jsonl",
         meta="results/generations/{name}.json",
-    params:
-        settings=canonical(config["generate"]),
-        template=config["template"],
-        trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     log:
         "logs/generate/{name}.log",
     benchmark:
         "results/benchmarks/generate/{name}.tsv"
     conda:
         "../envs/generate.yaml"
+    params:
+        settings=canonical(config["generate"]),
+        template=config["template"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+        torch_threads=config["torch_threads"],
     script:
         "../scripts/generate.py"

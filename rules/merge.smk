@@ -6,19 +6,19 @@ rule merge:
     output:
         merged=directory("results/runs/{run}/merged"),
         summary="results/runs/{run}/merge.json",
+    log:
+        "logs/merge/{run}.log",
+    benchmark:
+        "results/benchmarks/merge/{run}.tsv"
     wildcard_constraints:
         run=one_of(PEFT_RUNS),
+    conda:
+        "../envs/merge.yaml"
     params:
         method=lambda wildcards: RUNS[wildcards.run]["method"],
         template=config["template"],
         check=canonical(config["merge"]),
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
-    log:
-        "logs/merge/{run}.log",
-    benchmark:
-        "results/benchmarks/merge/{run}.tsv"
-    conda:
-        "../envs/merge.yaml"
     script:
         "../scripts/merge.py"

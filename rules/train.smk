@@ -6,8 +6,17 @@ rule train_adapter:
     output:
         weights=directory("results/runs/{run}/adapter"),
         summary="results/runs/{run}/train.json",
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
     wildcard_constraints:
         run=one_of(PEFT_RUNS),
+    conda:
+        "../envs/train.yaml"
+    resources:
+        mem_mb=train_mem_mb,
+        gpu=train_gpus,
     params:
         settings=lambda wildcards: RUNS[wildcards.run],
         template=config["template"],
@@ -16,15 +25,6 @@ rule train_adapter:
         # Beside, not inside, the outputs: Snakemake deletes a failed job's outputs.
         checkpoints=lambda wildcards: f"results/checkpoints/{wildcards.run}",
         tensorboard=lambda wildcards: f"results/tensorboard/{wildcards.run}",
-    log:
-        "logs/train/{run}.log",
-    benchmark:
-        "results/benchmarks/train/{run}.tsv"
-    conda:
-        "../envs/train.yaml"
-    resources:
-        mem_mb=train_mem_mb,
-        gpu=train_gpus,
     script:
         "../scripts/train.py"
 
