@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import modeling
 from .common import LoragridError
 
 log = logging.getLogger("loragrid.launch")
@@ -68,18 +69,6 @@ def model_shape(model_dir) -> dict:
     return {key: int(config[key]) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
 
 
-def activation_bytes(settings: dict, shape: dict) -> float:
-    """Activations of one micro-batch kept for the backward pass, for CPU training.
-
-    Per token and layer: 34 * hidden bytes of bf16 activations plus 5 * heads * length bytes for
-    the attention scores (Korthikanti et al. 2022, no recomputation); per token once: the fp32
-    logits, their softmax, their gradient and a copy (16 * vocab bytes).
-    """
-    tokens = settings["micro_batch_size"] * settings["cutoff_len"]
-    per_layer = 34 * shape["hidden_size"] + 5 * shape["num_attention_heads"] * settings["cutoff_len"]
-    return tokens * (shape["num_hidden_layers"] * per_layer + 16 * shape["vocab_size"])
-
-
 def train_mem_mb(settings: dict, model_dir) -> int:
     """Host memory (MB) to request for one training job of this run with the model in `model_dir`.
 
@@ -97,7 +86,8 @@ def train_mem_mb_for(settings: dict, parameters: int, shape: dict) -> int:
     device = "gpu" if gpus else "cpu"
     per_process = PROCESS_OVERHEAD_BYTES[device] + HOST_BYTES_PER_PARAMETER[device][settings["method"]] * parameters
     if not gpus:
-        per_process += activation_bytes(settings, shape)
+        per_process += modeling.activation_bytes(shape, settings["micro_batch_size"], settings["cutoff_len"],
+                                                 settings["gradient_checkpointing"])
     total = SAFETY_MARGIN * per_process * max(gpus, 1)  # DDP: one process, one copy per GPU
     return int(math.ceil(total / 1e9) * 1000)
 

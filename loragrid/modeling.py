@@ -189,3 +189,17 @@ def count_parameters(model) -> tuple[int, int]:
 def weights_bytes(model) -> int:
     """Bytes held by parameters and buffers (quantized weights at their packed size)."""
     return model.get_memory_footprint()
+
+
+def activation_bytes(shape: dict, micro_batch_size: int, sequence_length: int, gradient_checkpointing: bool) -> int:
+    """Activations one micro-batch keeps for the backward pass.
+
+    Per token and layer (Korthikanti et al. 2022): 34·h + 5·heads·s bytes at 16 bits, or 2·h with
+    gradient checkpointing; per token once: the logits, which the loss upcasts to fp32, and their
+    gradient (12 bytes per vocabulary entry). `shape` holds hidden_size, num_hidden_layers,
+    num_attention_heads and vocab_size (a model's config).
+    """
+    tokens = micro_batch_size * sequence_length
+    hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
+    per_token_per_layer = 2 * hidden if gradient_checkpointing else 34 * hidden + 5 * heads * sequence_length
+    return tokens * (shape["num_hidden_layers"] * per_token_per_layer + 12 * shape["vocab_size"])

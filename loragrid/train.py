@@ -125,13 +125,9 @@ def estimate_memory(model, settings: dict, micro_batch_size: int, sequence_lengt
     weights: as loaded (quantized weights at their packed size); gradients: one per trainable
     parameter in its dtype; optimizer: AdamW's two moments, fp32 (1 byte each for the 8-bit
     ones); activations: what autograd keeps per layer for the backward pass (Korthikanti et
-    al. 2022: 34·h + 5·heads·s bytes per token at 16 bits, 2·h with gradient checkpointing),
-    plus the logits, which the loss upcasts to fp32 (and its gradient), so 12 bytes per vocab
-    entry; runtime: the process's resident memory before the model was loaded (measured).
+    al. 2022, see modeling.activation_bytes) plus the logits; runtime: the process's resident
+    memory before the model was loaded (measured).
     """
-    config = model.config
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    heads, vocab = config.num_attention_heads, config.vocab_size
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_count = sum(p.numel() for p in trainable)
     gradients = sum(p.numel() * p.element_size() for p in trainable)
@@ -139,9 +135,8 @@ def estimate_memory(model, settings: dict, micro_batch_size: int, sequence_lengt
     if settings["method"] == "full":
         # bf16 autocast keeps a bf16 copy of each fp32 weight for the matmuls.
         gradients += trainable_count * 2
-    tokens = micro_batch_size * sequence_length
-    per_token_per_layer = 2 * hidden if settings["gradient_checkpointing"] else 34 * hidden + 5 * heads * sequence_length
-    activations = tokens * layers * per_token_per_layer + tokens * vocab * 12
+    activations = modeling.activation_bytes(model.config.to_dict(), micro_batch_size, sequence_length,
+                                            settings["gradient_checkpointing"])
     parts = {"weights_bytes": modeling.weights_bytes(model), "gradients_bytes": gradients,
              "optimizer_bytes": optimizer, "activations_bytes": activations, "runtime_bytes": runtime_bytes}
     return {**parts, "total_bytes": sum(parts.values()), "micro_batch_size": micro_batch_size,

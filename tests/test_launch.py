@@ -23,7 +23,7 @@ from loragrid.train import train_to_files
 SMOLLM2_PARAMETERS = 134_515_008
 SMOLLM2_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "vocab_size": 49152}
 SMOLLM2_MEASURED_PEAK_GB = {"full": 7.91, "lora": 6.35, "qlora4": 7.31, "qlora8": 6.84}
-DEFAULT_RUN = {"micro_batch_size": 8, "cutoff_len": 256, "gpus": 0}
+DEFAULT_RUN = {"micro_batch_size": 8, "cutoff_len": 256, "gradient_checkpointing": False, "gpus": 0}
 
 
 def request_gb(method, **settings):
