@@ -1,6 +1,6 @@
 """Training throughput: the seed recipe vs TRL's SFTTrainer vs loragrid, on the same model, data and LoRA.
 
-    python bench/train_throughput.py                 # the comparison (about 10 minutes on 2 cores)
+    python bench/train_throughput.py                 # the comparison (about 12 minutes on 2 cores)
     python bench/train_throughput.py --levers        # loragrid with one setting changed at a time
 
 Every configuration trains the embedded SmolLM2-135M-Instruct (fetch it first:
@@ -46,25 +46,27 @@ CONFIGURATIONS = ("seed", "trl", "loragrid")
 LEVERS = {
     "defaults": {},
     "no_group_by_length": {"group_by_length": False},
-    "batch_size_4": {"batch_size": 4, "micro_batch_size": 4},
-    "micro_batch_4": {"micro_batch_size": 4},
+    "batch_size_8": {"batch_size": 8, "micro_batch_size": 8},
+    "batch_size_8_micro_4": {"batch_size": 8, "micro_batch_size": 4},
     "micro_batch_2": {"micro_batch_size": 2},
     "gradient_checkpointing": {"gradient_checkpointing": True},
     "packing": {"packing": True},
     "adamw_torch_fused": {"optimizer": "adamw_torch_fused"},
+    "cosine_schedule": {"lr_scheduler_type": "cosine"},
 }
 
 
 def records(count: int) -> list[dict]:
-    from loragrid.data import read_qa_records
+    from loragrid.data import read_records
 
-    valid = [r for _, r, _ in read_qa_records(DATA, "question", ["answer_en", "answer_zh"]) if r]
+    whole_file = [{"file": str(DATA), "start": 1, "count": float("inf"), "unit": "line", "first": 1}]
+    valid = [r for _, r, _ in read_records(DATA, whole_file, "qa", "question", ["answer_en", "answer_zh"]) if r]
     return valid[:count]
 
 
 def effective_tokens(examples: list[dict]) -> int:
     from loragrid.templates import tokenize_example
-    from loragrid.train import load_tokenizer
+    from loragrid.tokenized import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
     return sum(len(tokenize_example(tokenizer, "chat", r["messages"], 512)["input_ids"]) for r in examples)
@@ -154,7 +156,8 @@ def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict):
     import yaml
 
     from loragrid.common import sha256_file, write_json, write_jsonl
-    from loragrid.train import load_tokenizer, train
+    from loragrid.tokenized import load_tokenizer
+    from loragrid.train import train
 
     schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
     defaults = {key: spec["default"] for key, spec in schema["properties"]["training"]["properties"].items()}
@@ -225,7 +228,8 @@ def parameter_count() -> int:
 def spawn(name: str, lever: str, args) -> dict:
     examples = args.seed_examples if name == "seed" and args.seed_examples else args.examples
     command = [sys.executable, __file__, "--one", name, "--lever", lever, "--examples", str(examples),
-               "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate), "--threads", str(args.threads)]
+               "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate), "--threads", str(args.threads),
+               "--model", str(MODEL)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
@@ -263,15 +267,18 @@ def main() -> None:
                         help="train the seed recipe on only this many examples (its tokens/s is per token, but its "
                              "loss is then not comparable); for a loaded machine where a full seed run does not fit")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run; 0: torch's default")
+    parser.add_argument("--model", type=Path, help="the model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--levers", action="store_true", help="measure loragrid's levers instead of the comparison")
     parser.add_argument("--one", choices=CONFIGURATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--lever", default="defaults", choices=sorted(LEVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL
+    MODEL = (args.model or MODEL).resolve()
     if args.one:
         print(json.dumps(one_run(args.one, args.lever, args.examples, args.epochs, args.learning_rate, args.threads)))
         return
     if not MODEL.exists():
-        raise SystemExit(f"{MODEL} is missing: run `snakemake --cores 1 {MODEL.relative_to(REPO)}` first")
+        raise SystemExit(f"{MODEL} is missing: run `snakemake --cores 1 resources/models/smollm2-135m-instruct` first")
 
     import torch
 

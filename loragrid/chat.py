@@ -10,7 +10,7 @@ from . import modeling
 from .common import LoragridError, read_json
 from .generate import generation_config
 from .templates import prompt_token_ids
-from .train import load_tokenizer
+from .tokenized import load_tokenizer
 
 QUIT_WORDS = ("exit", "quit")
 

@@ -11,7 +11,7 @@ import torch
 from . import modeling
 from .common import provenance, read_json, read_jsonl, write_json
 from .templates import tokenize_split
-from .train import load_tokenizer
+from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.evaluate")
 

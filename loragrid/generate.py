@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from . import modeling
 from .common import package_versions, read_jsonl, write_json, write_jsonl
 from .templates import prompt_token_ids
-from .train import load_tokenizer
+from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.generate")
 

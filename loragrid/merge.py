@@ -9,7 +9,7 @@ import torch
 from . import modeling
 from .common import LoragridError, atomic_dir, read_json, read_jsonl, write_json
 from .templates import tokenize_example
-from .train import load_tokenizer
+from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.merge")
 
@@ -33,7 +33,13 @@ def _relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: str,
-          check_prompts: int = 4, tolerance: float = 1e-3, trust_remote_code: bool = False) -> dict:
+          check_prompts: int = 4, tolerance: float = 1e-3, trust_remote_code: bool = False,
+          quantization: dict | None = None) -> dict:
+    """Merge the adapter into an fp32 copy of the base and check the logits did not move.
+
+    `quantization` holds the run's bnb_4bit_* settings, so that a QLoRA adapter is also compared
+    against the quantized model it was trained on (the schema's defaults without it).
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -67,7 +73,8 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
     if method in ("qlora4", "qlora8"):
         # The adapter learned against quantized weights; the merged model uses the original
         # ones (as the usual QLoRA recipes do). Record how far that moves the logits.
-        quantized = modeling.load_for_training(base_dir, method, trust_remote_code)
+        quantized = modeling.load_for_training(base_dir, method, trust_remote_code, quantization)
+        summary["quantization_of_training_model"] = modeling.quantization_summary(quantized)
         quantized_logits = _logits(PeftModel.from_pretrained(quantized, adapter_dir).eval(), batch)
         summary["relative_logit_difference_vs_quantized_training_model"] = _relative_difference(
             quantized_logits, merged_logits

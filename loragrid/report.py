@@ -21,6 +21,7 @@ COLUMNS = {
     "run": "run",
     "method": "method",
     "peak_memory_gb": "peak memory (GB)",
+    "estimated_memory_gb": "estimated peak (GB)",
     "weights_memory_gb": "weights memory (GB)",
     "trainable_params": "trainable params",
     "trainable_percent": "trainable %",
@@ -34,7 +35,7 @@ COLUMNS = {
 }
 
 FORMATS = {
-    "peak_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}", "trainable_params": "{:,.0f}",
+    "peak_memory_gb": "{:.2f}", "estimated_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}", "trainable_params": "{:,.0f}",
     "trainable_percent": "{:.2f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
     "train_minutes": "{:.1f}", "train_tokens_per_second": "{:.0f}", "generation_tokens_per_second": "{:.0f}",
 }
@@ -47,7 +48,9 @@ QUALITY_MEASURES = (
 
 MEMORY_NOTE = (
     "Peak memory is the training process's peak resident memory on a CPU (loading included), "
-    "or CUDA's max allocated memory on a GPU. Weights memory counts parameters and buffers at "
+    "or CUDA's max allocated memory on a GPU. The estimated peak is what training predicted before "
+    "it started, from the model's shape, the method, the micro-batch and the longest sequence "
+    "(weights, gradients, optimizer state, activations and the process's own memory). Weights memory counts parameters and buffers at "
     "their stored size (4-bit and 8-bit weights packed). Held-out loss is the mean loss per "
     "answer token of the reference answers; emoji share is the share of generated answers with "
     "at least one emoji; chrF compares generated answers with the references."
@@ -80,6 +83,7 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
             "run": name,
             "method": train["method"],
             "peak_memory_gb": peak_memory_bytes(train["memory"]) / 1e9,
+            "estimated_memory_gb": train["memory_estimate"]["total_bytes"] / 1e9,
             "weights_memory_gb": train["memory"]["weights_bytes"] / 1e9,
             "trainable_params": train["parameters"]["trainable"],
             "trainable_percent": train["parameters"]["trainable_percent"],
@@ -154,17 +158,23 @@ def _readable_unit(values_gb) -> tuple[str, float]:
 
 
 def plot_memory(table: pd.DataFrame, path) -> None:
-    """Peak training memory and weights memory per run, each panel on its own scale."""
+    """Peak training memory (measured beside estimated) and weights memory per run, each panel on its own scale."""
     plt = _pyplot()
     trained = table[table["run"] != "base"]
     positions = list(range(len(trained)))
     figure, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(trained) + 3), 4), dpi=110)
-    panels = (("peak_memory_gb", "Peak training memory", "tab:blue"),
-              ("weights_memory_gb", "Weights memory (as stored)", "tab:orange"))
-    for axis, (column, title, color) in zip(axes, panels):
-        unit, scale = _readable_unit(trained[column])
-        bars = axis.bar(positions, trained[column] * scale, color=color)
-        axis.bar_label(bars, fmt="%.3g", fontsize=8)
+    panels = (("Peak training memory", (("peak_memory_gb", "measured", "tab:blue"),
+                                        ("estimated_memory_gb", "estimated before training", "tab:cyan"))),
+              ("Weights memory (as stored)", (("weights_memory_gb", None, "tab:orange"),)))
+    for axis, (title, series) in zip(axes, panels):
+        unit, scale = _readable_unit(pd.concat([trained[column] for column, _, _ in series]))
+        width = 0.8 / len(series)
+        for index, (column, label, color) in enumerate(series):
+            offsets = [p + (index - (len(series) - 1) / 2) * width for p in positions]
+            bars = axis.bar(offsets, trained[column] * scale, width=width, color=color, label=label)
+            axis.bar_label(bars, fmt="%.3g", fontsize=7)
+        if len(series) > 1:
+            axis.legend(fontsize=8, loc="lower right")
         axis.set_xticks(positions, trained["run"], rotation=20)
         axis.set_ylabel(unit)
         axis.set_title(title)

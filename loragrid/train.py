@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from . import modeling
-from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, read_jsonl, settings_hash,
+from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, settings_hash,
                      sha256_file, write_json)
-from .templates import tokenize_split
+from .tokenized import build_dataset, load_tokenized, load_tokenizer
 
 log = logging.getLogger("loragrid.train")
 
@@ -30,16 +30,6 @@ BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit")
 # them must not throw away a checkpoint.
 NOT_IN_CHECKPOINT_HASH = ("save_steps", "save_total_limit", "report_to")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def load_tokenizer(model_dir, trust_remote_code: bool = False, padding_side: str = "right"):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
-    return tokenizer
 
 
 def current_rss_bytes() -> int:
@@ -201,22 +191,6 @@ def _drop_stale_checkpoints(folder: Path) -> None:
                 shutil.rmtree(other, ignore_errors=True)
 
 
-def build_dataset(tokenizer, template: str, data_dir, settings: dict):
-    from datasets import Dataset
-
-    records = read_jsonl(Path(data_dir) / "train.jsonl")
-    examples, tokenization = tokenize_split(
-        tokenizer, template, records, settings["cutoff_len"], settings["train_on_inputs"], settings["add_eos_token"]
-    )
-    if not examples:
-        raise LoragridError(f"config key 'cutoff_len': every prompt in {data_dir}/train.jsonl is longer than {settings['cutoff_len']} tokens")
-    if tokenization["dropped_prompt_too_long"] or tokenization["truncated"]:
-        log.warning("cutoff_len %d: %d records dropped (prompt too long), %d answers truncated",
-                    settings["cutoff_len"], len(tokenization["dropped_prompt_too_long"]), tokenization["truncated"])
-    # `length` is what the Trainer's LengthGroupedSampler sorts by.
-    return Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples]), tokenization
-
-
 def data_collator(tokenizer, packing: bool):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
@@ -265,8 +239,11 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
 
 
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
-          checkpoint_root=None, tensorboard_dir=None) -> dict:
+          checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None) -> dict:
     """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content.
+
+    With `tokenized_dir` (the tokenize rule's output), the split is read as tokenized there;
+    without it, the split in `data_dir` is tokenized here.
 
     With `checkpoint_root`, checkpoints are written every `save_steps` and a previous attempt's
     last checkpoint of the same settings is resumed; without it, training keeps no checkpoints.
@@ -284,7 +261,10 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
     set_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    dataset, tokenization = build_dataset(tokenizer, template, data_dir, settings)
+    if tokenized_dir is not None:
+        dataset, tokenization = load_tokenized(tokenized_dir, data_dir, settings, template)
+    else:
+        dataset, tokenization = build_dataset(tokenizer, template, data_dir, settings)
 
     runtime_bytes = current_rss_bytes()
     model = modeling.load_for_training(model_dir, method, trust_remote_code, settings)
@@ -348,6 +328,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         "compute_dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "train_examples": len(dataset),
+        "tokenized_split": str(tokenized_dir) if tokenized_dir is not None else None,
         "tokenization": {"dropped_prompt_too_long": len(tokenization["dropped_prompt_too_long"]),
                          "truncated": tokenization["truncated"]},
         "micro_batch_size": micro_batch_size,
@@ -370,9 +351,9 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
 
 def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False,
-                   checkpoint_root=None, tensorboard_dir=None) -> dict:
+                   checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None) -> dict:
     summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code,
-                    checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir)
+                    checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir, tokenized_dir=tokenized_dir)
     if int(os.environ.get("RANK", 0)) == 0:  # under DDP (loragrid.launch) one process writes
         write_json(train_json, summary)
         if summary["checkpoints"]:

@@ -17,6 +17,7 @@ from loragrid.config import (
     check_keys,
     retype_command_line_values,
 )
+from loragrid.tokenized import tokenization_name, tokenization_settings
 
 config.update(retype_command_line_values(config))
 try:
@@ -33,6 +34,11 @@ DATASET_DIR = f"resources/datasets/{DATASET}"
 PREPARED_DIR = f"results/data/{DATASET}"
 PEFT_RUNS = [name for name, run in RUNS.items() if run["method"] in PEFT_METHODS]
 FULL_RUNS = [name for name, run in RUNS.items() if run["method"] == "full"]
+TOKENIZED_DIR = f"results/tokenized/{DATASET}/{MODEL}"
+# One tokenized split per distinct tokenization in the grid, shared by all its runs.
+TOKENIZATIONS = {
+    tokenization_name(run): tokenization_settings(run) for run in RUNS.values()
+}
 
 
 def one_of(names):
@@ -53,6 +59,17 @@ def model_for(name):
     if name in FULL_RUNS:
         return f"results/runs/{name}/model"
     return f"results/runs/{name}/merged"
+
+
+def tokenized_split_of(wildcards):
+    return f"{TOKENIZED_DIR}/{tokenization_name(RUNS[wildcards.run])}"
+
+
+def quantization_settings(run):
+    """The bitsandbytes settings a 4-bit run trained with (merge rebuilds that model to compare)."""
+    if run["method"] != "qlora4":
+        return {}
+    return {key: value for key, value in run.items() if key.startswith("bnb_4bit_")}
 
 
 def train_mem_mb(wildcards, input):

@@ -14,3 +14,26 @@ rule prepare:
         split=canonical(config["split"]),
     script:
         "../scripts/prepare.py"
+
+
+rule tokenize_split:
+    input:
+        model=MODEL_DIR,
+        train=rules.prepare.output.train,
+        prepared=rules.prepare.output.summary,
+    output:
+        directory(f"{TOKENIZED_DIR}/{{tokenization}}"),
+    log:
+        f"logs/tokenize/{DATASET}/{MODEL}/{{tokenization}}.log",
+    benchmark:
+        f"results/benchmarks/tokenize/{DATASET}/{MODEL}/{{tokenization}}.tsv"
+    wildcard_constraints:
+        tokenization=one_of(TOKENIZATIONS),
+    conda:
+        "../envs/train.yaml"
+    params:
+        settings=lambda wildcards: TOKENIZATIONS[wildcards.tokenization],
+        template=config["template"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    script:
+        "../scripts/tokenize_split.py"

@@ -16,6 +16,7 @@ rule merge:
         "../envs/merge.yaml"
     params:
         method=lambda wildcards: RUNS[wildcards.run]["method"],
+        quantization=lambda wildcards: quantization_settings(RUNS[wildcards.run]),
         template=config["template"],
         check=canonical(config["merge"]),
         trust_remote_code=config["model"]["trust_remote_code"],

@@ -3,6 +3,7 @@ rule train_adapter:
         model=MODEL_DIR,
         train=rules.prepare.output.train,
         prepared=rules.prepare.output.summary,
+        tokenized=tokenized_split_of,
     output:
         weights=directory("results/runs/{run}/adapter"),
         summary="results/runs/{run}/train.json",

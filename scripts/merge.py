@@ -14,4 +14,5 @@ with logging_to(snakemake.log[0]):
         check_prompts=snakemake.params.check["check_prompts"],
         tolerance=snakemake.params.check["tolerance"],
         trust_remote_code=snakemake.params.trust_remote_code,
+        quantization=snakemake.params.quantization,
     )

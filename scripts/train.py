@@ -16,4 +16,5 @@ with logging_to(snakemake.log[0]):
         trust_remote_code=snakemake.params.trust_remote_code,
         checkpoint_root=snakemake.params.checkpoints,
         tensorboard_dir=snakemake.params.tensorboard,
+        tokenized_dir=snakemake.input.tokenized,
     )

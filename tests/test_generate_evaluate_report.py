@@ -84,6 +84,10 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
     csv = pd.read_csv(out / "summary.csv")
     assert csv.loc[csv["run"] == "qlora4", "weights_memory_gb"].item() < csv.loc[csv["run"] == "lora", "weights_memory_gb"].item()
     assert csv.loc[0, "heldout_loss"] == pytest.approx(base_eval["heldout_loss"])
+    lora_train = read_json(tmp_path / "lora.train.json")
+    assert csv.loc[csv["run"] == "lora", "estimated_memory_gb"].item() == pytest.approx(
+        lora_train["memory_estimate"]["total_bytes"] / 1e9)
+    assert "estimated peak (GB)" in (out / "report.md").read_text()
     markdown = (out / "report.md").read_text()
     assert "| run " in markdown and "qlora4" in markdown and "peak memory (GB)" in markdown
     assert "## Provenance" in markdown and "settings sha256" in markdown

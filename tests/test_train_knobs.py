@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN
+from loragrid import tokenized
 from loragrid import train as training
 from loragrid.common import LoragridError, read_json, read_jsonl
 from loragrid.train import train, train_to_files
@@ -58,7 +59,7 @@ def test_batch_size_over_micro_batch_is_the_accumulation_and_one_epoch_sees_ever
     examples = summary["train_examples"]
     assert summary["gradient_accumulation_steps"] == 2 and summary["micro_batch_size"] == 4
     assert summary["steps"] == math.ceil(math.ceil(examples / 4) / 2)
-    dataset, _ = training.build_dataset(training.load_tokenizer(tiny_model_dir), "chat", prepared_dir, TINY_RUN)
+    dataset, _ = tokenized.build_dataset(tokenized.load_tokenizer(tiny_model_dir), "chat", prepared_dir, TINY_RUN)
     assert summary["tokens_seen_non_padding"] == sum(dataset["length"])
 
 
@@ -92,8 +93,8 @@ def test_scheduler_and_warmup_shape_the_learning_rate(tiny_model_dir, prepared_d
 def micro_batches(tiny_model_dir, prepared_dir, tmp_path, **changes):
     """The micro-batches the Trainer of these settings feeds the model in one epoch."""
     settings = {**TINY_RUN, **changes}
-    tokenizer = training.load_tokenizer(tiny_model_dir)
-    dataset, _ = training.build_dataset(tokenizer, "chat", prepared_dir, settings)
+    tokenizer = tokenized.load_tokenizer(tiny_model_dir)
+    dataset, _ = tokenized.build_dataset(tokenizer, "chat", prepared_dir, settings)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = training.make_trainer(model, tokenizer, dataset, settings, settings["micro_batch_size"],
                                     tmp_path, saving=False)

@@ -96,6 +96,17 @@ def test_merge_matches_adapter_logits(trained, tiny_model_dir, prepared_dir, tmp
     assert changed
 
 
+def test_merge_compares_against_the_quantization_the_run_trained_with(tiny_model_dir, prepared_dir, tmp_path):
+    settings = {**TINY_RUN, "method": "qlora4", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False}
+    train_to_files(tiny_model_dir, prepared_dir, tmp_path / "adapter", tmp_path / "train.json", settings, "chat")
+    summary = merge_to_files(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged", tmp_path / "merge.json",
+                             heldout_path=prepared_dir / "heldout.jsonl", template="chat", method="qlora4",
+                             quantization={k: v for k, v in settings.items() if k.startswith("bnb_4bit_")})
+    assert summary["quantization_of_training_model"] == read_json(tmp_path / "train.json")["quantization"]
+    assert summary["quantization_of_training_model"]["quant_type"] == "fp4"
+    assert summary["quantization_of_training_model"]["double_quant"] is False
+
+
 def test_merge_refuses_beyond_tolerance(trained, tiny_model_dir, prepared_dir, tmp_path):
     adapter_dir, _ = trained["lora"]
     with pytest.raises(LoragridError, match="tolerance"):

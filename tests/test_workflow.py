@@ -101,8 +101,9 @@ def test_heldout_seed_change_reruns_prepare_and_everything_after(tiny_workflow):
     workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, {"split": {"seed": 7}})
     rules = {rule for rule, _ in planned}
-    assert rules == {"prepare", "train_adapter", "train_full", "merge", "generate", "evaluate", "report", "all"}
-    assert len(planned) == 1 + 4 + 3 + 5 + 5 + 2
+    assert rules == {"prepare", "tokenize_split", "train_adapter", "train_full", "merge", "generate", "evaluate",
+                     "report", "all"}
+    assert len(planned) == 1 + 1 + 4 + 3 + 5 + 5 + 2
 
 
 @pytest.mark.parametrize(
