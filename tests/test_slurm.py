@@ -109,8 +109,8 @@ def scontrol_job(job_id: str) -> dict[str, str]:
 def test_every_job_ran_as_a_slurm_job(local_and_slurm):
     _, cluster, output = local_and_slurm
     jobs = slurm_jobs(cluster)
-    expected = {"fetch_model": 1, "fetch_dataset": 1, "prepare": 1, "train_adapter": 1, "merge": 1,
-                "generate": 2, "evaluate": 2, "report": 1}
+    expected = {"fetch_model": 1, "fetch_dataset": 1, "prepare": 1, "tokenize_split": 1, "train_adapter": 1,
+                "merge": 1, "generate": 2, "evaluate": 2, "report": 1}
     assert {rule: len(entries) for rule, entries in jobs.items()} == expected
     for rule, entries in jobs.items():
         for _, job_id in entries:
