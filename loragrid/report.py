@@ -35,7 +35,8 @@ COLUMNS = {
 }
 
 FORMATS = {
-    "peak_memory_gb": "{:.2f}", "estimated_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}", "trainable_params": "{:,.0f}",
+    "peak_memory_gb": "{:.2f}", "estimated_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}",
+    "trainable_params": "{:,.0f}",
     "trainable_percent": "{:.2f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
     "train_minutes": "{:.1f}", "train_tokens_per_second": "{:.0f}", "generation_tokens_per_second": "{:.0f}",
 }
@@ -50,7 +51,8 @@ MEMORY_NOTE = (
     "Peak memory is the training process's peak resident memory on a CPU (loading included), "
     "or CUDA's max allocated memory on a GPU. The estimated peak is what training predicted before "
     "it started, from the model's shape, the method, the micro-batch and the longest sequence "
-    "(weights, gradients, optimizer state, activations and the process's own memory). Weights memory counts parameters and buffers at "
+    "(weights, gradients, optimizer state, activations and the process's own memory). "
+    "Weights memory counts parameters and buffers at "
     "their stored size (4-bit and 8-bit weights packed). Held-out loss is the mean loss per "
     "answer token of the reference answers; emoji share is the share of generated answers with "
     "at least one emoji; chrF compares generated answers with the references."
