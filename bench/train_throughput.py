@@ -51,7 +51,7 @@ LEVERS = {
     "micro_batch_2": {"micro_batch_size": 2},
     "gradient_checkpointing": {"gradient_checkpointing": True},
     "packing": {"packing": True},
-    "adamw_torch_fused": {"optimizer": "adamw_torch_fused"},
+    "adamw_torch": {"optimizer": "adamw_torch"},
     "cosine_schedule": {"lr_scheduler_type": "cosine"},
 }
 

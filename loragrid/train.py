@@ -7,6 +7,7 @@ only from a checkpoint of exactly the same settings, model and data.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -191,19 +192,71 @@ def _drop_stale_checkpoints(folder: Path) -> None:
                 shutil.rmtree(other, ignore_errors=True)
 
 
-def data_collator(tokenizer, packing: bool):
+class LabelledLogitsOnly:
+    """Wraps a collator so that the model computes logits only where a token is trained on.
+
+    A causal LM's own loss projects every position onto the vocabulary (49k columns for SmolLM2,
+    a fifth of its FLOPs) and upcasts those logits to fp32, though prompt and padding positions
+    carry no label. transformers' `logits_to_keep` takes a boolean mask (positions whose next
+    token has a label) and `shift_labels` the matching targets, so the model's own head and loss
+    run on those positions only: the same loss, ~5% more tokens/s for SmolLM2 (bench/README.md).
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
+        keep = shifted != -100
+        return {**batch, "logits_to_keep": keep, "shift_labels": shifted[keep]}
+
+
+def takes_logits_mask(model) -> bool:
+    """Whether the model's forward slices its hidden states with transformers' `slice_logits_to_keep`,
+    the helper that accepts a boolean mask (transformers' own architectures; remote code may not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
+    forward = inspect.unwrap(type(base).forward)
+    return "slice_logits_to_keep" in forward.__code__.co_names
+
+
+def data_collator(tokenizer, packing: bool, labelled_logits_only: bool):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
         # One row per micro-batch; position ids restart at each example, from which transformers
         # builds a block-diagonal mask, so no example attends to another.
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return LabelledLogitsOnly(collator) if labelled_logits_only else collator
+
+
+def trainer_class():
+    import transformers
+
+    class Trainer(transformers.Trainer):
+        """transformers' Trainer, counting the model's parameters for its FLOP log once instead of
+        every step (the count walks every module: 15 ms of a 0.9-s SmolLM2 LoRA step on a CPU)."""
+
+        @functools.cached_property
+        def parameters_without_embeddings(self) -> int:
+            return self.model.num_parameters(exclude_embeddings=True)
+
+        def floating_point_ops(self, inputs) -> int:
+            main_input = getattr(self.model, "main_input_name", "input_ids")
+            if main_input in inputs and hasattr(self.model, "num_parameters"):
+                return 6 * inputs[main_input].numel() * self.parameters_without_embeddings
+            return 0
+
+    return Trainer
 
 
 def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: int, output_dir, saving: bool):
     """The Trainer for one run: every training setting reaches TrainingArguments here."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     dtype = modeling.compute_dtype()
     args = TrainingArguments(
@@ -234,8 +287,9 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
         report_to=settings["report_to"],
         disable_tqdm=False,
     )
-    return Trainer(model=model, args=args, train_dataset=dataset,
-                   data_collator=data_collator(tokenizer, settings["packing"]), processing_class=tokenizer)
+    collator = data_collator(tokenizer, settings["packing"], takes_logits_mask(model))
+    return trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                           processing_class=tokenizer)
 
 
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
@@ -324,6 +378,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         "device": device,
         "optimizer": optimizer_summary(trainer.optimizer),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "logits_only_where_labelled": isinstance(trainer.data_collator, LabelledLogitsOnly),
         "quantization": modeling.quantization_summary(model),
         "compute_dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),

@@ -46,7 +46,7 @@ def test_new_keys_at_their_defaults_keep_run_names():
     defaults = {key: spec["default"] for key, spec in schema["properties"]["training"]["properties"].items()}
     config = {"training": defaults, "methods": {}, "grid": {"method": ["full", "lora", "qlora4"]}, "runs": {}}
     assert list(resolve_runs(config)) == ["full", "lora", "qlora4"]
-    config["grid"]["optimizer"] = ["adamw_torch", "adamw_bnb_8bit"]
+    config["grid"]["optimizer"] = [defaults["optimizer"], "adamw_bnb_8bit"]
     config["grid"]["bnb_4bit_quant_type"] = ["nf4", "fp4"]
     names = set(resolve_runs(config))
     assert names == {"full", "lora", "qlora4", "full-optadamw_bnb_8bit", "lora-optadamw_bnb_8bit",
