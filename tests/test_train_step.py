@@ -13,10 +13,14 @@ from loragrid import tokenized
 from loragrid import train as training
 
 
-def first_features(tiny_model_dir, prepared_dir, count=4):
-    settings = {**TINY_RUN, "cutoff_len": 512}
+def tokenized_split(tiny_model_dir, prepared_dir):
     tokenizer = tokenized.load_tokenizer(tiny_model_dir)
-    dataset, _ = tokenized.build_dataset(tokenizer, "chat", prepared_dir, settings)
+    dataset, _ = tokenized.build_dataset(tokenizer, "chat", prepared_dir, {**TINY_RUN, "cutoff_len": 512})
+    return tokenizer, dataset
+
+
+def first_features(tiny_model_dir, prepared_dir, count=4):
+    tokenizer, dataset = tokenized_split(tiny_model_dir, prepared_dir)
     columns = ("input_ids", "attention_mask", "labels")
     return tokenizer, [{key: dataset[i][key] for key in columns} for i in range(count)]
 
@@ -71,8 +75,7 @@ def test_a_run_records_that_its_logits_were_cut(tiny_model_dir, prepared_dir, tm
 
 
 def test_the_flop_count_is_transformers_own(tiny_model_dir, prepared_dir, tmp_path):
-    tokenizer, features = first_features(tiny_model_dir, prepared_dir)
-    dataset, _ = tokenized.build_dataset(tokenizer, "chat", prepared_dir, {**TINY_RUN, "cutoff_len": 512})
+    tokenizer, dataset = tokenized_split(tiny_model_dir, prepared_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trainer = training.make_trainer(model, tokenizer, dataset, TINY_RUN, 4, tmp_path, saving=False)
     batch = next(iter(trainer.get_train_dataloader()))
