@@ -81,3 +81,23 @@ def test_the_flop_count_is_transformers_own(tiny_model_dir, prepared_dir, tmp_pa
     batch = next(iter(trainer.get_train_dataloader()))
     recounted_every_step = transformers.Trainer.floating_point_ops(trainer, batch)
     assert trainer.floating_point_ops(batch) == recounted_every_step > 0
+
+
+def test_a_training_forward_returns_its_loss_without_the_logits(tiny_model_dir, prepared_dir):
+    tokenizer, features = first_features(tiny_model_dir, prepared_dir)
+    batch = training.data_collator(tokenizer, packing=False, labelled_logits_only=True)(features)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear"))
+    before = model(**batch)
+    training.causal_lm(model).register_forward_hook(training.return_loss_without_logits)
+
+    model.train()
+    trained = model(**batch)
+    assert "logits" not in trained and trained.logits is None
+    torch.testing.assert_close(trained.loss, before.loss)
+    trained.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # Evaluation and generation keep them.
+    model.eval()
+    assert model(**batch).logits is not None
+    model.train()
+    assert model(input_ids=batch["input_ids"]).logits is not None  # no labels, no loss
