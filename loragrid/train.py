@@ -7,7 +7,9 @@ only from a checkpoint of exactly the same settings, model and data.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 import os
 import re
@@ -307,6 +309,18 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
                            processing_class=tokenizer)
 
 
+@contextlib.contextmanager
+def objects_so_far_frozen():
+    """Keeps the objects that exist before training (modules, tokenizer, libraries) out of the
+    garbage collector's full passes while training: one such pass over them took 0.29 s of a
+    14-s SmolLM2 run, 2 % (bench/README.md). They are alive throughout anyway."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
           checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None) -> dict:
     """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content.
@@ -370,7 +384,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         trainer = make_trainer(model, tokenizer, dataset, settings, micro_batch_size,
                                output_dir=checkpoints if saving else scratch, saving=saving)
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with objects_so_far_frozen():
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         wall = time.perf_counter() - started
 
     if trainer.is_world_process_zero():  # under DDP (loragrid.launch) one process writes

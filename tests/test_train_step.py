@@ -101,3 +101,21 @@ def test_a_training_forward_returns_its_loss_without_the_logits(tiny_model_dir, 
     assert model(**batch).logits is not None
     model.train()
     assert model(input_ids=batch["input_ids"]).logits is not None  # no labels, no loss
+
+
+def test_training_runs_with_the_objects_before_it_out_of_full_collections(tiny_model_dir, prepared_dir, tmp_path,
+                                                                          monkeypatch):
+    import gc
+
+    frozen_during_training = []
+    library_train = transformers.Trainer.train
+
+    def observed_train(self, *args, **kwargs):
+        frozen_during_training.append(gc.get_freeze_count())
+        return library_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "train", observed_train)
+    assert gc.get_freeze_count() == 0
+    training.train(tiny_model_dir, prepared_dir, tmp_path / "run", TINY_RUN, "chat")
+    assert frozen_during_training[0] > 10_000  # the model, tokenizer and libraries
+    assert gc.get_freeze_count() == 0  # collectable again afterwards
