@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 1
 
-.PHONY: run test install install-test browser clean
+.PHONY: run test install install-test browser clean memory-table
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,10 @@ clean:
 # The SLURM workflow test alone: installs and starts a single-node cluster (tests/slurm/, as root).
 test-slurm: install-test
 	$(BIN)/python -m pytest tests/test_slurm.py $(PYTEST_ARGS)
+
+# The memory comparison table at Qwen2.5-0.5B's shape with random weights (config/memory-table.yaml):
+# trains every method for two steps, on the GPU when there is one, and prints the table. The runs
+# share their names (full, lora, qlora4, qlora8) with the default config's and replace their results.
+memory-table: install
+	$(BIN)/snakemake --cores $(CORES) all --configfile config/memory-table.yaml
+	@awk '/^## Memory comparison/{show=1} /^## Quality/{show=0} show' results/report/report.md

@@ -41,6 +41,34 @@ def runs_command(args) -> None:
         print(f"{name:24} {settings['method']:7} {run_status(Path(args.directory), name, settings)}")
 
 
+def memory_command(args) -> None:
+    import json
+
+    from .memory import model_sizes, projection
+
+    try:
+        sizes = model_sizes(json.loads(Path(args.model).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError) as error:
+        raise LoragridError(f"--model {args.model}: not a readable decoder config.json ({error!r})") from None
+    settings = {"micro_batch_size": args.micro_batch, "lora_r": args.lora_r, "target_modules": "all-linear",
+                "lora_dropout": 0.0, "optimizer": "adamw_torch", "gradient_checkpointing": args.gradient_checkpointing}
+    budget = args.budget_gb * 1e9 if args.budget_gb else None
+    rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget)
+    parameters = sum(sizes[k] for k in ("layer_linear_params", "embedding_params", "lm_head_params", "other_params"))
+    print(f"{args.model}: {parameters / 1e9:.2f}B parameters; micro-batch {args.micro_batch} x {args.sequence} tokens, "
+          f"{args.labelled_share:.0%} labelled, LoRA r={args.lora_r} on every linear layer, AdamW, "
+          f"{args.attention} attention (GB):")
+    parts = ("weights", "gradients", "optimizer", "activations", "temporaries")
+    header = ["method", "checkpointing", *parts, "training memory"] + (["largest micro-batch"] if budget else [])
+    print(" | ".join(header))
+    for row in rows:
+        cells = [row["method"], "on" if row["gradient_checkpointing"] else "off",
+                 *(f"{row['breakdown'][part] / 1e9:.2f}" for part in parts), f"{row['total_bytes'] / 1e9:.2f}"]
+        if budget:
+            cells.append(str(row["largest_micro_batch"] or f"none fits {args.budget_gb:g} GB"))
+        print(" | ".join(cells))
+
+
 def run_status(workdir: Path, name: str, settings: dict) -> str:
     """How far a run got, judged by its train.json's recorded settings and its evaluation."""
     from .common import read_json
@@ -88,6 +116,27 @@ def parser() -> argparse.ArgumentParser:
                       help="config files merged over config/config.yaml, later ones over earlier ones")
     runs.add_argument("--directory", type=Path, default=Path("."), help="the workflow folder (default: .)")
     runs.set_defaults(handler=runs_command)
+
+    memory = commands.add_parser(
+        "memory", help="project what full, LoRA and QLoRA training hold for a model's config.json",
+        description="The memory estimate (checked against measurements, docs/memory.md) for a decoder's "
+                    "config.json, e.g. config/models/qwen2.5-7b.json, per method; with --budget-gb also the "
+                    "largest micro-batch that fits. Training memory only: add the process's own (~1 GB on a "
+                    "CPU, the CUDA context on a GPU).",
+    )
+    memory.add_argument("--model", required=True, help="a Hugging Face config.json of a Llama/Qwen2-style decoder")
+    memory.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (default 1)")
+    memory.add_argument("--sequence", type=int, default=512, help="tokens per row (default 512)")
+    memory.add_argument("--labelled-share", type=float, default=0.5,
+                        help="share of positions with a label, i.e. answer tokens (default 0.5)")
+    memory.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    memory.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                        type=lambda v: {"on": True, "off": False}.get(v, v),
+                        help="auto (default): on for QLoRA, off for full and LoRA")
+    memory.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                        help="sdpa as on a GPU (default) or eager as loragrid runs on a CPU")
+    memory.add_argument("--budget-gb", type=float, help="find the largest micro-batch that fits this many GB")
+    memory.set_defaults(handler=memory_command)
     return main
 
 

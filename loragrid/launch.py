@@ -22,51 +22,32 @@ from pathlib import Path
 
 import torch
 
-from . import modeling
+from . import memory, modeling
 from .common import LoragridError
 
 log = logging.getLogger("loragrid.launch")
 
-# Host memory (RAM, not GPU memory) a training job asks for, in bytes per model parameter for what
-# the weights and the training state take. On a CPU the whole training state lives in RAM: full
-# fine-tuning keeps fp32 weights, gradients and two Adam moments (16 B); LoRA a bf16 copy of the
-# frozen base (2 B); QLoRA reads the bf16 weights before bitsandbytes packs them (2 B). With a GPU
-# the host holds the weights only while loading them (fp32 for full, bf16 otherwise).
-HOST_BYTES_PER_PARAMETER = {
-    "cpu": {"full": 16, "lora": 2, "qlora4": 2, "qlora8": 2},
-    "gpu": {"full": 4, "lora": 2, "qlora4": 2, "qlora8": 2},
-}
+# Host memory (RAM, not GPU memory) a training job asks for. On a CPU the whole training state
+# lives in RAM: what loragrid.memory estimates training holds (weights as held, gradients,
+# optimizer state, activations, temporaries), here for the longest sequence cutoff_len allows with
+# every position labelled. With a GPU the host holds the weights only while loading them, in the
+# dtype they load in (fp32 for full fine-tuning, bf16 otherwise).
+LOAD_BYTES_PER_PARAMETER = {"full": 4, "lora": 2, "qlora4": 2, "qlora8": 2}
 # Python, torch, transformers and the tokenizer; with CUDA its libraries and context come on top.
 PROCESS_OVERHEAD_BYTES = {"cpu": 1.5e9, "gpu": 4e9}
-# Without it the estimate falls short: the README's CPU table (SmolLM2-135M) peaked at 1.1x it.
-# With it those peaks are 0.72-0.91 of the request.
-SAFETY_MARGIN = 1.5
+# The allocator's free lists and fragmentation above the tensors alive: the default run's
+# resident peak during training was up to 1.2x its measured training memory (docs/memory.md).
+SAFETY_MARGIN = 1.25
 
 
 def gpus_of(settings: dict) -> int:
     return int(settings.get("gpus", 0))
 
 
-def model_parameters(model_dir) -> int:
-    """Parameters stored in the model folder's safetensors files (read from their headers only)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise LoragridError(f"{model_dir}: no *.safetensors files to size the training job from")
-    total = 0
-    for path in files:
-        with safe_open(path, framework="pt") as weights:
-            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    return total
-
-
-def model_shape(model_dir) -> dict:
-    """The sizes that set activation memory, from config.json (`text_config` for multimodal models)."""
+def model_sizes(model_dir) -> dict:
+    """The model's shape and parameter counts, from its config.json (loragrid.memory.model_sizes)."""
     with open(Path(model_dir) / "config.json", encoding="utf-8") as handle:
-        config = json.load(handle)
-    config = config.get("text_config", config)
-    return {key: int(config[key]) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
+        return memory.model_sizes(json.load(handle))
 
 
 def train_mem_mb(settings: dict, model_dir) -> int:
@@ -77,17 +58,20 @@ def train_mem_mb(settings: dict, model_dir) -> int:
     """
     if not Path(model_dir).exists():
         raise FileNotFoundError(2, "the model is not fetched yet", str(model_dir))
-    return train_mem_mb_for(settings, model_parameters(model_dir), model_shape(model_dir))
+    return train_mem_mb_for(settings, model_sizes(model_dir))
 
 
-def train_mem_mb_for(settings: dict, parameters: int, shape: dict) -> int:
-    """Host memory (MB, rounded up to whole GB) for training `parameters` weights of this shape."""
+def train_mem_mb_for(settings: dict, sizes: dict) -> int:
+    """Host memory (MB, rounded up to whole GB) for training a model of these sizes with this run."""
     gpus = gpus_of(settings)
-    device = "gpu" if gpus else "cpu"
-    per_process = PROCESS_OVERHEAD_BYTES[device] + HOST_BYTES_PER_PARAMETER[device][settings["method"]] * parameters
-    if not gpus:
-        per_process += modeling.activation_bytes(shape, settings["micro_batch_size"], settings["cutoff_len"],
-                                                 settings["gradient_checkpointing"])
+    if gpus:
+        parameters = sum(sizes[k] for k in ("layer_linear_params", "embedding_params", "lm_head_params", "other_params"))
+        per_process = PROCESS_OVERHEAD_BYTES["gpu"] + LOAD_BYTES_PER_PARAMETER[settings["method"]] * parameters
+    else:
+        micro, sequence = settings["micro_batch_size"], settings["cutoff_len"]
+        held = memory.estimate(sizes, settings, micro, sequence, micro * sequence,
+                               accumulation=settings.get("batch_size", micro) // micro)
+        per_process = PROCESS_OVERHEAD_BYTES["cpu"] + held["total_bytes"]
     total = SAFETY_MARGIN * per_process * max(gpus, 1)  # DDP: one process, one copy per GPU
     return int(math.ceil(total / 1e9) * 1000)
 

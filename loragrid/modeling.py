@@ -126,12 +126,15 @@ def save_pickled(model, tokenizer, out_dir) -> None:
 
 
 def add_lora(model, settings: dict):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    if settings["method"] in ("qlora4", "qlora8"):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.get("gradient_checkpointing", False))
+    # QLoRA skips peft's prepare_model_for_kbit_training: it casts every unquantized frozen
+    # parameter (the tied embedding and LM head, the norms) to fp32, which turns the residual
+    # stream fp32 and makes bitsandbytes return fp32 layer outputs; measured at Qwen2.5-0.5B's
+    # shape, the step peak grew from 6.32 to 8.56 GB, above LoRA's (docs/memory.md). Frozen
+    # weights stay in the compute dtype, as LoRA's do; gradient checkpointing comes from the
+    # run's own setting through the Trainer, for every method alike.
     lora_config = LoraConfig(
         r=settings["lora_r"],
         lora_alpha=settings["lora_alpha"],
@@ -197,17 +200,3 @@ def count_parameters(model) -> tuple[int, int]:
 def weights_bytes(model) -> int:
     """Bytes held by parameters and buffers (quantized weights at their packed size)."""
     return model.get_memory_footprint()
-
-
-def activation_bytes(shape: dict, micro_batch_size: int, sequence_length: int, gradient_checkpointing: bool) -> int:
-    """Activations one micro-batch keeps for the backward pass.
-
-    Per token and layer (Korthikanti et al. 2022): 34·h + 5·heads·s bytes at 16 bits, or 2·h with
-    gradient checkpointing; per token once: the logits, which the loss upcasts to fp32, and their
-    gradient (12 bytes per vocabulary entry). `shape` holds hidden_size, num_hidden_layers,
-    num_attention_heads and vocab_size (a model's config).
-    """
-    tokens = micro_batch_size * sequence_length
-    hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
-    per_token_per_layer = 2 * hidden if gradient_checkpointing else 34 * hidden + 5 * heads * sequence_length
-    return tokens * (shape["num_hidden_layers"] * per_token_per_layer + 12 * shape["vocab_size"])

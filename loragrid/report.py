@@ -20,11 +20,20 @@ log = logging.getLogger("loragrid.report")
 COLUMNS = {
     "run": "run",
     "method": "method",
-    "peak_memory_gb": "peak memory (GB)",
-    "estimated_memory_gb": "estimated peak (GB)",
-    "weights_memory_gb": "weights memory (GB)",
+    "gradient_checkpointing": "checkpointing",
+    "training_memory_gb": "training memory (GB)",
+    "weights_gb": "weights (GB)",
+    "gradients_gb": "gradients (GB)",
+    "optimizer_gb": "optimizer state (GB)",
+    "activations_gb": "activations (GB)",
+    "temporaries_gb": "temporaries (GB)",
+    "other_gb": "other (GB)",
+    "estimated_memory_gb": "estimated (GB)",
     "trainable_params": "trainable params",
     "trainable_percent": "trainable %",
+    "loss_vs_full_percent": "held-out loss, % of full",
+    "emoji_vs_full_percent": "emoji share, % of full",
+    "process_peak_rss_gb": "process peak RSS (GB, secondary)",
     "heldout_loss": "held-out loss",
     "emoji_share": "emoji share",
     "chrf": "chrF",
@@ -33,11 +42,21 @@ COLUMNS = {
     "generation_tokens_per_second": "gen tok/s",
     "settings_sha256": "settings sha256",
 }
+BREAKDOWN = {"weights_gb": "W", "gradients_gb": "G", "optimizer_gb": "O", "activations_gb": "A",
+             "temporaries_gb": "T", "other_gb": "other"}
+# The seed's memory table (method | memory | trainable params | relative performance), with where
+# the memory goes; quality and speed follow in a second table.
+MEMORY_TABLE = ["run", "method", "gradient_checkpointing", "training_memory_gb", "breakdown", "estimated_memory_gb",
+                "trainable_params", "trainable_percent", "loss_vs_full_percent", "emoji_vs_full_percent",
+                "process_peak_rss_gb"]
+QUALITY_TABLE = ["run", "method", "heldout_loss", "emoji_share", "chrf", "train_minutes", "train_tokens_per_second",
+                 "generation_tokens_per_second"]
 
 FORMATS = {
-    "peak_memory_gb": "{:.2f}", "estimated_memory_gb": "{:.2f}", "weights_memory_gb": "{:.3f}",
-    "trainable_params": "{:,.0f}",
-    "trainable_percent": "{:.2f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
+    "training_memory_gb": "{:.2f}", "estimated_memory_gb": "{:.2f}", "process_peak_rss_gb": "{:.2f}",
+    **{column: "{:.3f}" for column in BREAKDOWN},
+    "trainable_params": "{:,.0f}", "trainable_percent": "{:.2f}", "loss_vs_full_percent": "{:.1f}",
+    "emoji_vs_full_percent": "{:.0f}", "heldout_loss": "{:.3f}", "emoji_share": "{:.2f}", "chrf": "{:.1f}",
     "train_minutes": "{:.1f}", "train_tokens_per_second": "{:.0f}", "generation_tokens_per_second": "{:.0f}",
 }
 
@@ -48,14 +67,21 @@ QUALITY_MEASURES = (
 )
 
 MEMORY_NOTE = (
-    "Peak memory is the training process's peak resident memory on a CPU (loading included), "
-    "or CUDA's max allocated memory on a GPU. The estimated peak is what training predicted before "
-    "it started, from the model's shape, the method, the micro-batch and the longest sequence "
-    "(weights, gradients, optimizer state, activations and the process's own memory). "
-    "Weights memory counts parameters and buffers at "
-    "their stored size (4-bit and 8-bit weights packed). Held-out loss is the mean loss per "
-    "answer token of the reference answers; emoji share is the share of generated answers with "
-    "at least one emoji; chrF compares generated answers with the references."
+    "Training memory is the peak of what training holds during its first steps, measured by exact "
+    "tensor accounting on a CPU (every live tensor storage, counted once) or CUDA's max allocated memory "
+    "on a GPU; the breakdown is taken at that peak: W weights as held (4-bit and 8-bit weights packed), "
+    "G gradients, O optimizer state, A activations kept for the backward pass, T temporaries of the "
+    "backward pass and the optimizer step. The estimate is loragrid's formula for the same micro-batch "
+    "(docs/memory.md). Process peak RSS is the training process's resident high-water mark during "
+    "training (libraries, the allocator's free memory and the Python heap included): a secondary "
+    "figure. Relative quality divides a run's held-out loss (lower is better) and emoji share (higher "
+    "is better) by the full fine-tuning run's. Held-out loss is the mean loss per answer token of the "
+    "reference answers; emoji share is the share of generated answers with at least one emoji; chrF "
+    "compares generated answers with the references."
+)
+RANDOM_WEIGHTS_NOTE = (
+    "The model has random weights (model source random:): the memory columns are real, the quality "
+    "columns are meaningless."
 )
 
 # Scoped to .loragrid: the report's landing page embeds summary.html into its own page.
@@ -71,9 +97,21 @@ HTML_STYLE = """
 """
 
 
-def peak_memory_bytes(memory: dict) -> int:
-    """The number the table calls peak memory: CUDA's max allocated on a GPU, the process's RSS on a CPU."""
-    return memory.get("cuda_max_allocated_bytes") or memory["peak_rss_bytes"]
+def training_memory_bytes(memory: dict) -> int:
+    """CUDA's max allocated memory on a GPU (the field's convention), the measured tensor peak on a CPU."""
+    return memory.get("cuda_max_allocated_bytes") or memory["training_peak_bytes"]
+
+
+def _memory_columns(train: dict) -> dict:
+    memory = train["memory"]
+    estimate = train["memory_estimate"].get("at_measured_step", train["memory_estimate"])
+    return {
+        "gradient_checkpointing": "on" if train["gradient_checkpointing"] else "off",
+        "training_memory_gb": training_memory_bytes(memory) / 1e9,
+        **{column: memory["breakdown"][column[:-3]] / 1e9 for column in BREAKDOWN},
+        "estimated_memory_gb": estimate["total_bytes"] / 1e9,
+        "process_peak_rss_gb": (memory.get("rss_peak_training_bytes") or memory["peak_rss_bytes"]) / 1e9,
+    }
 
 
 def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
@@ -84,9 +122,7 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
         rows.append({
             "run": name,
             "method": train["method"],
-            "peak_memory_gb": peak_memory_bytes(train["memory"]) / 1e9,
-            "estimated_memory_gb": train["memory_estimate"]["total_bytes"] / 1e9,
-            "weights_memory_gb": train["memory"]["weights_bytes"] / 1e9,
+            **_memory_columns(train),
             "trainable_params": train["parameters"]["trainable"],
             "trainable_percent": train["parameters"]["trainable_percent"],
             "train_minutes": train["train_runtime_seconds"] / 60,
@@ -94,7 +130,12 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
             "settings_sha256": train["provenance"]["settings_sha256"],
             **_quality(files["eval"]),
         })
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if not c.endswith("vs_full_percent")])
+    full = table[table["method"] == "full"]
+    reference = full.iloc[0] if len(full) else None  # the first full fine-tuning run of the grid
+    for column, measure in (("loss_vs_full_percent", "heldout_loss"), ("emoji_vs_full_percent", "emoji_share")):
+        table[column] = 100 * table[measure] / reference[measure] if reference is not None and reference[measure] else None
+    return table[list(COLUMNS)]
 
 
 def _quality(evaluation: dict) -> dict:
@@ -102,12 +143,24 @@ def _quality(evaluation: dict) -> dict:
     return {key: evaluation[key] for key in keys}
 
 
-def _formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as readable strings with readable column names (sha256 is listed under Provenance)."""
-    shown = table.drop(columns=["settings_sha256"])
-    for column, fmt in FORMATS.items():
-        shown[column] = [("–" if pd.isna(v) else fmt.format(v)) for v in table[column]]
-    return shown.rename(columns=COLUMNS)
+def _formatted(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Columns of the table as readable strings under readable names; `breakdown` joins the parts."""
+    shown = pd.DataFrame(index=table.index)
+    for column in columns:
+        if column == "breakdown":
+            shown["breakdown (GB)"] = [_breakdown_text(row) for _, row in table.iterrows()]
+        elif column in FORMATS:
+            shown[COLUMNS[column]] = [("–" if pd.isna(v) else FORMATS[column].format(v)) for v in table[column]]
+        else:
+            shown[COLUMNS[column]] = table[column].fillna("–")
+    return shown
+
+
+def _breakdown_text(row: pd.Series) -> str:
+    if pd.isna(row["weights_gb"]):
+        return "–"
+    return " · ".join(f"{label} {row[column]:.2f}" for column, label in BREAKDOWN.items()
+                      if column != "other_gb" or row[column] >= 0.005)
 
 
 def pareto_front(memory: list[float], quality: list[float], higher_is_better: bool) -> list[int]:
@@ -159,28 +212,38 @@ def _readable_unit(values_gb) -> tuple[str, float]:
     return ("GB", 1.0) if max(values_gb) >= 1 else ("MB", 1e3)
 
 
-def plot_memory(table: pd.DataFrame, path) -> None:
-    """Peak training memory (measured beside estimated) and weights memory per run, each panel on its own scale."""
+STACK_COLORS = {"weights": "tab:orange", "gradients": "tab:green", "optimizer": "tab:purple",
+                "activations": "tab:blue", "temporaries": "tab:cyan", "other": "tab:gray"}
+
+
+def plot_memory(runs: dict[str, dict], path) -> None:
+    """Per run, what training holds by category: measured (left bar) beside estimated (right, hatched);
+    a black tick marks the process's peak RSS, the secondary figure."""
     plt = _pyplot()
-    trained = table[table["run"] != "base"]
-    positions = list(range(len(trained)))
-    figure, axes = plt.subplots(1, 2, figsize=(max(9, 1.6 * len(trained) + 3), 4), dpi=110)
-    panels = (("Peak training memory", (("peak_memory_gb", "measured", "tab:blue"),
-                                        ("estimated_memory_gb", "estimated before training", "tab:cyan"))),
-              ("Weights memory (as stored)", (("weights_memory_gb", None, "tab:orange"),)))
-    for axis, (title, series) in zip(axes, panels):
-        unit, scale = _readable_unit(pd.concat([trained[column] for column, _, _ in series]))
-        width = 0.8 / len(series)
-        for index, (column, label, color) in enumerate(series):
-            offsets = [p + (index - (len(series) - 1) / 2) * width for p in positions]
-            bars = axis.bar(offsets, trained[column] * scale, width=width, color=color, label=label)
-            axis.bar_label(bars, fmt="%.3g", fontsize=7)
-        if len(series) > 1:
-            axis.legend(fontsize=8, loc="lower right")
-        axis.set_xticks(positions, trained["run"], rotation=20)
-        axis.set_ylabel(unit)
-        axis.set_title(title)
-        axis.margins(y=0.12)
+    names = list(runs)
+    measured = [runs[n]["memory"]["breakdown"] for n in names]
+    estimated = [runs[n]["memory_estimate"].get("at_measured_step", runs[n]["memory_estimate"])["breakdown"]
+                 for n in names]
+    rss = [runs[n]["memory"].get("rss_peak_training_bytes") or runs[n]["memory"]["peak_rss_bytes"] for n in names]
+    unit, scale = _readable_unit([max(sum(m.values()), r) / 1e9 for m, r in zip(measured, rss)])
+    scale /= 1e9
+    figure, axis = plt.subplots(figsize=(max(7, 1.5 * len(names) + 3), 4.5), dpi=110)
+    for offset, parts, hatch in ((-0.2, measured, None), (0.2, estimated, "//")):
+        bottoms = [0.0] * len(names)
+        for category, color in STACK_COLORS.items():
+            heights = [part.get(category, 0) * scale for part in parts]
+            axis.bar([i + offset for i in range(len(names))], heights, width=0.38, bottom=bottoms, color=color,
+                     hatch=hatch, edgecolor="white", label=category if hatch is None else None)
+            bottoms = [b + h for b, h in zip(bottoms, heights)]
+        for i, total in enumerate(bottoms):
+            axis.annotate(f"{total:.3g}", (i + offset, total), ha="center", va="bottom", fontsize=7)
+    axis.scatter(range(len(names)), [r * scale for r in rss], marker="_", s=900, color="black",
+                 label="process peak RSS (secondary)", zorder=3)
+    axis.set_xticks(range(len(names)), [f"{n}\nmeasured | estimated" for n in names], fontsize=8)
+    axis.set_ylabel(unit)
+    axis.set_title("What training holds at its peak, by category")
+    axis.legend(fontsize=8, loc="upper right")
+    axis.margins(y=0.15)
     _save_png(figure, path)
 
 
@@ -189,7 +252,7 @@ def plot_quality_vs_memory(table: pd.DataFrame, path) -> None:
     plt = _pyplot()
     trained = table[table["run"] != "base"].reset_index(drop=True)
     base = table[table["run"] == "base"].iloc[0]
-    memory = trained["peak_memory_gb"].tolist()
+    memory = trained["training_memory_gb"].tolist()
     figure, axes = plt.subplots(1, len(QUALITY_MEASURES), figsize=(11, 4.2), dpi=110)
     for axis, (column, label, higher_is_better) in zip(axes, QUALITY_MEASURES):
         quality = trained[column].tolist()
@@ -201,7 +264,7 @@ def plot_quality_vs_memory(table: pd.DataFrame, path) -> None:
         for i, name in enumerate(trained["run"]):
             axis.annotate(name, (memory[i], quality[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.axhline(base[column], color="tab:blue", linestyle="--", label="base model")
-        axis.set_xlabel("peak training memory (GB)")
+        axis.set_xlabel("training memory (GB)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -266,13 +329,19 @@ def _embedded_png(path) -> str:
     return f'<p><img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{encoded}"></p>'
 
 
-def summary_html(formatted: pd.DataFrame, plots) -> str:
-    """The comparison table and the plots, self-contained (the plots as data URIs)."""
+def summary_html(tables: list[tuple[str, pd.DataFrame]], notes: list[str], plots) -> str:
+    """The comparison tables and the plots, self-contained (the plots as data URIs)."""
     return "\n".join([
-        '<div class="scroll">' + formatted.to_html(index=False, border=0) + "</div>",
-        f"<p>{html.escape(MEMORY_NOTE)}</p>",
+        *(f"<h3>{html.escape(title)}</h3>" + '<div class="scroll">' + shown.to_html(index=False, border=0) + "</div>"
+          for title, shown in tables),
+        *(f"<p>{html.escape(note)}</p>" for note in notes),
         *(_embedded_png(plot) for plot in plots),
     ])
+
+
+# Secondary and CUDA figures shown on each run's page.
+MEMORY_DETAILS = ("rss_after_loading_bytes", "rss_peak_training_bytes", "peak_rss_bytes",
+                  "cuda_allocated_after_loading_bytes", "cuda_max_allocated_bytes", "cuda_max_reserved_bytes")
 
 
 def _key_value_table(caption: str, values: dict) -> str:
@@ -284,6 +353,8 @@ def run_page(name: str, files: dict, row: pd.Series, samples: list[dict]) -> str
     """Everything about one run: its settings, what training measured, its quality and its answers."""
     train = files["train"]
     measured = {COLUMNS[column]: fmt.format(row[column]) for column, fmt in FORMATS.items() if not pd.isna(row[column])}
+    memory = train["memory"]
+    measured.update({key.replace("_", " "): f"{memory[key] / 1e9:.3f} GB" for key in MEMORY_DETAILS if memory.get(key)})
     own_answers = [{**s, "answers": {"base": s["answers"]["base"], name: s["answers"][name]}} for s in samples]
     body = "\n".join([
         _key_value_table("Measured", measured),
@@ -311,15 +382,18 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
                    **{name: read_jsonl(paths["generations"]) for name, paths in run_files.items()}}
     table = summary_table(runs, base_eval)
     samples = sample_answers(generations, sample_count)
-    formatted = _formatted(table)
+    tables = [("Memory comparison", _formatted(table[table["run"] != "base"], MEMORY_TABLE)),
+              ("Quality and speed", _formatted(table, QUALITY_TABLE))]
+    random_weights = any(files["train"].get("model_random_init") for files in runs.values())
+    notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else [])
 
     with atomic_file(table_csv) as handle:
         table.to_csv(handle, index=False)
     plot_loss_curves(runs, loss_plot)
-    plot_memory(table, memory_plot)
+    plot_memory({name: files["train"] for name, files in runs.items()}, memory_plot)
     plot_quality_vs_memory(table, quality_plot)
     with atomic_file(table_html) as handle:
-        handle.write(_html_page("Memory and quality of every run", summary_html(formatted, [memory_plot, quality_plot])))
+        handle.write(_html_page("Memory and quality of every run", summary_html(tables, notes, [memory_plot, quality_plot])))
     with atomic_file(samples_page) as handle:
         handle.write(_html_page("Answers to held-out questions", samples_html(samples)))
     with atomic_dir(runs_dir) as staging:
@@ -335,12 +409,9 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
         f"{len(runs)} runs on {first['train']['device']} ({first['train']['compute_dtype']} compute), "
         f"{base_eval['questions']} held-out questions, template `{base_eval['template']}`.",
         "",
-        "## Memory and quality",
-        "",
-        formatted.to_markdown(index=False, disable_numparse=True),
-        "",
-        MEMORY_NOTE,
-        "",
+        *(line for title, shown in tables
+          for line in (f"## {title}", "", shown.to_markdown(index=False, disable_numparse=True), "")),
+        *(line for note in notes for line in (note, "")),
         f"![training loss]({Path(loss_plot).name})",
         "",
         f"![memory per run]({Path(memory_plot).name})",

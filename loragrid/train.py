@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from . import modeling
+from . import memory, modeling
 from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, settings_hash,
                      sha256_file, write_json)
+from .templates import IGNORE_INDEX
 from .tokenized import build_dataset, load_tokenized, load_tokenizer
 
 log = logging.getLogger("loragrid.train")
@@ -42,11 +43,7 @@ def current_rss_bytes() -> int:
 
 def peak_memory() -> dict:
     # ru_maxrss is in KiB on Linux: the whole process's high-water mark, loading included.
-    memory = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if torch.cuda.is_available():
-        memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        memory["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
-    return memory
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def verify_model_checksums(model_dir) -> None:
@@ -112,55 +109,44 @@ def optimizer_summary(optimizer) -> dict:
             "weight_decay": max(group["weight_decay"] for group in optimizer.param_groups)}
 
 
-def estimate_memory(model, settings: dict, micro_batch_size: int, sequence_length: int, runtime_bytes: int) -> dict:
-    """Peak training memory from the model's shape, the method, the micro-batch and the sequence length.
+def labelled_counts(dataset) -> list[int]:
+    """Per example, the positions whose next token is trained on (their logits are the only ones computed)."""
+    return [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in dataset["labels"]]
 
-    weights: as loaded (quantized weights at their packed size); gradients: one per trainable
-    parameter in its dtype; optimizer: AdamW's two moments, fp32 (1 byte each for the 8-bit
-    ones); activations: what autograd keeps per layer for the backward pass (Korthikanti et
-    al. 2022, see modeling.activation_bytes) plus the logits; runtime: the process's resident
-    memory before the model was loaded (measured).
+
+def longest_micro_batch(lengths: list[int], labelled: list[int], micro_batch_size: int, packing: bool) -> tuple:
+    """(rows, padded sequence length, labelled positions) of the largest micro-batch (packed: one row)."""
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)[:micro_batch_size]
+    sequence = sum(lengths[k] for k in longest) if packing else lengths[longest[0]]
+    return (1 if packing else len(longest)), sequence, sum(labelled[k] for k in longest)
+
+
+def choose_micro_batch(model, settings: dict, lengths: list[int], labelled: list[int],
+                       runtime_bytes: int) -> tuple[int, dict]:
+    """micro_batch_size, or with max_memory_gb the largest divisor of batch_size whose estimate fits.
+
+    The estimate (loragrid.memory) is of the largest micro-batch; with the process's own resident
+    memory before loading (`runtime_bytes`) it is what max_memory_gb is compared with.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_count = sum(p.numel() for p in trainable)
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
-    optimizer = trainable_count * (2 if settings["optimizer"] in BNB_OPTIMIZERS else 8)
-    if settings["method"] == "full":
-        # bf16 autocast keeps a bf16 copy of each fp32 weight for the matmuls.
-        gradients += trainable_count * 2
-    activations = modeling.activation_bytes(model.config.to_dict(), micro_batch_size, sequence_length,
-                                            settings["gradient_checkpointing"])
-    parts = {"weights_bytes": modeling.weights_bytes(model), "gradients_bytes": gradients,
-             "optimizer_bytes": optimizer, "activations_bytes": activations, "runtime_bytes": runtime_bytes}
-    return {**parts, "total_bytes": sum(parts.values()), "micro_batch_size": micro_batch_size,
-            "sequence_length": sequence_length}
+    batch = settings["batch_size"]
 
-
-def longest_micro_batch_tokens(lengths: list[int], micro_batch_size: int, packing: bool) -> int:
-    """The sequence length the largest micro-batch pads to (packed: the length of its one row)."""
-    longest = sorted(lengths, reverse=True)[:micro_batch_size]
-    return sum(longest) if packing else longest[0]
-
-
-def choose_micro_batch(model, settings: dict, lengths: list[int], runtime_bytes: int) -> tuple[int, dict]:
-    """micro_batch_size, or with max_memory_gb the largest divisor of batch_size whose estimate fits."""
     def estimate(micro):
-        sequence = longest_micro_batch_tokens(lengths, micro, settings["packing"])
-        rows = 1 if settings["packing"] else micro
-        return {**estimate_memory(model, settings, rows, sequence, runtime_bytes), "micro_batch_size": micro}
+        rows, sequence, marked = longest_micro_batch(lengths, labelled, micro, settings["packing"])
+        held = memory.estimate_for_model(model, settings, rows, sequence, marked, accumulation=batch // micro)
+        return {**held, "micro_batch_size": micro, "runtime_bytes": runtime_bytes,
+                "process_bytes": held["total_bytes"] + runtime_bytes}
 
     limit = settings.get("max_memory_gb")
     if limit is None:
         return settings["micro_batch_size"], estimate(settings["micro_batch_size"])
-    batch = settings["batch_size"]
     for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
         candidate = estimate(micro)
-        if candidate["total_bytes"] <= limit * 1e9:
+        if candidate["process_bytes"] <= limit * 1e9:
             log.info("max_memory_gb %.2f: micro-batch %d fits (estimated %.2f GB); %d accumulation steps keep "
-                     "the batch at %d", limit, micro, candidate["total_bytes"] / 1e9, batch // micro, batch)
+                     "the batch at %d", limit, micro, candidate["process_bytes"] / 1e9, batch // micro, batch)
             return micro, candidate
     raise LoragridError(f"config key 'max_memory_gb': even a micro-batch of 1 needs an estimated "
-                        f"{candidate['total_bytes'] / 1e9:.2f} GB (> {limit} GB)")
+                        f"{candidate['process_bytes'] / 1e9:.2f} GB (> {limit} GB)")
 
 
 def checkpoint_folder(checkpoint_root, settings: dict, template: str, model_dir, train_path) -> Path:
@@ -359,12 +345,12 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
              method, trainable, total, 100 * trainable / total, weights / 1e6)
 
     causal_lm(model).register_forward_hook(return_loss_without_logits)
-    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], runtime_bytes)
+    labelled = labelled_counts(dataset)
+    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], labelled, runtime_bytes)
     accumulation = gradient_accumulation_steps(settings["batch_size"], micro_batch_size)
-    log.info("estimated peak memory %.2f GB: weights %.2f, gradients %.2f, optimizer %.2f, activations %.2f "
-             "(micro-batch %d x %d tokens), runtime %.2f", estimate["total_bytes"] / 1e9,
-             *(estimate[k] / 1e9 for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes")),
-             estimate["micro_batch_size"], estimate["sequence_length"], runtime_bytes / 1e9)
+    log.info("estimated training memory %.2f GB (%s; micro-batch %d x %d tokens, %d labelled), process %.2f GB",
+             estimate["total_bytes"] / 1e9, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate["breakdown"].items()),
+             estimate["rows"], estimate["sequence"], estimate["labelled"], estimate["process_bytes"] / 1e9)
 
     checkpoints = None
     resume_from = None
@@ -383,6 +369,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch:
         trainer = make_trainer(model, tokenizer, dataset, settings, micro_batch_size,
                                output_dir=checkpoints if saving else scratch, saving=saving)
+        profile = memory.memory_profile(memory.PROFILED_STEPS)
+        trainer.add_callback(profile)
         started = time.perf_counter()
         with objects_so_far_frozen():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -399,14 +387,23 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
     resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
-    memory = {**peak_memory(), "weights_bytes": int(weights)}
+    measured = {**profile.summary(), **peak_memory(), "weights_bytes": int(weights),
+                "weights_held": memory.weights_held(model)}
+    if "peak_micro_batch" in measured:  # the estimator checked at the shape of the measured step
+        shape = measured["peak_micro_batch"]
+        first_step = measured["peak_step"] == 1 and resume_from is None  # no optimizer state yet
+        estimate["at_measured_step"] = memory.estimate_for_model(
+            model, settings, shape["rows"], shape["sequence"], shape["labelled"], accumulation=accumulation,
+            optimizer_state=not first_step)
     return {
         "method": method,
         "parameters": {"trainable": int(trainable), "total": int(total), "trainable_percent": 100 * trainable / total},
-        "memory": memory,
+        "memory": measured,
         "memory_estimate": estimate,
-        "memory_estimate_vs_peak_rss": estimate["total_bytes"] / memory["peak_rss_bytes"],
         "device": device,
+        # A random: source (loragrid.fetch) has real memory figures and meaningless quality.
+        "model_random_init": bool((Path(model_dir) / "source.json").exists()
+                                  and read_json(Path(model_dir) / "source.json").get("random_init")),
         "optimizer": optimizer_summary(trainer.optimizer),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         "logits_only_where_labelled": isinstance(trainer.data_collator, LabelledLogitsOnly),

@@ -1,5 +1,6 @@
 import re
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -49,7 +50,25 @@ def one_of(names):
 def local_source(source):
     """A local source as an input, so that editing the file re-fetches it (hub sources: none)."""
     scheme, _, location = source.partition(":")
-    return [location] if scheme in ("local", "gguf", "torch") else []
+    return [location] if scheme in ("local", "gguf", "torch", "random") else []
+
+
+def random_only(model, key):
+    """A setting only random: sources use; None for the others, so that it re-runs nothing."""
+    return model.get(key) if model["source"].startswith("random:") else None
+
+
+def tokenizer_folder(model):
+    """A random: source's tokenizer folder (config key model.tokenizer); no input for the others."""
+    return random_only(model, "tokenizer") or []
+
+
+def tokenizer_files(model):
+    """The tokenizer folder's files as inputs too: a folder's mtime stays when a file in it is edited."""
+    folder = random_only(model, "tokenizer")
+    if not folder:
+        return []
+    return sorted(str(path) for path in Path(folder).rglob("*") if path.is_file())
 
 
 def model_for(name):

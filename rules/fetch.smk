@@ -1,6 +1,8 @@
 rule fetch_model:
     input:
         local_source(config["model"]["source"]),
+        tokenizer_files(config["model"]),
+        tokenizer=tokenizer_folder(config["model"]),
     output:
         directory(MODEL_DIR),
     log:
@@ -13,6 +15,7 @@ rule fetch_model:
         source=config["model"]["source"],
         gguf_file=config["model"].get("gguf_file"),
         trust_remote_code=config["model"]["trust_remote_code"],
+        seed=random_only(config["model"], "seed"),
     script:
         "../scripts/fetch_model.py"
 

@@ -9,6 +9,8 @@ with logging_to(snakemake.log[0]):
         snakemake.output[0],
         gguf_file=snakemake.params.gguf_file,
         trust_remote_code=snakemake.params.trust_remote_code,
+        tokenizer=snakemake.input.get("tokenizer") or None,  # random: sources only
+        seed=snakemake.params.seed,
         allow_pickle=snakemake.config["model"]["allow_pickle"],
         offline=snakemake.config["offline"],
     )

@@ -178,6 +178,14 @@ CONFIG_CASES = [
      r"config key 'runs\.full\.batch_size': 12 is not a multiple of micro_batch_size 8"),
     ("missing local dataset file", {"dataset": {"source": "local:data/none.jsonl"}},
      r"config key 'dataset\.source': no such file or folder: data/none\.jsonl"),
+    ("random model without a tokenizer", {"model": {"source": "random:config/models/qwen2.5-0.5b.json"}},
+     r"config key 'model\.tokenizer': random: sources need a tokenizer folder \(a Hugging Face tokenizer"),
+    ("random model whose tokenizer folder is missing",
+     {"model": {"source": "random:config/models/qwen2.5-0.5b.json", "tokenizer": "data/tokenizers/none"}},
+     r"config key 'model\.tokenizer': random: sources need a tokenizer folder; no such folder: data/tokenizers/none"),
+    ("random model whose config file is missing",
+     {"model": {"source": "random:config/models/none.json", "tokenizer": "data/tokenizers/smollm2"}},
+     r"config key 'model\.source': no such file or folder: config/models/none\.json"),
 ]
 
 
@@ -222,6 +230,51 @@ def test_a_gguf_of_an_unsupported_architecture(tmp_path):
     writer.close()
     with pytest.raises(LoragridError, match=r"config key 'model\.source': transformers cannot load .*odd\.gguf: .*oddformer"):
         fetch_model(f"gguf:{path}", tmp_path / "out")
+    _no_partial_output(tmp_path, "out")
+
+
+RANDOM_CONFIG = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 640}
+
+# (case, changes to a random: source's config.json, message after "config key 'model.source': ...odd.json")
+ARCHITECTURE_CASES = [
+    ("unknown model_type", {"model_type": "oddformer"},
+     r": unknown architecture 'oddformer'; set \"model_type\" to one that transformers [\d.]+ knows, e.g. llama"),
+    ("no model_type", {"model_type": None}, r": unknown architecture \(the file has no \"model_type\"\)"),
+    ("not a causal language model", {"model_type": "clip"},
+     r": the architecture 'clip' has no causal language model in transformers"),
+]
+
+
+@pytest.mark.parametrize("case, changes, message", ARCHITECTURE_CASES, ids=[c[0] for c in ARCHITECTURE_CASES])
+def test_a_random_source_of_an_architecture_transformers_cannot_build(tmp_path, tiny_model_dir, case, changes, message):
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({**RANDOM_CONFIG, **changes}))
+    with pytest.raises(LoragridError, match=rf"^config key 'model\.source': .*odd\.json{message}"):
+        fetch_model(f"random:{path}", tmp_path / "out", tokenizer=str(tiny_model_dir))
+    _no_partial_output(tmp_path, "out")
+    # The Snakefile's checks catch it at workflow start, before any job.
+    with pytest.raises(LoragridError, match=rf"^config key 'model\.source': .*odd\.json{message}"):
+        _checked({"model": {"source": f"random:{path}", "tokenizer": str(tiny_model_dir)}})
+
+
+def test_a_random_source_whose_tokenizer_outgrows_its_vocabulary(tmp_path, tiny_model_dir):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({**RANDOM_CONFIG, "vocab_size": 100}))
+    with pytest.raises(LoragridError, match=r"^config key 'model\.tokenizer': .* has 600 tokens, more than the "
+                                            r"vocab_size 100 of .*small\.json \(the extra token ids would have no embedding\)"):
+        fetch_model(f"random:{path}", tmp_path / "out", tokenizer=str(tiny_model_dir))
+    _no_partial_output(tmp_path, "out")
+
+
+def test_a_random_source_without_a_tokenizer_at_fetch(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(RANDOM_CONFIG))
+    with pytest.raises(LoragridError, match=r"^config key 'model\.tokenizer': random: sources need a tokenizer folder"):
+        fetch_model(f"random:{path}", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoragridError, match=r"^config key 'model\.tokenizer': .*empty has no tokenizer \(expected one of"):
+        fetch_model(f"random:{path}", tmp_path / "out", tokenizer=str(tmp_path / "empty"))
     _no_partial_output(tmp_path, "out")
 
 
@@ -272,4 +325,15 @@ def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
     )
     assert result.returncode != 0
     assert "config key 'template': unknown template 'vicuna'" in result.stdout + result.stderr
+    assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
+
+
+def test_a_random_source_without_its_tokenizer_stops_snakemake_before_any_job(copy_repo):
+    from conftest import snakemake
+
+    model = "model={source: 'random:config/models/qwen2.5-0.5b.json', tokenizer: data/tokenizers/none}"
+    result = snakemake(copy_repo, "-n", "--config", model)
+    assert result.returncode != 0
+    assert ("config key 'model.tokenizer': random: sources need a tokenizer folder; no such folder: data/tokenizers/none"
+            in result.stdout + result.stderr)
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()

@@ -82,18 +82,18 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
                          runs_dir=out / "runs", sample_count=2)
     assert list(table["run"]) == ["base", "lora", "qlora4"]
     csv = pd.read_csv(out / "summary.csv")
-    assert csv.loc[csv["run"] == "qlora4", "weights_memory_gb"].item() < csv.loc[csv["run"] == "lora", "weights_memory_gb"].item()
+    assert csv.loc[csv["run"] == "qlora4", "weights_gb"].item() < csv.loc[csv["run"] == "lora", "weights_gb"].item()
     assert csv.loc[0, "heldout_loss"] == pytest.approx(base_eval["heldout_loss"])
     lora_train = read_json(tmp_path / "lora.train.json")
     assert csv.loc[csv["run"] == "lora", "estimated_memory_gb"].item() == pytest.approx(
-        lora_train["memory_estimate"]["total_bytes"] / 1e9)
-    assert "estimated peak (GB)" in (out / "report.md").read_text()
+        lora_train["memory_estimate"]["at_measured_step"]["total_bytes"] / 1e9)
+    assert "estimated (GB)" in (out / "report.md").read_text()
     markdown = (out / "report.md").read_text()
-    assert "| run " in markdown and "qlora4" in markdown and "peak memory (GB)" in markdown
+    assert "| run " in markdown and "qlora4" in markdown and "training memory (GB)" in markdown
     assert "## Provenance" in markdown and "settings sha256" in markdown
     first_question = read_jsonl(folder / "base.jsonl")[0]["question"]
     assert markdown.count("| model | answer |") == 2 and first_question in markdown
-    assert "<th>peak memory (GB)</th>" in (out / "summary.html").read_text()
+    assert "<th>training memory (GB)</th>" in (out / "summary.html").read_text()
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["lora.html", "qlora4.html"]
     for png in ("loss.png", "memory.png", "quality.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

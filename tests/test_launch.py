@@ -14,45 +14,52 @@ from accelerate.commands.launch import launch_command_parser
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN, copy_workflow, demo_records, write_jsonl
-from loragrid import launch, modeling
+from loragrid import launch, memory, modeling
+from loragrid.config import CHECKPOINTING_BY_METHOD
 from loragrid.common import LoragridError, read_json
 from loragrid.train import train_to_files
 
-# SmolLM2-135M-Instruct, the default model, and the peak RSS the README's CPU table measured
-# (micro_batch_size 8, cutoff_len 256, 30 steps) in GB.
-SMOLLM2_PARAMETERS = 134_515_008
-SMOLLM2_SHAPE = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "vocab_size": 49152}
-SMOLLM2_MEASURED_PEAK_GB = {"full": 7.91, "lora": 6.35, "qlora4": 7.31, "qlora8": 6.84}
-DEFAULT_RUN = {"micro_batch_size": 8, "cutoff_len": 256, "gradient_checkpointing": False, "gpus": 0}
+# SmolLM2-135M-Instruct, the default model (its config.json), and the training processes' resident
+# peaks measured here at the default settings (micro-batch 8, cutoff_len 256, checkpointing per method) in GB.
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+SMOLLM2_MEASURED_RSS_GB = {"full": 6.04, "lora": 4.76, "qlora4": 2.44, "qlora8": 2.89}
+DEFAULT_RUN = {"micro_batch_size": 8, "batch_size": 8, "cutoff_len": 256, "gpus": 0, "lora_r": 16,
+               "target_modules": "all-linear", "lora_dropout": 0.0, "optimizer": "adamw_torch_fused"}
 
 
-def request_gb(method, **settings):
-    return launch.train_mem_mb_for({**DEFAULT_RUN, "method": method, **settings}, SMOLLM2_PARAMETERS, SMOLLM2_SHAPE) / 1000
+def request_gb(method, sizes=None, **settings):
+    run = {**DEFAULT_RUN, "method": method, "gradient_checkpointing": CHECKPOINTING_BY_METHOD[method], **settings}
+    return launch.train_mem_mb_for(run, sizes or memory.model_sizes(SMOLLM2)) / 1000
 
 
-@pytest.mark.parametrize("method", sorted(SMOLLM2_MEASURED_PEAK_GB))
+@pytest.mark.parametrize("method", sorted(SMOLLM2_MEASURED_RSS_GB))
 def test_memory_request_covers_the_measured_cpu_peak_without_waste(method):
-    measured = SMOLLM2_MEASURED_PEAK_GB[method]
+    measured = SMOLLM2_MEASURED_RSS_GB[method]
     assert measured < request_gb(method) < 2 * measured
 
 
 def test_memory_request_follows_method_gpus_and_batch():
-    assert request_gb("full") > request_gb("lora")
+    # Each method asks for what its estimate says it holds: full > LoRA > QLoRA-8 > QLoRA-4.
+    assert request_gb("full") > request_gb("lora") > request_gb("qlora8") > request_gb("qlora4")
     assert request_gb("full", micro_batch_size=16) > request_gb("full")
     # On a GPU the host only loads the weights; each DDP process loads its own copy.
     assert request_gb("full", gpus=1) < request_gb("full")
     assert request_gb("full", gpus=2) == pytest.approx(2 * request_gb("full", gpus=1), abs=1)
     # A 7B full fine-tune on a CPU needs 16 bytes per parameter before activations.
-    assert launch.train_mem_mb_for({**DEFAULT_RUN, "method": "full"}, 7_000_000_000, SMOLLM2_SHAPE) > 112_000
+    seven_b = memory.model_sizes(json.loads((REPO / "config/models/qwen2.5-7b.json").read_text()))
+    assert request_gb("full", seven_b) > 16 * 7.6
 
 
 def test_memory_request_reads_the_model_folder(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert launch.model_parameters(tiny_model_dir) == model.num_parameters()
-    assert launch.model_shape(tiny_model_dir)["num_hidden_layers"] == model.config.num_hidden_layers
+    sizes = launch.model_sizes(tiny_model_dir)
+    assert sizes["layers"] == model.config.num_hidden_layers
+    # Every parameter is a layer's linear weight, the (tied) embedding or a norm.
+    assert sum(sizes[k] for k in ("layer_linear_params", "embedding_params", "lm_head_params", "other_params")) \
+        == model.num_parameters()
     settings = {**TINY_RUN, "gpus": 0}
-    assert launch.train_mem_mb(settings, tiny_model_dir) == launch.train_mem_mb_for(
-        settings, model.num_parameters(), launch.model_shape(tiny_model_dir))
+    assert launch.train_mem_mb(settings, tiny_model_dir) == launch.train_mem_mb_for(settings, sizes)
 
 
 def test_memory_request_waits_for_the_model(tmp_path):

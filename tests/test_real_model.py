@@ -60,7 +60,7 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
         (workdir / "resources/models/smollm2-135m-instruct/config.json").read_text())
     table = pd.read_csv(workdir / "results/report/summary.csv")
     assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
-    weights = dict(zip(table["run"], table["weights_memory_gb"]))
+    weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["qlora8"] < weights["lora"] < weights["full"]
     trainable = dict(zip(table["run"], table["trainable_params"]))
     assert trainable["full"] == 134_515_008 and trainable["lora"] == trainable["qlora4"] == 4_884_480

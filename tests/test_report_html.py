@@ -71,7 +71,7 @@ def test_report_renders_table_and_plots_in_chromium(html_report, tmp_path):
     for category in ("1. Comparison", "2. Training", "3. Answers", "4. Runs"):
         assert category in html
     # The landing page shows the memory comparison table with one row per run and the base model ...
-    table = html[html.index("<th>peak memory (GB)</th>"):]
+    table = html[html.index("<th>training memory (GB)</th>"):]
     table = table[: table.index("</table>")]
     assert [row for row in ("base", *RUNS) if f"<td>{row}</td>" in table] == ["base", *RUNS]
     # ... and the plots, embedded as images.

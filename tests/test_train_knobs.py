@@ -139,8 +139,10 @@ def test_gradient_checkpointing_is_applied_and_trains(tiny_model_dir, prepared_d
     with_checkpointing = run(tiny_model_dir, prepared_dir, tmp_path, "gc", gradient_checkpointing=True)
     without = run(tiny_model_dir, prepared_dir, tmp_path, "plain", gradient_checkpointing=False)
     assert with_checkpointing["gradient_checkpointing"] and not without["gradient_checkpointing"]
-    assert (with_checkpointing["memory_estimate"]["activations_bytes"]
-            < without["memory_estimate"]["activations_bytes"])
+    assert (with_checkpointing["memory_estimate"]["breakdown"]["activations"]
+            < without["memory_estimate"]["breakdown"]["activations"])
+    assert (with_checkpointing["memory"]["breakdown"]["activations"]
+            < without["memory"]["breakdown"]["activations"])
     # Recomputing the forward pass changes nothing but the time.
     for a, b in zip(with_checkpointing["loss_curve"], without["loss_curve"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2)
@@ -250,14 +252,15 @@ def test_memory_estimate_is_stored_beside_the_measurement(tiny_model_dir, prepar
                              tensorboard_dir=tmp_path / "tb")
     assert not (tmp_path / "tb").exists()  # report_to: none
     estimate = summary["memory_estimate"]
-    parts = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "runtime_bytes")
-    assert all(estimate[part] > 0 for part in parts)
-    assert estimate["total_bytes"] == sum(estimate[part] for part in parts)
+    assert estimate["total_bytes"] == sum(estimate["breakdown"].values())
+    assert estimate["process_bytes"] == estimate["total_bytes"] + estimate["runtime_bytes"]
     trainable = summary["parameters"]["trainable"]
-    # The base model's weights plus the adapters, which peft keeps in fp32.
-    assert estimate["weights_bytes"] == summary["memory"]["weights_bytes"] + 4 * trainable
-    assert estimate["optimizer_bytes"] == 8 * trainable  # AdamW: two fp32 moments
-    assert 0.5 < summary["memory_estimate_vs_peak_rss"] < 1.5
+    # The base model's bf16 weights plus the adapters, which peft keeps in fp32: what training measured.
+    assert estimate["breakdown"]["weights"] == sum(summary["memory"]["weights_held"].values())
+    assert summary["memory"]["weights_held"]["trainable_bytes"] == 4 * trainable
+    assert estimate["breakdown"]["optimizer"] == 8 * trainable  # AdamW: two fp32 moments
+    at_step = estimate["at_measured_step"]
+    assert 0.85 < at_step["total_bytes"] / summary["memory"]["training_peak_bytes"] < 1.15
 
 
 def test_max_memory_gb_picks_the_largest_micro_batch_that_fits(tiny_model_dir, prepared_dir, tmp_path):
@@ -268,13 +271,16 @@ def test_max_memory_gb_picks_the_largest_micro_batch_that_fits(tiny_model_dir, p
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lengths = [100, 90, 80, 70, 60, 50, 40, 30, 20, 10]
     runtime = 10**8
-    by_micro = {micro: training.choose_micro_batch(model, {**settings, "micro_batch_size": micro}, lengths, runtime)[1]
+    labelled = [length // 2 for length in lengths]
+    by_micro = {micro: training.choose_micro_batch(model, {**settings, "micro_batch_size": micro}, lengths, labelled,
+                                                   runtime)[1]
                 for micro in (8, 4, 2)}
     # Activations grow with the micro-batch; a limit between the estimates of 8 and 4 picks 4 (2 accumulation steps).
-    limit = (by_micro[8]["total_bytes"] + by_micro[4]["total_bytes"]) / 2e9
-    micro, estimate = training.choose_micro_batch(model, {**settings, "max_memory_gb": limit}, lengths, runtime)
-    assert micro == 4 and estimate == by_micro[4]
-    assert by_micro[8]["total_bytes"] > by_micro[4]["total_bytes"] > by_micro[2]["total_bytes"]
+    limit = (by_micro[8]["process_bytes"] + by_micro[4]["process_bytes"]) / 2e9
+    micro, estimate = training.choose_micro_batch(model, {**settings, "max_memory_gb": limit}, lengths, labelled,
+                                                  runtime)
+    assert micro == 4 and estimate["total_bytes"] == by_micro[4]["total_bytes"]
+    assert by_micro[8]["process_bytes"] > by_micro[4]["process_bytes"] > by_micro[2]["process_bytes"]
 
 
 def test_max_memory_gb_too_small_fails_before_training(tiny_model_dir, prepared_dir, tmp_path):

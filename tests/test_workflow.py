@@ -20,10 +20,10 @@ def test_whole_dag_writes_the_report(tiny_workflow):
     table = pd.read_csv(workdir / "results/report/summary.csv")
     assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
     assert table["heldout_loss"].notna().all()
-    weights = dict(zip(table["run"], table["weights_memory_gb"]))
+    weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["lora"] < weights["full"]
     report = (workdir / "results/report/report.md").read_text()
-    assert "peak memory (GB)" in report and "qlora8" in report
+    assert "training memory (GB)" in report and "qlora8" in report
     for name in ("base", "full", "lora", "qlora4", "qlora8"):
         assert len((workdir / f"results/generations/{name}.jsonl").read_text().splitlines()) == 8
         assert json.loads((workdir / f"results/eval/{name}.json").read_text())["questions"] == 8

@@ -1,0 +1,156 @@
+"""What training holds (loragrid.memory): exact tensor accounting per category, the estimate beside it,
+the method ordering at a Qwen2 shape, and the projection command.
+
+Real models (the tiny Llama fixture, a small Qwen2-shaped model from a random: source), real peft and
+bitsandbytes layers, real Trainer runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_RUN
+from loragrid import memory, modeling
+from loragrid.config import CHECKPOINTING_BY_METHOD
+from loragrid.fetch import fetch_model
+from loragrid.train import train_to_files
+
+METHODS = ("full", "lora", "qlora4", "qlora8")
+
+
+def training_model(model_dir, method):
+    settings = {**TINY_RUN, "method": method}
+    model = modeling.load_for_training(model_dir, method, False, settings)
+    return model if method == "full" else modeling.add_lora(model, settings)
+
+
+def expected_weights(model, method) -> dict:
+    """Bytes as each method holds its weights, counted from the layers themselves (not by memory.py)."""
+    import bitsandbytes as bnb
+
+    quantized = frozen = trainable = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            # Two 4-bit weights per byte; one 8-bit absmax per 64-weight block (double quantization:
+            # its own fp32 absmax per 256 blocks and a 256-entry code), NF4's 16-entry code.
+            quantized += module.weight.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() \
+                + 4 * state.state2.code.numel() + 4 * state.code.numel() + 4 * (state.offset.numel())
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            quantized += module.weight.numel() + 4 * module.weight.SCB.numel()  # int8 weights, fp32 row scales
+    for name, parameter in model.named_parameters():
+        if type(parameter).__name__ in ("Params4bit", "Int8Params"):
+            continue
+        if parameter.requires_grad:
+            trainable += 4 * parameter.numel()  # fp32: full fine-tuning's master weights, peft's adapters
+        elif "embed_tokens" in name or "lm_head" not in name:
+            frozen += 2 * parameter.numel()  # bf16, the tied LM head counted once with the embedding
+    frozen += sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())  # rotary frequencies
+    return {"quantized_bytes": quantized, "frozen_bytes": frozen, "trainable_bytes": trainable}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parameters_gradients_and_optimizer_state_are_counted_exactly(tiny_model_dir, method):
+    model = training_model(tiny_model_dir, method).train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = expected_weights(model, method)
+    assert memory.weights_held(model) == weights
+    assert weights["quantized_bytes"] > 0 if method.startswith("qlora") else weights["quantized_bytes"] == 0
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 500, (2, 24))
+    tracker = memory.StepMemory(model, optimizer)
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        after_backward = dict(tracker.current)
+        optimizer.step()
+        after_step = dict(tracker.current)
+    assert after_backward["weights"] == sum(weights.values())
+    assert after_backward["gradients"] == 4 * trainable and after_backward["optimizer"] == 0
+    # AdamW: two fp32 moments per trainable parameter, and a fp32 step count per parameter tensor.
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    assert after_step["optimizer"] == 8 * trainable + 4 * tensors
+    assert tracker.peak_bytes == sum(tracker.peak.values()) >= sum(after_step[k] for k in ("weights", "gradients",
+                                                                                             "optimizer"))
+
+
+def test_a_freed_tensor_leaves_the_count():
+    model = torch.nn.Linear(4, 4)
+    tracker = memory.StepMemory(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with tracker:
+        big = torch.ones(1000, 100)  # 400 kB created in the "forward" (no hook marks it: other)
+        held = sum(tracker.current.values())
+        del big
+        after = sum(tracker.current.values())
+    assert held - after == 400_000 and tracker.peak_bytes - after == 400_000
+
+
+@pytest.fixture(scope="module")
+def qwen_shaped(tmp_path_factory, tiny_model_dir):
+    """A small Qwen2 (GQA, untied head, q/k/v biases) with random weights, through the random: source."""
+    folder = tmp_path_factory.mktemp("qwen-shaped")
+    shape = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256,
+             "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+             "vocab_size": 4096, "max_position_embeddings": 1024, "tie_word_embeddings": True,
+             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    (folder / "shape.json").write_text(json.dumps(shape))
+    fetch_model(f"random:{folder / 'shape.json'}", folder / "model", tokenizer=str(tiny_model_dir), seed=0)
+    return folder / "model"
+
+
+@pytest.fixture(scope="module")
+def qwen_runs(qwen_shaped, prepared_dir, tmp_path_factory):
+    """Two steps of every method with its default checkpointing; accumulation 2, as the seed's recipe."""
+    out = tmp_path_factory.mktemp("qwen-runs")
+    runs = {}
+    for method in METHODS:
+        settings = {**TINY_RUN, "method": method, "max_steps": 2, "batch_size": 8, "micro_batch_size": 4,
+                    "lora_r": 16, "lora_alpha": 32, "optimizer": "adamw_torch_fused",
+                    "gradient_checkpointing": CHECKPOINTING_BY_METHOD[method]}
+        runs[method] = train_to_files(qwen_shaped, prepared_dir, out / method, out / f"{method}.json", settings, "chat")
+    return runs
+
+
+def test_methods_order_by_training_memory_at_a_qwen_shape(qwen_runs):
+    peaks = {method: summary["memory"]["training_peak_bytes"] for method, summary in qwen_runs.items()}
+    assert peaks["full"] > peaks["lora"] > peaks["qlora8"] > peaks["qlora4"], peaks
+    assert [qwen_runs[m]["gradient_checkpointing"] for m in METHODS] == [False, False, True, True]
+    assert all(summary["model_random_init"] for summary in qwen_runs.values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_breakdown_sums_to_the_peak_and_the_estimate_is_close(qwen_runs, method):
+    measured = qwen_runs[method]["memory"]
+    assert sum(measured["breakdown"].values()) == measured["training_peak_bytes"]
+    assert [step["step"] for step in measured["profiled_steps"]] == [1, 2]
+    assert all(len(step["micro_batches"]) == 2 for step in measured["profiled_steps"])  # accumulation 2
+    estimate = qwen_runs[method]["memory_estimate"]["at_measured_step"]
+    assert 0.85 < estimate["total_bytes"] / measured["training_peak_bytes"] < 1.15
+    assert estimate["breakdown"]["weights"] == measured["breakdown"]["weights"]
+    # The resident figures beside it: after loading, and the high-water mark of the training steps.
+    assert 0 < measured["rss_after_loading_bytes"] <= measured["rss_peak_training_bytes"] <= measured["peak_rss_bytes"]
+
+
+def test_memory_command_projects_a_7b_model_in_the_known_order():
+    result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", "config/models/qwen2.5-7b.json",
+                             "--budget-gb", "24"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in result.stdout.splitlines()[2:]}
+    totals = {method: float(cells[7]) for method, cells in rows.items()}
+    assert totals["full"] > totals["lora"] > totals["qlora8"] > totals["qlora4"]
+    # LLaMA-Factory's hardware table for 7B: LoRA 16 GB, QLoRA-8 10 GB, QLoRA-4 6 GB.
+    assert 14 < totals["lora"] < 22 and 8 < totals["qlora8"] < 12 and 5 < totals["qlora4"] < 8
+    assert rows["full"][8].startswith("none fits") and int(rows["qlora4"][8]) > int(rows["lora"][8]) >= 1
+
+
+def test_memory_command_names_a_bad_model_file(tmp_path):
+    (tmp_path / "odd.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / "odd.json")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "--model" in result.stderr and "odd.json" in result.stderr
