@@ -16,9 +16,11 @@ the allocator's rounding). Categories, as the field counts them:
 - other: anything else created within the step.
 
 Tensors are counted by storage, so views and tensors that share storage count once. Why not the
-torch profiler's memory timeline: its categories need stack and shape recording for every op,
-which made a profiled SmolLM2 step several times slower; this accounting costs a Python call per
-op (its own time is measured and recorded in train.json).
+torch profiler's memory timeline: its categories come from recording every op's stack and shapes,
+and torch's own MemTracker (torch.distributed._tools) fails on frozen parameters (it hooks a
+gradient onto every parameter), which every adapter run has. This accounting costs one Python call
+per op in the profiled steps only (bench/memory_profile_cost.py measures it; train.json records the
+time spent in its bookkeeping).
 
 The process's resident memory is recorded beside it: after loading, and its high-water mark
 during the training steps only (Linux `clear_refs`), a secondary figure that also holds the

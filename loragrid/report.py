@@ -232,6 +232,8 @@ def plot_memory(runs: dict[str, dict], path) -> None:
         bottoms = [0.0] * len(names)
         for category, color in STACK_COLORS.items():
             heights = [part.get(category, 0) * scale for part in parts]
+            if category == "other" and max(heights) < 0.01 * max(bottoms):  # a few bookkeeping tensors
+                continue
             axis.bar([i + offset for i in range(len(names))], heights, width=0.38, bottom=bottoms, color=color,
                      hatch=hatch, edgecolor="white", label=category if hatch is None else None)
             bottoms = [b + h for b, h in zip(bottoms, heights)]

@@ -149,6 +149,21 @@ def choose_micro_batch(model, settings: dict, lengths: list[int], labelled: list
                         f"{candidate['process_bytes'] / 1e9:.2f} GB (> {limit} GB)")
 
 
+def measured_memory(profile, model, weights: int, settings: dict, estimate: dict, accumulation: int,
+                    resumed: bool) -> dict:
+    """train.json's `memory`: the profile's measurement and the resident peaks; adds to `estimate`
+    the formula at the measured step's shape (`at_measured_step`), to compare like for like."""
+    measured = {**profile.summary(), **peak_memory(), "weights_bytes": int(weights),
+                "weights_held": memory.weights_held(model)}
+    if "peak_micro_batch" in measured:
+        shape = measured["peak_micro_batch"]
+        first_step = measured["peak_step"] == 1 and not resumed  # no optimizer state yet
+        estimate["at_measured_step"] = memory.estimate_for_model(
+            model, settings, shape["rows"], shape["sequence"], shape["labelled"], accumulation=accumulation,
+            optimizer_state=not first_step)
+    return measured
+
+
 def checkpoint_folder(checkpoint_root, settings: dict, template: str, model_dir, train_path) -> Path:
     """The folder for this run's checkpoints: named by the hash of everything that shapes training."""
     learned = {key: value for key, value in settings.items() if key not in NOT_IN_CHECKPOINT_HASH}
@@ -387,14 +402,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
     resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
-    measured = {**profile.summary(), **peak_memory(), "weights_bytes": int(weights),
-                "weights_held": memory.weights_held(model)}
-    if "peak_micro_batch" in measured:  # the estimator checked at the shape of the measured step
-        shape = measured["peak_micro_batch"]
-        first_step = measured["peak_step"] == 1 and resume_from is None  # no optimizer state yet
-        estimate["at_measured_step"] = memory.estimate_for_model(
-            model, settings, shape["rows"], shape["sequence"], shape["labelled"], accumulation=accumulation,
-            optimizer_state=not first_step)
+    measured = measured_memory(profile, model, weights, settings, estimate, accumulation,
+                               resumed=resume_from is not None)
     return {
         "method": method,
         "parameters": {"trainable": int(trainable), "total": int(total), "trainable_percent": 100 * trainable / total},

@@ -62,6 +62,12 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
     assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
     weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["qlora8"] < weights["lora"] < weights["full"]
+    # The memory comparison: what each method holds while training, in the known order, and the
+    # estimate within 15 % of the measurement (docs/memory.md).
+    held = dict(zip(table["run"], table["training_memory_gb"]))
+    assert held["full"] > held["lora"] > held["qlora8"] > held["qlora4"], held
+    ratios = table["estimated_memory_gb"][1:] / table["training_memory_gb"][1:]
+    assert ratios.between(0.85, 1.15).all(), ratios
     trainable = dict(zip(table["run"], table["trainable_params"]))
     assert trainable["full"] == 134_515_008 and trainable["lora"] == trainable["qlora4"] == 4_884_480
     prepared = json.loads((workdir / "results/data/emoji_qa/prepare.json").read_text())
