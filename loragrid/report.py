@@ -217,15 +217,14 @@ STACK_COLORS = {"weights": "tab:orange", "gradients": "tab:green", "optimizer": 
 
 
 def plot_memory(runs: dict[str, dict], path) -> None:
-    """Per run, what training holds by category: measured (left bar) beside estimated (right, hatched);
-    a black tick marks the process's peak RSS, the secondary figure."""
+    """Per run, what training holds by category: measured (left bar) beside estimated (right, hatched).
+    The process's resident peak stays in the table: its libraries and heap would dwarf a small model."""
     plt = _pyplot()
     names = list(runs)
     measured = [runs[n]["memory"]["breakdown"] for n in names]
     estimated = [runs[n]["memory_estimate"].get("at_measured_step", runs[n]["memory_estimate"])["breakdown"]
                  for n in names]
-    rss = [runs[n]["memory"].get("rss_peak_training_bytes") or runs[n]["memory"]["peak_rss_bytes"] for n in names]
-    unit, scale = _readable_unit([max(sum(m.values()), r) / 1e9 for m, r in zip(measured, rss)])
+    unit, scale = _readable_unit([sum(m.values()) / 1e9 for m in measured])
     scale /= 1e9
     figure, axis = plt.subplots(figsize=(max(7, 1.5 * len(names) + 3), 4.5), dpi=110)
     for offset, parts, hatch in ((-0.2, measured, None), (0.2, estimated, "//")):
@@ -239,8 +238,6 @@ def plot_memory(runs: dict[str, dict], path) -> None:
             bottoms = [b + h for b, h in zip(bottoms, heights)]
         for i, total in enumerate(bottoms):
             axis.annotate(f"{total:.3g}", (i + offset, total), ha="center", va="bottom", fontsize=7)
-    axis.scatter(range(len(names)), [r * scale for r in rss], marker="_", s=900, color="black",
-                 label="process peak RSS (secondary)", zorder=3)
     axis.set_xticks(range(len(names)), [f"{n}\nmeasured | estimated" for n in names], fontsize=8)
     axis.set_ylabel(unit)
     axis.set_title("What training holds at its peak, by category")
@@ -336,8 +333,8 @@ def summary_html(tables: list[tuple[str, pd.DataFrame]], notes: list[str], plots
     return "\n".join([
         *(f"<h3>{html.escape(title)}</h3>" + '<div class="scroll">' + shown.to_html(index=False, border=0) + "</div>"
           for title, shown in tables),
-        *(f"<p>{html.escape(note)}</p>" for note in notes),
         *(_embedded_png(plot) for plot in plots),
+        *(f"<p>{html.escape(note)}</p>" for note in notes),
     ])
 
 

@@ -22,7 +22,7 @@ def test_help_lists_every_subcommand(tmp_path):
     result = loragrid(REPO, "--help")
     assert result.returncode == 0
     commands = parser()._subparsers._group_actions[0].choices
-    assert set(commands) == {"chat", "runs"}
+    assert set(commands) == {"chat", "runs", "memory"}
     for name in commands:
         assert name in result.stdout
     chat_help = loragrid(REPO, "chat", "--help").stdout

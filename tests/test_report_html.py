@@ -70,10 +70,14 @@ def test_report_renders_table_and_plots_in_chromium(html_report, tmp_path):
     # The React app has run: its menu lists the report's categories.
     for category in ("1. Comparison", "2. Training", "3. Answers", "4. Runs"):
         assert category in html
-    # The landing page shows the memory comparison table with one row per run and the base model ...
+    # The landing page shows the memory comparison table with one row per run, the quality table
+    # with the base model too ...
     table = html[html.index("<th>training memory (GB)</th>"):]
     table = table[: table.index("</table>")]
-    assert [row for row in ("base", *RUNS) if f"<td>{row}</td>" in table] == ["base", *RUNS]
+    assert [row for row in ("base", *RUNS) if f"<td>{row}</td>" in table] == list(RUNS)
+    quality = html[html.index("<th>held-out loss</th>"):]
+    quality = quality[: quality.index("</table>")]
+    assert [row for row in ("base", *RUNS) if f"<td>{row}</td>" in quality] == ["base", *RUNS]
     # ... and the plots, embedded as images.
     assert re.search(r'<img alt="memory.png" src="data:image/png;base64,', html)
     assert re.search(r'<img alt="quality_vs_memory.png" src="data:image/png;base64,', html)
@@ -87,8 +91,10 @@ def test_report_renders_table_and_plots_in_chromium(html_report, tmp_path):
     def painted(rgb) -> int:
         return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= 3).sum())
 
-    # The browser painted the plots: the memory plot's blue and orange bars and the Pareto front in red
-    # (matplotlib's tab:blue, tab:orange and tab:red; the report's own page uses none of them).
+    # The browser painted the plots: the memory plot's stacked bars (activations in blue, temporaries
+    # in cyan, the tiny model's thin weights in orange) and the Pareto front in red (matplotlib's
+    # tab:blue, tab:cyan, tab:orange and tab:red; the report's own page uses none of them).
     assert painted((31, 119, 180)) > 2000
-    assert painted((255, 127, 14)) > 2000
+    assert painted((23, 190, 207)) > 2000
+    assert painted((255, 127, 14)) > 300
     assert painted((214, 39, 40)) > 5
