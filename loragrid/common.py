@@ -78,6 +78,19 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def _usual_modes(folder: Path) -> None:
+    """The user's usual modes for everything in `folder`: some writers (safetensors, mkstemp) make
+    files private (0600), which other members of a group on a shared cluster then cannot read."""
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~_UMASK)
+        else:
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o666 | executable) & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a staging folder that replaces `final` only if the block succeeds.
@@ -89,6 +102,7 @@ def atomic_dir(final: str | os.PathLike):
     staging = _staging_path(final)
     try:
         yield staging
+        _usual_modes(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)

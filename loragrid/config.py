@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import re
 from pathlib import Path
 
@@ -167,6 +168,9 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         for error in validator.iter_errors(settings):
             where = ".".join(str(p) for p in error.path)
             raise LoragridError(f"config key 'runs.{name}.{where}': {error.message}")
+        if settings["max_steps"] == 0:
+            raise LoragridError(f"config key 'runs.{name}.max_steps': 0 trains nothing; set a number of optimizer "
+                                "steps, or -1 to train for `epochs`")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
         if settings["batch_size"] % settings["micro_batch_size"]:
@@ -246,12 +250,51 @@ def _unknown_key(where: str, key: str, known) -> LoragridError:
     return LoragridError(f"config key '{where}{key}': no such setting; {hint}")
 
 
+# A run's name is a folder under results/runs/ and part of file names inside it (checkpoints,
+# logs): well under the 255 bytes most filesystems allow for one name.
+MAX_RUN_NAME = 120
+
+
+def _non_finite(value, where: str = "") -> tuple[str, float] | None:
+    """(key, value) of the first NaN or infinite number in the config: JSON schema's bounds let them pass."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if isinstance(value, dict):
+        children = ((f"{where}.{key}" if where else str(key), child) for key, child in value.items())
+    elif isinstance(value, list):
+        children = ((f"{where}[{index}]", child) for index, child in enumerate(value))
+    else:
+        return None
+    for path, child in children:
+        found = _non_finite(child, path)
+        if found:
+            return found
+    return None
+
+
+def _check_run_names(config: dict) -> None:
+    for name in config.get("runs") or {}:
+        if not isinstance(name, str):
+            raise LoragridError(f"config key 'runs.{name}': a run name must be text, got {type(name).__name__} "
+                                f"{name!r} (quote it in YAML)")
+        if len(name) > MAX_RUN_NAME:
+            raise LoragridError(f"config key 'runs.{name[:40]}...': a run name may be at most {MAX_RUN_NAME} "
+                                f"characters (it names a folder under results/runs/), got {len(name)}")
+        if not SAFE_NAME.match(name) or name in (".", ".."):
+            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' and '-' "
+                                "(it names a folder under results/runs/)")
+
+
 def check_keys(config: dict) -> None:
-    """Unknown keys, with the closest known one; and names that must stay inside resources/ and results/.
+    """Unknown keys, with the closest known one; names that must stay inside resources/ and results/;
+    numbers that are not finite.
 
     Runs before the schema validation, whose messages for these cases list every allowed key
     or quote a regular expression instead of saying what was meant.
     """
+    found = _non_finite(config)
+    if found:
+        raise LoragridError(f"config key '{found[0]}': {found[1]} is not a finite number")
     import yaml
 
     schema = yaml.safe_load(schema_path().read_text())
@@ -286,10 +329,7 @@ def check_keys(config: dict) -> None:
                 f"config key '{section}.name': '{name}' is not a plain folder name (it would be written outside "
                 f"{folder}/); use letters, digits, '.', '_' and '-', starting with a letter or digit"
             )
-    for name in config.get("runs") or {}:
-        if not SAFE_NAME.match(str(name)) or name in (".", ".."):
-            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' and '-' "
-                                "(it names a folder under results/runs/)")
+    _check_run_names(config)
 
 
 def schema_path() -> Path:

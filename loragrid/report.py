@@ -97,18 +97,20 @@ HTML_STYLE = """
 """
 
 
-def training_memory_bytes(memory: dict) -> int:
-    """CUDA's max allocated memory on a GPU (the field's convention), the measured tensor peak on a CPU."""
-    return memory.get("cuda_max_allocated_bytes") or memory["training_peak_bytes"]
+def training_memory_bytes(memory: dict) -> float:
+    """CUDA's max allocated memory on a GPU (the field's convention), the measured tensor peak on a CPU;
+    NaN for a run that trained no step in its last attempt (resumed after its final checkpoint)."""
+    return memory.get("cuda_max_allocated_bytes") or memory.get("training_peak_bytes") or float("nan")
 
 
 def _memory_columns(train: dict) -> dict:
     memory = train["memory"]
     estimate = train["memory_estimate"].get("at_measured_step", train["memory_estimate"])
+    breakdown = memory.get("breakdown", {})
     return {
         "gradient_checkpointing": "on" if train["gradient_checkpointing"] else "off",
         "training_memory_gb": training_memory_bytes(memory) / 1e9,
-        **{column: memory["breakdown"][column[:-3]] / 1e9 for column in BREAKDOWN},
+        **{column: breakdown.get(column[:-3], float("nan")) / 1e9 for column in BREAKDOWN},
         "estimated_memory_gb": estimate["total_bytes"] / 1e9,
         "process_peak_rss_gb": (memory.get("rss_peak_training_bytes") or memory["peak_rss_bytes"]) / 1e9,
     }
@@ -221,10 +223,10 @@ def plot_memory(runs: dict[str, dict], path) -> None:
     The process's resident peak stays in the table: its libraries and heap would dwarf a small model."""
     plt = _pyplot()
     names = list(runs)
-    measured = [runs[n]["memory"]["breakdown"] for n in names]
+    measured = [runs[n]["memory"].get("breakdown", {}) for n in names]
     estimated = [runs[n]["memory_estimate"].get("at_measured_step", runs[n]["memory_estimate"])["breakdown"]
                  for n in names]
-    unit, scale = _readable_unit([sum(m.values()) / 1e9 for m in measured])
+    unit, scale = _readable_unit([sum(m.values()) / 1e9 for m in measured + estimated])
     scale /= 1e9
     figure, axis = plt.subplots(figsize=(max(7, 1.5 * len(names) + 3), 4.5), dpi=110)
     for offset, parts, hatch in ((-0.2, measured, None), (0.2, estimated, "//")):

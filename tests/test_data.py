@@ -177,10 +177,19 @@ def test_a_bad_record_in_a_json_list_is_named_by_its_number(tmp_path):
 def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
     from loragrid.common import atomic_dir, write_json
 
+    import torch
+    from safetensors.torch import save_file
+
     write_json(tmp_path / "out.json", {"a": 1})
     with atomic_dir(tmp_path / "folder") as staging:
         (staging / "x").write_text("x")
+        # safetensors writes its files private (0600), as save_pretrained's model.safetensors was.
+        save_file({"w": torch.zeros(2)}, staging / "model.safetensors")
+        (staging / "sub").mkdir(mode=0o700)
     umask = os.umask(0o022)
     os.umask(umask)
     assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("x", "model.safetensors"):
+        assert (tmp_path / "folder" / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "folder" / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
