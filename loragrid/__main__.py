@@ -44,7 +44,7 @@ def runs_command(args) -> None:
 def memory_command(args) -> None:
     import json
 
-    from .memory import model_sizes, projection
+    from .memory import model_sizes, projection, total_parameters
 
     try:
         sizes = model_sizes(json.loads(Path(args.model).read_text(encoding="utf-8")))
@@ -54,7 +54,7 @@ def memory_command(args) -> None:
                 "lora_dropout": 0.0, "optimizer": "adamw_torch", "gradient_checkpointing": args.gradient_checkpointing}
     budget = args.budget_gb * 1e9 if args.budget_gb else None
     rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget)
-    parameters = sum(sizes[k] for k in ("layer_linear_params", "embedding_params", "lm_head_params", "other_params"))
+    parameters = total_parameters(sizes)
     print(f"{args.model}: {parameters / 1e9:.2f}B parameters; micro-batch {args.micro_batch} x {args.sequence} tokens, "
           f"{args.labelled_share:.0%} labelled, LoRA r={args.lora_r} on every linear layer, AdamW, "
           f"{args.attention} attention (GB):")

@@ -65,8 +65,8 @@ def train_mem_mb_for(settings: dict, sizes: dict) -> int:
     """Host memory (MB, rounded up to whole GB) for training a model of these sizes with this run."""
     gpus = gpus_of(settings)
     if gpus:
-        parameters = sum(sizes[k] for k in ("layer_linear_params", "embedding_params", "lm_head_params", "other_params"))
-        per_process = PROCESS_OVERHEAD_BYTES["gpu"] + LOAD_BYTES_PER_PARAMETER[settings["method"]] * parameters
+        per_process = (PROCESS_OVERHEAD_BYTES["gpu"]
+                       + LOAD_BYTES_PER_PARAMETER[settings["method"]] * memory.total_parameters(sizes))
     else:
         micro, sequence = settings["micro_batch_size"], settings["cutoff_len"]
         held = memory.estimate(sizes, settings, micro, sequence, micro * sequence,

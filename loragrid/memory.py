@@ -316,6 +316,10 @@ def model_sizes(config: dict) -> dict:
             "other_params": (2 * layers + 1) * h}
 
 
+def total_parameters(sizes: dict) -> int:
+    return sizes["layer_linear_params"] + sizes["embedding_params"] + sizes["lm_head_params"] + sizes["other_params"]
+
+
 def lora_parameters(sizes: dict, settings: dict) -> int:
     """LoRA's trainable parameters: r x (in + out) for each adapted linear layer of every decoder layer."""
     names = adapted_modules(settings)
@@ -334,7 +338,7 @@ def adapted_modules(settings: dict) -> tuple[str, ...]:
 def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
     """(weights bytes as held, trainable parameters) of a method, from the model's sizes alone."""
     method = settings["method"]
-    total = sizes["layer_linear_params"] + sizes["embedding_params"] + sizes["lm_head_params"] + sizes["other_params"]
+    total = total_parameters(sizes)
     if method == "full":
         return SINGLE * total, total
     lora = lora_parameters(sizes, settings)

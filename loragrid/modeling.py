@@ -131,8 +131,9 @@ def add_lora(model, settings: dict):
 
     # QLoRA skips peft's prepare_model_for_kbit_training: it casts every unquantized frozen
     # parameter (the tied embedding and LM head, the norms) to fp32, which turns the residual
-    # stream fp32 and makes bitsandbytes return fp32 layer outputs; measured at Qwen2.5-0.5B's
-    # shape, the step peak grew from 6.32 to 8.56 GB, above LoRA's (docs/memory.md). Frozen
+    # stream fp32 and makes bitsandbytes return fp32 layer outputs; at the memory table's
+    # Qwen2.5-0.5B shape QLoRA-4 then held 6.27 GB instead of 4.58, above LoRA's 5.07
+    # (without checkpointing; docs/memory.md). Frozen
     # weights stay in the compute dtype, as LoRA's do; gradient checkpointing comes from the
     # run's own setting through the Trainer, for every method alike.
     lora_config = LoraConfig(

@@ -1,5 +1,5 @@
 """The bad-input table: every case fails with a message that names the file and line or the config key,
-says what was expected, and leaves no partial output behind. README.md's "Bad input" section lists
+says what was expected, and leaves no partial output behind. docs/bad-input.md lists
 the same cases.
 
 Each case runs the real code path: fetch_dataset + prepare for records and files, the Snakefile's

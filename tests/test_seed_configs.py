@@ -44,7 +44,17 @@ def test_alpaca_cleaned_defaults():
     assert (run["cutoff_len"], run["lora_r"], run["lora_alpha"], run["lora_dropout"]) == (256, 8, 16, 0.05)
 
 
-@pytest.mark.parametrize("name, runs", [("qwen2.5-0.5b.yaml", 4), ("alpaca-cleaned.yaml", 1)])
+def test_memory_table_config_resolves_the_guides_settings_and_checkpointing_per_method():
+    runs = check_config(merged("memory-table.yaml"), workdir=REPO)
+    assert list(runs) == ["full", "lora", "qlora4", "qlora8"]
+    assert {name: run["gradient_checkpointing"] for name, run in runs.items()} == {
+        "full": False, "lora": False, "qlora4": True, "qlora8": True}
+    assert all((run["lora_r"], run["micro_batch_size"], run["cutoff_len"]) == (64, 4, 512)
+               for name, run in runs.items() if name != "full")
+
+
+@pytest.mark.parametrize("name, runs", [("qwen2.5-0.5b.yaml", 4), ("alpaca-cleaned.yaml", 1),
+                                        ("memory-table.yaml", 4)])
 def test_dry_run_plans_the_whole_workflow(copy_repo, name, runs):
     result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-n", "all", "--configfile",
                              f"config/{name}"], cwd=copy_repo, capture_output=True, text=True, timeout=300)

@@ -22,6 +22,10 @@ def test_whole_dag_writes_the_report(tiny_workflow):
     assert table["heldout_loss"].notna().all()
     weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["lora"] < weights["full"]
+    # gradient_checkpointing: auto (the default) reaches each job resolved per method.
+    checkpointing = {name: json.loads((workdir / f"results/runs/{name}/train.json").read_text())["gradient_checkpointing"]
+                     for name in ("full", "lora", "qlora4", "qlora8")}
+    assert checkpointing == {"full": False, "lora": False, "qlora4": True, "qlora8": True}
     report = (workdir / "results/report/report.md").read_text()
     assert "training memory (GB)" in report and "qlora8" in report
     for name in ("base", "full", "lora", "qlora4", "qlora8"):
