@@ -23,7 +23,7 @@ from loragrid.train import train_to_files
 # peaks of the README's default run (micro-batch 8, cutoff_len 256, checkpointing per method) in GB.
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
            "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
-SMOLLM2_MEASURED_RSS_GB = {"full": 7.65, "lora": 5.59, "qlora4": 3.24, "qlora8": 3.41}
+SMOLLM2_MEASURED_RSS_GB = {"full": 7.45, "lora": 5.51, "qlora4": 2.94, "qlora8": 3.32}
 DEFAULT_RUN = {"micro_batch_size": 8, "batch_size": 8, "cutoff_len": 256, "gpus": 0, "lora_r": 16,
                "target_modules": "all-linear", "lora_dropout": 0.0, "optimizer": "adamw_torch_fused"}
 
