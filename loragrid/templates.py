@@ -47,9 +47,18 @@ def check_template(template: str) -> None:
             "or give a format string with an {instruction} placeholder)"
         )
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        parsed = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as error:
         raise LoragridError(f"config key 'template': {template!r} is not a valid format string: {error}") from None
+    # A format spec or conversion would pad, cut or repr() the question, or reach its attributes.
+    shaped = [field for field, spec, conversion in parsed if spec or conversion]
+    if shaped:
+        raise LoragridError(
+            f"config key 'template': the placeholder {{{shaped[0]}}} in {template!r} carries a format spec or "
+            "conversion (':' or '!'); placeholders take the text as it is: write {instruction}"
+        )
+    fields = [field for field, _, _ in parsed]
     unknown = sorted({field for field in fields if field not in PLACEHOLDERS})
     if unknown:
         raise LoragridError(

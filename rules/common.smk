@@ -42,6 +42,15 @@ TOKENIZATIONS = {
 }
 
 
+def verbatim(value):
+    """A params value exactly as configured: Snakemake reads braces in string params as
+    wildcards, and a custom template's {instruction} (or a brace in a path) is not one."""
+    return lambda wildcards: value
+
+
+TEMPLATE = verbatim(config["template"])
+
+
 def one_of(names):
     """A wildcard constraint that matches exactly these names (and nothing, if empty)."""
     return "|".join(re.escape(name) for name in names) or "(?!)"

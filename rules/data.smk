@@ -33,7 +33,7 @@ rule tokenize_split:
         "../envs/train.yaml"
     params:
         settings=lambda wildcards: TOKENIZATIONS[wildcards.tokenization],
-        template=config["template"],
+        template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
     script:
         "../scripts/tokenize_split.py"

@@ -15,7 +15,7 @@ rule evaluate:
         "../envs/evaluate.yaml"
     params:
         settings=canonical(config["evaluate"]),
-        template=config["template"],
+        template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
     script:

@@ -12,8 +12,8 @@ rule fetch_model:
     conda:
         "../envs/fetch.yaml"
     params:
-        source=config["model"]["source"],
-        gguf_file=config["model"].get("gguf_file"),
+        source=verbatim(config["model"]["source"]),
+        gguf_file=verbatim(config["model"].get("gguf_file")),
         trust_remote_code=config["model"]["trust_remote_code"],
         seed=random_only(config["model"], "seed"),
     script:
@@ -30,6 +30,6 @@ rule fetch_dataset:
     conda:
         "../envs/fetch.yaml"
     params:
-        source=config["dataset"]["source"],
+        source=verbatim(config["dataset"]["source"]),
     script:
         "../scripts/fetch_dataset.py"

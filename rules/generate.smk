@@ -13,7 +13,7 @@ rule generate:
         "../envs/generate.yaml"
     params:
         settings=canonical(config["generate"]),
-        template=config["template"],
+        template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
     script:

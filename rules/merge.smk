@@ -17,7 +17,7 @@ rule merge:
     params:
         method=lambda wildcards: RUNS[wildcards.run]["method"],
         quantization=lambda wildcards: quantization_settings(RUNS[wildcards.run]),
-        template=config["template"],
+        template=TEMPLATE,
         check=canonical(config["merge"]),
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],

@@ -20,7 +20,7 @@ rule train_adapter:
         gpu=train_gpus,
     params:
         settings=lambda wildcards: RUNS[wildcards.run],
-        template=config["template"],
+        template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
         # Beside, not inside, the outputs: Snakemake deletes a failed job's outputs.

@@ -146,6 +146,8 @@ CONFIG_CASES = [
      r"config key 'template': the custom template .* has no \{instruction\} placeholder"),
     ("custom template with a broken brace", {"template": "Q: {instruction"},
      r"config key 'template': .* is not a valid format string"),
+    ("custom template with a format spec", {"template": "Q: {instruction:.10}"},
+     r"config key 'template': the placeholder \{instruction\} .* carries a format spec"),
     ("quantization bits other than 4/8", {"grid": {"method": ["lora", "qlora3"]}},
      r"config key 'grid\.method': 'qlora3' is not one of \['full', 'lora', 'qlora4', 'qlora8'\]"),
     ("r <= 0", {"grid": {"lora_r": [8, 0]}}, r"config key 'grid\.lora_r': 0 is less than the minimum of 1"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import demo_records
@@ -72,3 +73,42 @@ def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, t
     assert train["provenance"]["settings"]["template"] == "alpaca_zh" and train["train_examples"] == 40
     assert read_json(copy_repo / "results/eval/lora.json")["template"] == "alpaca_zh"
     assert len(read_jsonl(copy_repo / "results/generations/lora.jsonl")) == 8
+
+
+def _template_config(copy_repo, tiny_model_dir, template):
+    config = {
+        "model": {"name": "tiny", "source": f"local:{tiny_model_dir}"},
+        "dataset": {"name": "tiny", "source": "local:tiny.jsonl"},
+        "template": template,
+        "split": {"heldout_min": 8},
+        "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 160},
+        "grid": {"method": ["lora"]},
+        "generate": {"max_new_tokens": 4, "batch_size": 8},
+    }
+    (copy_repo / "tiny.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in demo_records(48)))
+    (copy_repo / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    return "c.yaml"
+
+
+def test_a_custom_template_with_braces_runs_through_snakemake(copy_repo, tiny_model_dir):
+    """Snakemake expands braces in string params as wildcards; the template must reach every job as written."""
+    config = _template_config(copy_repo, tiny_model_dir, "Q: {instruction}\nA: ")
+    result = snakemake(copy_repo, "results/eval/lora.json", "--configfile", config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_json(copy_repo / "results/runs/lora/train.json")["provenance"]["settings"]["template"] == "Q: {instruction}\nA: "
+    assert read_json(copy_repo / "results/eval/lora.json")["template"] == "Q: {instruction}\nA: "
+    assert read_json(copy_repo / "results/runs/lora/merge.json")  # merge rendered its check prompts with it
+    assert len(read_jsonl(copy_repo / "results/generations/lora.jsonl")) == 8
+
+
+@pytest.mark.parametrize("template, prompt_start", [("plain", "用户: "), ("alpaca", "Below is an instruction")])
+def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo, tiny_model_dir, template, prompt_start):
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    config = _template_config(copy_repo, tiny_model_dir, template)
+    result = snakemake(copy_repo, "all", "--until", "tokenize_split", "--configfile", config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [folder] = (copy_repo / "results/tokenized/tiny/tiny").iterdir()
+    first = load_from_disk(str(folder / "dataset"))[0]["input_ids"]
+    assert AutoTokenizer.from_pretrained(tiny_model_dir).decode(first).startswith(prompt_start)

@@ -122,6 +122,10 @@ def test_custom_template_and_system_prompt(tokenizer):
     ("Q: {question}", r"unknown placeholder\(s\) \{question\}"),
     ("Q: {input}", r"has no \{instruction\} placeholder"),
     ("Q: {instruction", "not a valid format string"),
+    ("Q: {instruction:>400}", r"placeholder \{instruction\} .* carries a format spec"),
+    ("Q: {instruction!r}", r"placeholder \{instruction\} .* carries a format spec or conversion"),
+    ("Q: {instruction.__class__}", r"unknown placeholder\(s\) \{instruction\.__class__\}"),
+    ("Q: {instruction[0]}", r"unknown placeholder\(s\) \{instruction\[0\]\}"),
 ])
 def test_bad_templates(tokenizer, template, message):
     with pytest.raises(LoragridError, match=rf"config key 'template': .*{message}"):
