@@ -22,21 +22,16 @@ def chat_command(args) -> None:
 
 def runs_command(args) -> None:
     import yaml
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import update_config, validate
+    from snakemake.utils import update_config
 
-    from .config import check_config, schema_path
+    from .config import checked_runs
 
     # Like the Snakefile: config/config.yaml first, then each --configfile merged over it.
     config = {}
     for path in [Path(args.directory) / "config" / "config.yaml", *args.configfile]:
         with open(path, encoding="utf-8") as handle:
             update_config(config, yaml.safe_load(handle) or {})
-    try:
-        validate(config, str(schema_path()))
-    except WorkflowError as error:
-        raise LoragridError(str(error)) from None
-    runs = check_config(config, workdir=args.directory)
+    runs = checked_runs(config, workdir=args.directory)
     for name, settings in runs.items():
         print(f"{name:24} {settings['method']:7} {run_status(Path(args.directory), name, settings)}")
 

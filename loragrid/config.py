@@ -148,6 +148,25 @@ def resolve_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
+def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
+    """Every check of a merged config, each before the code it keeps safe; returns the resolved runs.
+
+    The size cap comes before anything walks the config, the shapes before anything indexes
+    into it. `config` gains command-line values typed as the schema says and the schema's defaults.
+    """
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    check_config_size(config)
+    config.update(retype_command_line_values(config))
+    check_keys(config)
+    try:
+        validate(config, str(schema_path()))
+    except WorkflowError as error:
+        raise LoragridError(str(error)) from None
+    return check_config(config, workdir)
+
+
 def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     """Checks beyond the JSON schema; returns the resolved runs."""
     from jsonschema import Draft202012Validator
@@ -285,6 +304,58 @@ def _check_run_names(config: dict) -> None:
                                 "(it names a folder under results/runs/)")
 
 
+# A real config has a few hundred values; YAML aliases can make a file of a few hundred bytes
+# expand to billions, which every walk over the config (ours, Snakemake's, jsonschema's) pays for.
+MAX_CONFIG_VALUES = 100_000
+
+
+def check_config_size(config: dict) -> None:
+    """Fail on a config that expands to more than MAX_CONFIG_VALUES values, before anything walks it.
+
+    Counts every visit, so a list reached through ten aliases counts ten times: the size that
+    expanding the YAML would give, found without expanding it.
+    """
+    pending, seen = [config], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise LoragridError(f"the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases "
+                                "such as *name repeat what &name marks); write the settings out instead")
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+def _kinds(schema: dict) -> set[str]:
+    kinds = schema.get("type", [])
+    return {kinds} if isinstance(kinds, str) else set(kinds)
+
+
+def _check_shapes(value, schema: dict, definitions: dict, where: str) -> None:
+    """A mapping where the schema wants one, a list for `grid._`: checked before any code indexes into
+    them, so that a number where a section belongs is an error naming the key, not a TypeError."""
+    schema = _resolve_ref(schema, definitions)
+    if value is None or "object" not in _kinds(schema):
+        return
+    if not isinstance(value, dict):
+        raise LoragridError(f"config key '{where or 'the config'}': expected a mapping of settings (key: value "
+                            f"lines), got {type(value).__name__} {str(value)[:60]!r}")
+    prefix = f"{where}." if where else ""
+    for key, item in value.items():
+        if key in schema.get("properties", {}):
+            _check_shapes(item, schema["properties"][key], definitions, f"{prefix}{key}")
+        elif isinstance(schema.get("additionalProperties"), dict):
+            _check_shapes(item, schema["additionalProperties"], definitions, f"{prefix}{key}")
+        elif schema.get("x-values-are-runs") and key == LINKED:
+            if not isinstance(item, list):
+                raise LoragridError(f"config key '{prefix}{key}': expected a list of linked settings "
+                                    f"([{{method: lora, learning_rate: 0.0002}}, ...]), got {type(item).__name__}")
+            for index, group in enumerate(item):
+                _check_shapes(group, definitions["run"], definitions, f"{prefix}{key}[{index}]")
+
+
 def check_keys(config: dict) -> None:
     """Unknown keys, with the closest known one; names that must stay inside resources/ and results/;
     numbers that are not finite.
@@ -292,12 +363,13 @@ def check_keys(config: dict) -> None:
     Runs before the schema validation, whose messages for these cases list every allowed key
     or quote a regular expression instead of saying what was meant.
     """
-    found = _non_finite(config)
-    if found:
-        raise LoragridError(f"config key '{found[0]}': {found[1]} is not a finite number")
     import yaml
 
     schema = yaml.safe_load(schema_path().read_text())
+    _check_shapes(config, schema, schema["$defs"], "")
+    found = _non_finite(config)
+    if found:
+        raise LoragridError(f"config key '{found[0]}': {found[1]} is not a finite number")
     run_keys = schema["$defs"]["run"]["properties"]
     sections = {name: spec for name, spec in schema["properties"].items() if spec.get("additionalProperties") is False}
     for key, value in config.items():

@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 # The Snakefile (for config checks) and every job import the loragrid package of this
 # checkout: Snakemake's script preamble hands this process's sys.path on to each `script:` job.
@@ -11,20 +10,11 @@ sys.path.insert(0, workflow.basedir)
 
 from loragrid import launch
 from loragrid.common import LoragridError
-from loragrid.config import (
-    PEFT_METHODS,
-    canonical,
-    check_config,
-    check_keys,
-    retype_command_line_values,
-)
+from loragrid.config import PEFT_METHODS, canonical, checked_runs
 from loragrid.tokenized import tokenization_name, tokenization_settings
 
-config.update(retype_command_line_values(config))
 try:
-    check_keys(config)
-    validate(config, "../config/schema.yaml")
-    RUNS = check_config(config, workdir=".")
+    RUNS = checked_runs(config, workdir=".")
 except LoragridError as error:
     raise WorkflowError(str(error)) from None
 

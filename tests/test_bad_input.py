@@ -3,7 +3,7 @@ says what was expected, and leaves no partial output behind. docs/bad-input.md l
 the same cases.
 
 Each case runs the real code path: fetch_dataset + prepare for records and files, the Snakefile's
-config checks (check_keys, Snakemake's validate, check_config) for settings, fetch_model for models.
+config checks (checked_runs: the size cap, shapes, keys, Snakemake's validate, the rest) for settings, fetch_model for models.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.utils import validate
 
 from conftest import REPO, TINY_RUN, demo_records, write_jsonl
 from loragrid.common import LoragridError, read_json
-from loragrid.config import check_config, check_keys
+from loragrid.config import checked_runs
 from loragrid.data import prepare
 from loragrid.fetch import fetch_dataset, fetch_model
 
@@ -127,12 +126,16 @@ def _checked(overrides: dict, workdir: Path = REPO) -> None:
     """The Snakefile's checks, in its order (rules/common.smk)."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     for key, value in copy.deepcopy(overrides).items():
-        merge = key in ("model", "dataset", "split", "training") and isinstance(config.get(key), dict)
+        merge = key in ("model", "dataset", "split", "training") and isinstance(value, dict)
         config[key] = {**config[key], **value} if merge else value
-    check_keys(config)
-    validate(config, str(REPO / "config" / "schema.yaml"))
-    check_config(config, workdir=workdir)
+    checked_runs(config, workdir=workdir)
 
+
+# 470 bytes of YAML: nine levels of ten aliases each, 10**9 strings once expanded.
+ALIAS_BOMB = "stop: [" + ", ".join(
+    ['&a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    + [f"&a{level} [" + ", ".join([f"*a{level - 1}"] * 10) + "]" for level in range(1, 9)]
+) + "]"
 
 # (case, config overrides, message)
 CONFIG_CASES = [
@@ -188,6 +191,20 @@ CONFIG_CASES = [
      r"config key 'runs\.12': a run name must be text, got int 12 \(quote it in YAML\)"),
     ("a run name too long for a folder", {"runs": {"r" * 300: {"method": "lora"}}},
      r"config key 'runs\.r{40}\.\.\.': a run name may be at most 120 characters .* got 300"),
+    ("a section that is a number", {"training": 5},
+     r"config key 'training': expected a mapping of settings \(key: value lines\), got int '5'"),
+    ("a section that is a list", {"generate": ["max_new_tokens", 8]},
+     r"config key 'generate': expected a mapping of settings .* got list"),
+    ("a method override that is text", {"methods": {"lora": "fast"}},
+     r"config key 'methods\.lora': expected a mapping of settings .* got str 'fast'"),
+    ("a named run that is a list", {"runs": {"mine": [1, 2]}},
+     r"config key 'runs\.mine': expected a mapping of settings .* got list"),
+    ("linked grid settings that are not a list", {"grid": {"_": {"method": "lora"}}},
+     r"config key 'grid\._': expected a list of linked settings"),
+    ("a linked group that is not a mapping", {"grid": {"_": ["lora"]}},
+     r"config key 'grid\._\[0\]': expected a mapping of settings .* got str 'lora'"),
+    ("YAML aliases that expand to a billion values", {"generate": yaml.safe_load(ALIAS_BOMB)},
+     r"the config expands to more than 100,000 values \(YAML aliases"),
     ("missing local dataset file", {"dataset": {"source": "local:data/none.jsonl"}},
      r"config key 'dataset\.source': no such file or folder: data/none\.jsonl"),
     ("random model without a tokenizer", {"model": {"source": "random:config/models/qwen2.5-0.5b.json"}},
@@ -349,3 +366,16 @@ def test_a_random_source_without_its_tokenizer_stops_snakemake_before_any_job(co
     assert ("config key 'model.tokenizer': random: sources need a tokenizer folder; no such folder: data/tokenizers/none"
             in result.stdout + result.stderr)
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
+
+
+def test_a_config_file_of_nested_aliases_stops_snakemake_in_seconds(copy_repo):
+    import time
+
+    from conftest import snakemake
+
+    (copy_repo / "bomb.yaml").write_text(f"generate:\n  {ALIAS_BOMB}\n")
+    started = time.monotonic()
+    result = snakemake(copy_repo, "-n", "--configfile", "bomb.yaml", timeout=120)
+    assert result.returncode != 0
+    assert "the config expands to more than 100,000 values" in result.stdout + result.stderr
+    assert time.monotonic() - started < 60  # it took minutes and gigabytes before the cap
