@@ -43,19 +43,14 @@ def run_files(workdir: Path, run: str, merged: bool) -> dict:
 
 def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, trust_remote_code: bool = False):
     """The weights in the compute dtype, the base optionally as 4-bit NF4 (as QLoRA trains it), the adapter on top."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": modeling.compute_dtype(), "trust_remote_code": trust_remote_code,
-              "attn_implementation": modeling.attention_implementation()}
+    kwargs = {"attn_implementation": modeling.attention_implementation()}
     if load_in_4bit:
         kwargs["quantization_config"] = modeling.quantization_config("qlora4")
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = modeling.load_causal_lm(model_dir, modeling.compute_dtype(), trust_remote_code, **kwargs)
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = modeling.load_adapter(model, adapter_dir)
     if not load_in_4bit:  # bitsandbytes places quantized weights itself
         model = model.to(modeling.device())
     return model.eval()

@@ -30,6 +30,10 @@ TRACKED_PACKAGES = (
 )
 
 
+# Every folder a stage writes lists its files here; each stage that reads the folder checks them.
+MANIFEST = "manifest.json"
+
+
 class LoragridError(Exception):
     """A user-facing error: bad input or configuration, with a message that says what to fix."""
 
@@ -53,18 +57,23 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 def checksums(folder: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file below `folder`, keyed by the relative path."""
+    """sha256 of every file below `folder`, keyed by the relative path (the manifest, with its mtimes, aside)."""
     folder = Path(folder)
     return {
         str(path.relative_to(folder)): sha256_file(path)
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path != folder / MANIFEST
     }
+
+
+# Staging names: `.{output name}.tmp-{random}` beside the output.
+STAGING_MARK = ".tmp-"
 
 
 def _staging_path(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_staging(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING_MARK}", dir=final.parent))
     staging.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private; outputs get the user's usual mode
     return staging
 
@@ -91,17 +100,85 @@ def _usual_modes(folder: Path) -> None:
             path.chmod((0o666 | executable) & ~_UMASK)
 
 
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path != folder / MANIFEST:
+            stat = path.stat()
+            files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "size": stat.st_size,
+                                                    "mtime_ns": stat.st_mtime_ns}
+    write_json(folder / MANIFEST, {"files": files})
+
+
+def _rebuild_hint(folder: Path) -> str:
+    return f"delete {folder} and run snakemake again to rebuild it"
+
+
+def verify_folder(folder: str | os.PathLike) -> None:
+    """Fail when a file of `folder` changed since the stage that wrote it finished.
+
+    Snakemake sees a directory output's own timestamp, not edits inside it. Sizes and mtimes
+    are compared on every call (microseconds); a file's sha256 only where its mtime moved, so a
+    copy that kept the bytes passes. Folders from before manifests fall back to source.json.
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        files = read_json(manifest)["files"]
+    elif (folder / "source.json").exists():  # fetched before manifests: sha256 only
+        manifest, files = folder / "source.json", {name: {"sha256": digest} for name, digest in
+                                                   (read_json(folder / "source.json").get("files") or {}).items()}
+    else:
+        return
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise LoragridError(f"{path}: missing, though {manifest} lists it; {_rebuild_hint(folder)}")
+        stat = path.stat()
+        if "size" in recorded and stat.st_size != recorded["size"]:
+            raise LoragridError(f"{path}: {stat.st_size} bytes, {recorded['size']} when it was written (truncated or "
+                                f"changed since); {_rebuild_hint(folder)}")
+        if stat.st_mtime_ns != recorded.get("mtime_ns") and sha256_file(path) != recorded["sha256"]:
+            raise LoragridError(f"{path}: changed since it was written (sha256 differs from {manifest}); "
+                                f"{_rebuild_hint(folder)}")
+
+
+def lists_file(folder: str | os.PathLike, name: str) -> bool:
+    """True when the stage that wrote `folder` wrote `name` in it (its manifest, or an older fetch's source.json)."""
+    for record, key in ((Path(folder) / MANIFEST, "files"), (Path(folder) / "source.json", "files")):
+        if record.exists():
+            return name in (read_json(record).get(key) or {})
+    return False
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Staging left by a job killed outright (kill -9, out of memory): `finally` never ran there.
+
+    Only one job writes a given output at a time (Snakemake locks the working directory), so
+    any staging of this output that exists now is a dead job's.
+    """
+    for stale in final.parent.glob(f".{final.name}{STAGING_MARK}*"):
+        log.warning("removing %s, left by a job that was killed", stale)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike):
+def atomic_dir(final: str | os.PathLike, manifest: bool = True):
     """Yield a staging folder that replaces `final` only if the block succeeds.
 
     A job that dies half-way leaves no folder under the output's name, so Snakemake
-    never mistakes a partial result for a finished one.
+    never mistakes a partial result for a finished one. The folder gets a manifest of its
+    files, for the stages that read it (`manifest=False` for pages no stage reads back).
     """
     final = Path(final)
     staging = _staging_path(final)
     try:
         yield staging
+        if manifest:
+            _write_manifest(staging)
         _usual_modes(staging)
         if final.exists():
             shutil.rmtree(final)
@@ -116,7 +193,8 @@ def atomic_file(final: str | os.PathLike, mode: str = "w"):
     """Open a temporary file that is renamed to `final` only when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    remove_stale_staging(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}{STAGING_MARK}", dir=final.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; outputs get the user's usual mode
     try:
         encoding = None if "b" in mode else "utf-8"
@@ -211,7 +289,8 @@ def git_commit(folder: str | os.PathLike | None = None) -> str | None:
 
 def settings_hash(settings: dict) -> str:
     canonical_json = json.dumps(settings, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical_json.encode()).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 reaches here as lone surrogates.
+    return hashlib.sha256(canonical_json.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def provenance(settings: dict, inputs: dict[str, str | os.PathLike], dataset_sha256: str | None = None) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import modeling
-from .common import provenance, read_json, read_jsonl, write_json
+from .common import provenance, read_json, read_jsonl, verify_folder, write_json
 from .templates import tokenize_split
 from .tokenized import load_tokenizer
 
@@ -56,6 +56,8 @@ def evaluate(model_dir, heldout_path, generations_path, generation_meta_path, te
              batch_size: int = 8, trust_remote_code: bool = False) -> dict:
     import sacrebleu
 
+    for folder in (model_dir, Path(heldout_path).parent):
+        verify_folder(folder)
     records = read_jsonl(heldout_path)
     generations = read_jsonl(generations_path)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .common import LoragridError, atomic_dir, checksums, read_json, settings_hash, sha256_file, write_json
+from .common import MANIFEST, LoragridError, atomic_dir, checksums, read_json, settings_hash, sha256_file, write_json
 from .config import check_tokenizer_folder, read_random_config
 from .data import FILE_FORMATS, gather_records
 from .modeling import PICKLED_MODEL
@@ -190,8 +190,11 @@ def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
         raise LoragridError(f"config key 'model.source': {folder} has no config.json")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise LoragridError(f"config key 'model.source': {folder} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
-    if not list(folder.glob("*.safetensors")) and not (folder / PICKLED_MODEL).exists():
-        raise LoragridError(f"config key 'model.source': {folder} has no *.safetensors weights (pickled .bin files are not loaded)")
+    # The names transformers loads weights from: any other .safetensors file would leave it a
+    # pytorch_model.bin to fall back to (and unpickle), or nothing at all.
+    if not any((folder / name).exists() for name in (*SAFETENSORS_WEIGHTS, PICKLED_MODEL)):
+        raise LoragridError(f"config key 'model.source': {folder} has no safetensors weights ({' or '.join(SAFETENSORS_WEIGHTS)}; "
+                            "pickled .bin files are not loaded)")
     try:
         AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -200,6 +203,9 @@ def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
 
 
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# Pickled weights are never copied into a model folder, whatever the source holds.
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 def _model_settings(source: str, gguf_file: str | None, tokenizer: str | None, seed: int) -> dict:
@@ -234,13 +240,14 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
             folder = Path(location)
             _check_model_folder(folder, trust_remote_code)
             # A pickle is unpickled only when it came through torch: with allow_pickle, never from a folder.
-            shutil.copytree(folder, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(PICKLED_MODEL))
+            # A loragrid folder's own records (source.json, manifest) are written afresh for the copy.
+            shutil.copytree(folder, staging, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(*PICKLE_PATTERNS, ".*", "source.json", MANIFEST))
         elif scheme in ("hf", "modelscope"):
             path, hub = _hub_snapshot(scheme, location, "model", offline, MODEL_FILES)
             _check_model_folder(path, trust_remote_code)
             # Only what a model folder needs: pickled .bin weights are never copied.
-            shutil.copytree(path, staging, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "._____temp", ".*"))
+            shutil.copytree(path, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*PICKLE_PATTERNS, ".*"))
             provenance.update(hub)
         elif scheme == "torch":
             _save_from_pickle(Path(location), staging, allow_pickle)  # source_sha256 is the pickle's checksum

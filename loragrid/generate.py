@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import modeling
-from .common import package_versions, read_jsonl, write_json, write_jsonl
+from .common import package_versions, read_jsonl, verify_folder, write_json, write_jsonl
 from .templates import prompt_token_ids
 from .tokenized import load_tokenizer
 
@@ -35,6 +36,8 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
              trust_remote_code: bool = False) -> dict:
     from transformers import set_seed
 
+    for folder in (model_dir, Path(heldout_path).parent):
+        verify_folder(folder)
     set_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
     model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from . import modeling
-from .common import LoragridError, atomic_dir, read_json, read_jsonl, write_json
+from .common import LoragridError, atomic_dir, read_json, read_jsonl, verify_folder, write_json
 from .templates import tokenize_example
 from .tokenized import load_tokenizer
 
@@ -40,17 +41,14 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
     `quantization` holds the run's bnb_4bit_* settings, so that a QLoRA adapter is also compared
     against the quantized model it was trained on (the schema's defaults without it).
     """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    for folder in (base_dir, adapter_dir, Path(heldout_path).parent):
+        verify_folder(folder)
     tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
     batch = _check_batch(tokenizer, template, heldout_path, check_prompts)
 
     # Merging happens in fp32 so the check measures the merge, not bf16 rounding.
-    base = modeling.load_pickled(base_dir, torch.float32)
-    if base is None:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
+    base = modeling.load_causal_lm(base_dir, torch.float32, trust_remote_code)
+    with_adapter = modeling.load_adapter(base, adapter_dir).eval()
     adapter_logits = _logits(with_adapter, batch)
     merged = with_adapter.merge_and_unload()
     merged_logits = _logits(merged, batch)
@@ -75,7 +73,7 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
         # ones (as the usual QLoRA recipes do). Record how far that moves the logits.
         quantized = modeling.load_for_training(base_dir, method, trust_remote_code, quantization)
         summary["quantization_of_training_model"] = modeling.quantization_summary(quantized)
-        quantized_logits = _logits(PeftModel.from_pretrained(quantized, adapter_dir).eval(), batch)
+        quantized_logits = _logits(modeling.load_adapter(quantized, adapter_dir).eval(), batch)
         summary["relative_logit_difference_vs_quantized_training_model"] = _relative_difference(
             quantized_logits, merged_logits
         )
@@ -92,8 +90,6 @@ def merge(base_dir, adapter_dir, out_dir, heldout_path, template: str, method: s
 
 
 def _from_pickle(base_dir) -> bool:
-    from pathlib import Path
-
     source = Path(base_dir) / "source.json"
     return source.exists() and read_json(source)["source"].startswith("torch:")
 

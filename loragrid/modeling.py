@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .common import LoragridError
+from .common import MANIFEST, LoragridError, lists_file, verify_folder
 
 log = logging.getLogger("loragrid.modeling")
 
@@ -64,42 +66,61 @@ def quantization_config(method: str, settings: dict | None = None):
     return None
 
 
+def load_causal_lm(model_dir, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs):
+    """The model in `model_dir`, as every stage loads it: the folder checked first, safetensors only.
+
+    `use_safetensors=True` keeps transformers from falling back to a pytorch_model.bin that sits
+    beside unrelated .safetensors files; a pickle is read only where loragrid wrote it (PICKLED_MODEL).
+    """
+    from transformers import AutoModelForCausalLM
+
+    verify_folder(model_dir)
+    pruned = load_pickled(model_dir, dtype)
+    if pruned is not None:
+        return pruned
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    use_safetensors=True, **kwargs)
+    except (OSError, SafetensorError) as error:
+        raise LoragridError(f"{model_dir}: the weights do not load ({error}); delete {model_dir} and run "
+                            "snakemake again to rebuild it") from error
+
+
+def load_adapter(model, adapter_dir, **kwargs):
+    """peft's own loader, on the adapter_model.safetensors that training wrote (never a .bin beside it)."""
+    from peft import PeftModel
+
+    verify_folder(adapter_dir)
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise LoragridError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not loaded); "
+                            f"delete {adapter_dir} and run snakemake again to train it")
+    return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+
+
 def load_for_training(model_dir, method: str, trust_remote_code: bool = False, settings: dict | None = None):
     """The base model as the method trains it.
 
     full keeps fp32 master weights (bf16 autocast does the math): with bf16 weights the
     small updates of fine-tuning round away. LoRA freezes the base, so a bf16 copy suffices.
     """
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.float32 if method == "full" else compute_dtype()
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
-              "attn_implementation": attention_implementation()}
+    kwargs = {"attn_implementation": attention_implementation()}
     quantization = quantization_config(method, settings)
-    pruned = load_pickled(model_dir, dtype)
-    if pruned is not None:
-        if quantization is not None:
+    if quantization is not None:
+        if has_pickled_model(model_dir):
             raise LoragridError(
                 f"config key 'method': {method} quantizes weights while transformers loads them from safetensors; "
                 f"{model_dir} holds a pickled model with pruned shapes, which trains with full or lora only"
             )
-        return pruned
-    if quantization is not None:
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": process_gpu()}
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return load_causal_lm(model_dir, dtype, trust_remote_code, **kwargs)
 
 
 def load_for_inference(model_dir, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    model = load_pickled(model_dir, dtype or compute_dtype())
-    if model is None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype or compute_dtype(), trust_remote_code=trust_remote_code,
-            attn_implementation=attention_implementation(),
-        )
+    model = load_causal_lm(model_dir, dtype or compute_dtype(), trust_remote_code,
+                           attn_implementation=attention_implementation())
     return model.to(device()).eval()
 
 
@@ -108,20 +129,24 @@ def load_for_inference(model_dir, dtype: torch.dtype | None = None, trust_remote
 PICKLED_MODEL = "pytorch_model.pickle.bin"
 
 
+def has_pickled_model(model_dir) -> bool:
+    return (Path(model_dir) / PICKLED_MODEL).exists()
+
+
 def load_pickled(model_dir, dtype: torch.dtype):
     """The pickled model in `model_dir`, or None where the folder holds safetensors only."""
-    from pathlib import Path
-
     path = Path(model_dir) / PICKLED_MODEL
     if not path.exists():
         return None
+    if not lists_file(model_dir, PICKLED_MODEL):
+        raise LoragridError(f"{path}: a pickle that loragrid did not write (the folder's {MANIFEST} does not list "
+                            "it); loading a pickle runs code from the file, so it is not loaded. Remove it, or fetch "
+                            "the model through a torch: source with model.allow_pickle: true")
     # Written by loragrid itself, from a source the config allowed to be unpickled (model.allow_pickle).
     return torch.load(path, map_location="cpu", weights_only=False)["model"].to(dtype)
 
 
 def save_pickled(model, tokenizer, out_dir) -> None:
-    from pathlib import Path
-
     torch.save({"model": model, "tokenizer": tokenizer}, Path(out_dir) / PICKLED_MODEL)
 
 

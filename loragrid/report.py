@@ -397,7 +397,7 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
         handle.write(_html_page("Memory and quality of every run", summary_html(tables, notes, [memory_plot, quality_plot])))
     with atomic_file(samples_page) as handle:
         handle.write(_html_page("Answers to held-out questions", samples_html(samples)))
-    with atomic_dir(runs_dir) as staging:
+    with atomic_dir(runs_dir, manifest=False) as staging:  # pages of the HTML report, read by people only
         for (name, files), (_, row) in zip(runs.items(), table.iloc[1:].iterrows()):
             (staging / f"{name}.html").write_text(run_page(name, files, row, samples), encoding="utf-8")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import LoragridError, atomic_dir, read_json, read_jsonl, sha256_file, write_json
+from .common import LoragridError, atomic_dir, read_json, read_jsonl, sha256_file, verify_folder, write_json
 from .templates import tokenize_split
 
 log = logging.getLogger("loragrid.tokenized")
@@ -58,6 +58,8 @@ def build_dataset(tokenizer, template: str, data_dir, settings: dict):
 
 def tokenize_to_disk(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False) -> dict:
     """Write the tokenized train split (Arrow) and tokenize.json into `out_dir`; returns the summary."""
+    for folder in (model_dir, data_dir):
+        verify_folder(folder)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     dataset, tokenization = build_dataset(tokenizer, template, data_dir, settings)
     summary = {

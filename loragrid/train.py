@@ -23,7 +23,7 @@ import torch
 
 from . import memory, modeling
 from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, settings_hash,
-                     sha256_file, write_json)
+                     sha256_file, verify_folder, write_json)
 from .templates import IGNORE_INDEX
 from .tokenized import build_dataset, load_tokenized, load_tokenizer
 
@@ -44,34 +44,6 @@ def current_rss_bytes() -> int:
 def peak_memory() -> dict:
     # ru_maxrss is in KiB on Linux: the whole process's high-water mark, loading included.
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def verify_model_checksums(model_dir) -> None:
-    """Every file that source.json lists must still have its recorded sha256 (fetch wrote both).
-
-    Runs before the model is loaded: a file changed or truncated since the fetch is reported
-    instead of being trained on.
-    """
-    source = Path(model_dir) / "source.json"
-    if not source.exists():
-        return
-    recorded = read_json(source).get("files") or {}
-    for name, expected in recorded.items():
-        path = Path(model_dir) / name
-        if not path.is_file():
-            raise LoragridError(f"{path}: listed in {source} but missing; delete {model_dir} to fetch it again")
-        if sha256_file(path) != expected:
-            raise LoragridError(f"{path}: sha256 differs from {source}; the file changed after the fetch "
-                                f"(delete {model_dir} to fetch it again)")
-
-
-def verify_prepared_split(data_dir) -> None:
-    """train.jsonl must be the file prepare wrote (prepare.json holds its sha256)."""
-    recorded = read_json(Path(data_dir) / "prepare.json").get("output_sha256", {}).get("train.jsonl")
-    path = Path(data_dir) / "train.jsonl"
-    if recorded and sha256_file(path) != recorded:
-        raise LoragridError(f"{path}: sha256 differs from {Path(data_dir) / 'prepare.json'}; the split changed "
-                            "after prepare (delete the folder to prepare it again)")
 
 
 def gradient_accumulation_steps(batch_size: int, micro_batch_size: int) -> int:
@@ -336,8 +308,9 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
     method = settings["method"]
     device = modeling.device()
-    verify_model_checksums(model_dir)
-    verify_prepared_split(data_dir)
+    for folder in (model_dir, data_dir, tokenized_dir):
+        if folder is not None:
+            verify_folder(folder)
     check_optimizer(settings["optimizer"], device)
     gradient_accumulation_steps(settings["batch_size"], settings["micro_batch_size"])
     if settings["report_to"] == "tensorboard" and tensorboard_dir is None:

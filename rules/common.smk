@@ -34,7 +34,8 @@ TOKENIZATIONS = {
 
 def verbatim(value):
     """A params value exactly as configured: Snakemake reads braces in string params as
-    wildcards, and a custom template's {instruction} (or a brace in a path) is not one."""
+    wildcards, and a custom template's {instruction} (or a brace in a path) is not one.
+    """
     return lambda wildcards: value
 
 

