@@ -9,10 +9,15 @@ import torch
 from . import modeling
 from .common import LoragridError, read_json
 from .generate import generation_config
-from .templates import prompt_token_ids
+from .templates import TEMPLATES, prompt_token_ids
 from .tokenized import load_tokenizer
 
 QUIT_WORDS = ("exit", "quit")
+
+
+def shown_template(template: str) -> str:
+    """A named template by its name, a custom one quoted (its newlines escaped, its spaces visible)."""
+    return template if template in TEMPLATES else repr(template)
 
 
 def finished_runs(workdir: Path) -> list[str]:
@@ -72,7 +77,7 @@ class Chat:
         self.model = load_model(files["model_dir"], files["adapter_dir"], load_in_4bit, trust_remote_code)
         self.config = generation_config(self.tokenizer, settings)
         self.description = (f"{run}: {'adapter on ' if files['adapter_dir'] else ''}{files['model_dir']}"
-                            f"{' (4-bit)' if load_in_4bit else ''}, template {self.template}, "
+                            f"{' (4-bit)' if load_in_4bit else ''}, template {shown_template(self.template)}, "
                             f"max_new_tokens {settings['max_new_tokens']}, "
                             f"{'sampling' if settings['do_sample'] else 'greedy'}")
 

@@ -140,6 +140,9 @@ def tiny_config(workdir, model_dir, records=None, **overrides):
     return path
 
 
+CUSTOM_TEMPLATE = "Q: {instruction}\nA: "
+
+
 @pytest.fixture(scope="session")
 def tiny_workflow(tmp_path_factory, tiny_model_dir):
     """The whole DAG run once on the tiny model: (workflow folder, config file, snakemake's output).
@@ -147,7 +150,9 @@ def tiny_workflow(tmp_path_factory, tiny_model_dir):
     Shared by every test module that needs finished results; tests must not change them.
     """
     workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "workflow")
-    config = tiny_config(workdir, tiny_model_dir)
+    # A custom template: Snakemake must pass its braces to every job as written (the default
+    # config's chat template runs end to end in test_real_model.py).
+    config = tiny_config(workdir, tiny_model_dir, template=CUSTOM_TEMPLATE)
     result = snakemake(workdir, "all", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, config, result.stdout + result.stderr

@@ -7,6 +7,7 @@ import sys
 
 import pexpect
 
+from conftest import CUSTOM_TEMPLATE
 from loragrid.__main__ import parser
 from loragrid.common import read_jsonl
 
@@ -52,7 +53,7 @@ def test_interactive_chat_in_a_terminal(tiny_workflow):
     session = pexpect.spawn(sys.executable, ["-m", "loragrid", "chat", "--run", "lora"], cwd=str(workdir),
                             encoding="utf-8", timeout=180, dimensions=(40, 200))
     # The run's template and generation settings (tiny config: max_new_tokens 4, greedy), the adapter on its base.
-    session.expect_exact("lora: adapter on resources/models/tiny, template chat, max_new_tokens 4, greedy")
+    session.expect_exact(f"lora: adapter on resources/models/tiny, template {CUSTOM_TEMPLATE!r}, max_new_tokens 4, greedy")
     for question in questions:
         session.expect_exact("you> ")
         session.sendline(question)

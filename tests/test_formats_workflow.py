@@ -93,17 +93,6 @@ def _template_config(copy_repo, tiny_model_dir, template, data_format="qa"):
     return "c.yaml"
 
 
-def test_a_custom_template_with_braces_runs_through_snakemake(copy_repo, tiny_model_dir):
-    """Snakemake expands braces in string params as wildcards; the template must reach every job as written."""
-    config = _template_config(copy_repo, tiny_model_dir, "Q: {instruction}\nA: ")
-    result = snakemake(copy_repo, "results/eval/lora.json", "--configfile", config)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert read_json(copy_repo / "results/runs/lora/train.json")["provenance"]["settings"]["template"] == "Q: {instruction}\nA: "
-    assert read_json(copy_repo / "results/eval/lora.json")["template"] == "Q: {instruction}\nA: "
-    assert read_json(copy_repo / "results/runs/lora/merge.json")  # merge rendered its check prompts with it
-    assert len(read_jsonl(copy_repo / "results/generations/lora.jsonl")) == 8
-
-
 @pytest.mark.parametrize("template, data_format, prompt_start",
                          [("plain", "qa", "用户: "), ("alpaca", "alpaca", "Below is an instruction")])
 def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo, tiny_model_dir, template,

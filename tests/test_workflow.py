@@ -12,7 +12,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import demo_records, snakemake, tiny_config
+from conftest import CUSTOM_TEMPLATE, demo_records, snakemake, tiny_config
 
 
 def test_whole_dag_writes_the_report(tiny_workflow):
@@ -26,6 +26,12 @@ def test_whole_dag_writes_the_report(tiny_workflow):
     checkpointing = {name: json.loads((workdir / f"results/runs/{name}/train.json").read_text())["gradient_checkpointing"]
                      for name in ("full", "lora", "qlora4", "qlora8")}
     assert checkpointing == {"full": False, "lora": False, "qlora4": True, "qlora8": True}
+    # The custom template reached training, merge, generation and evaluation as written.
+    for name in ("full", "lora"):
+        provenance = json.loads((workdir / f"results/runs/{name}/train.json").read_text())["provenance"]
+        assert provenance["settings"]["template"] == CUSTOM_TEMPLATE
+        assert json.loads((workdir / f"results/eval/{name}.json").read_text())["template"] == CUSTOM_TEMPLATE
+    assert json.loads((workdir / "results/runs/lora/merge.json").read_text())["max_relative_logit_difference"] < 1e-3
     report = (workdir / "results/report/report.md").read_text()
     assert "training memory (GB)" in report and "qlora8" in report
     for name in ("base", "full", "lora", "qlora4", "qlora8"):
