@@ -124,6 +124,11 @@ def snakemake(workdir, *args, timeout=900):
     return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout)
 
 
+def results_dir(workdir: Path, experiment: str = "tiny") -> Path:
+    """Where a workflow run in `workdir` writes its results (tiny_config's experiment by default)."""
+    return workdir / "results"
+
+
 def tiny_config(workdir, model_dir, records=None, **overrides):
     data = write_jsonl(workdir / "tiny.jsonl", records if records is not None else demo_records(48))
     config = {
