@@ -44,8 +44,8 @@ test-slurm: install-test
 	$(BIN)/python -m pytest tests/test_slurm.py $(PYTEST_ARGS)
 
 # The memory comparison table at Qwen2.5-0.5B's shape with random weights (config/memory-table.yaml):
-# trains every method for two steps, on the GPU when there is one, and prints the table. The runs
-# share their names (full, lora, qlora4, qlora8) with the default config's and replace their results.
+# trains every method for two steps, on the GPU when there is one, and prints the table. Its results
+# go to their own experiment folder (results/qwen2.5-0.5b-shape-random--emoji_qa/), beside the default run's.
 memory-table: install
 	$(BIN)/snakemake --cores $(CORES) all --configfile config/memory-table.yaml
-	@awk '/^## Memory comparison/{show=1} /^## Quality/{show=0} show' results/report/report.md
+	@awk '/^## Memory comparison/{show=1} /^## Quality/{show=0} show' results/qwen2.5-0.5b-shape-random--emoji_qa/report/report.md

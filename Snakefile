@@ -23,3 +23,17 @@ rule all:
     default_target: True
     input:
         rules.report.output,
+
+
+onsuccess:
+    from loragrid.report import write_index
+
+    write_index(
+        "results",
+        EXPERIMENT,
+        {
+            "model": config["model"]["source"],
+            "dataset": config["dataset"]["source"],
+            "runs": list(RUNS),
+        },
+    )

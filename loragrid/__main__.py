@@ -13,7 +13,8 @@ def chat_command(args) -> None:
     from .chat import Chat, interactive
 
     chat = Chat(args.directory, args.run, merged=args.merged, load_in_4bit=args.load_in_4bit,
-                max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+                max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
+                experiment=args.experiment)
     if args.question:
         print(chat.answer(args.question))
     else:
@@ -21,19 +22,17 @@ def chat_command(args) -> None:
 
 
 def runs_command(args) -> None:
-    import yaml
-    from snakemake.utils import update_config
+    from snakemake.cli import parse_config
 
-    from .config import checked_runs
+    from .config import checked_runs, experiment_name, load_config
 
-    # Like the Snakefile: config/config.yaml first, then each --configfile merged over it.
-    config = {}
-    for path in [Path(args.directory) / "config" / "config.yaml", *args.configfile]:
-        with open(path, encoding="utf-8") as handle:
-            update_config(config, yaml.safe_load(handle) or {})
+    # The Snakefile's own loader, with the values parsed as `snakemake --config` parses them.
+    config = load_config(args.configfile, parse_config(args.config))
     runs = checked_runs(config, workdir=args.directory)
+    results = Path(args.directory) / "results" / experiment_name(config)
+    print(f"experiment {experiment_name(config)} ({results})")
     for name, settings in runs.items():
-        print(f"{name:24} {settings['method']:7} {run_status(Path(args.directory), name, settings)}")
+        print(f"{name:24} {settings['method']:7} {run_status(results, name, settings)}")
 
 
 def memory_command(args) -> None:
@@ -64,17 +63,17 @@ def memory_command(args) -> None:
         print(" | ".join(cells))
 
 
-def run_status(workdir: Path, name: str, settings: dict) -> str:
+def run_status(results: Path, name: str, settings: dict) -> str:
     """How far a run got, judged by its train.json's recorded settings and its evaluation."""
     from .common import read_json
 
-    train_json = workdir / "results" / "runs" / name / "train.json"
+    train_json = results / "runs" / name / "train.json"
     if not train_json.exists():
         return "not trained"
     trained_with = read_json(train_json)["provenance"]["settings"]
     if any(trained_with.get(key) != value for key, value in settings.items()):
         return "trained with other settings (snakemake re-runs it)"
-    return "evaluated" if (workdir / "results" / "eval" / f"{name}.json").exists() else "trained"
+    return "evaluated" if (results / "eval" / f"{name}.json").exists() else "trained"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("--run", required=True, help="run name as in the report, or 'base' for the untuned model")
     chat.add_argument("--merged", action="store_true",
-                      help="load the merged model (results/runs/RUN/merged) instead of base model + adapter")
+                      help="load the merged model (results/EXPERIMENT/runs/RUN/merged) instead of base model + adapter")
+    chat.add_argument("--experiment", help="the experiment under results/ (default: the only one with answers)")
     chat.add_argument("--load-in-4bit", action="store_true",
                       help="load the weights as 4-bit NF4 with bitsandbytes (as QLoRA trains them)")
     chat.add_argument("--question", help="answer this one question and exit")
@@ -109,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     )
     runs.add_argument("--configfile", nargs="+", default=[],
                       help="config files merged over config/config.yaml, later ones over earlier ones")
+    runs.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="values merged over the config files, as `snakemake --config` takes them")
     runs.add_argument("--directory", type=Path, default=Path("."), help="the workflow folder (default: .)")
     runs.set_defaults(handler=runs_command)
 

@@ -20,22 +20,38 @@ def shown_template(template: str) -> str:
     return template if template in TEMPLATES else repr(template)
 
 
-def finished_runs(workdir: Path) -> list[str]:
-    return sorted(path.stem for path in (workdir / "results" / "generations").glob("*.json"))
+def experiment_dir(workdir: Path, experiment: str | None) -> Path:
+    """results/EXPERIMENT in the workflow folder; without a name, its only experiment with answers."""
+    found = sorted(path.parent.name for path in (workdir / "results").glob("*/generations"))
+    if experiment is not None:
+        if experiment not in found:
+            raise LoragridError(f"--experiment {experiment}: no {workdir / 'results' / experiment / 'generations'} "
+                                f"(experiments with answers: {', '.join(found) or 'none'})")
+        return workdir / "results" / experiment
+    if len(found) == 1:
+        return workdir / "results" / found[0]
+    if not found:
+        raise LoragridError(f"{workdir / 'results'} holds no answers yet; run `snakemake --cores 1 all` first")
+    raise LoragridError(f"{len(found)} experiments in {workdir / 'results'} ({', '.join(found)}); "
+                        "choose one with --experiment")
 
 
-def run_files(workdir: Path, run: str, merged: bool) -> dict:
+def finished_runs(results: Path) -> list[str]:
+    return sorted(path.stem for path in (results / "generations").glob("*.json"))
+
+
+def run_files(workdir: Path, results: Path, run: str, merged: bool) -> dict:
     """Where a run's weights are and how it was asked: {'model_dir', 'adapter_dir' or None, 'template', 'settings'}.
 
-    The generation stage's record (results/generations/RUN.json) names the template, the
-    generation settings and the weights it used (merged, full model or base).
+    The generation stage's record (results/EXPERIMENT/generations/RUN.json) names the template,
+    the generation settings and the weights it used (merged, full model or base).
     """
-    meta_path = workdir / "results" / "generations" / f"{run}.json"
+    meta_path = results / "generations" / f"{run}.json"
     if not meta_path.exists():
-        known = ", ".join(finished_runs(workdir)) or "none yet; run `snakemake --cores 1 all` first"
+        known = ", ".join(finished_runs(results)) or "none yet; run `snakemake --cores 1 all` first"
         raise LoragridError(f"run '{run}' has no {meta_path} (finished runs: {known})")
     meta = read_json(meta_path)
-    adapter_dir = workdir / "results" / "runs" / run / "adapter"
+    adapter_dir = results / "runs" / run / "adapter"
     if merged or not adapter_dir.exists():
         model_dir = workdir / meta["model_dir"]
         if merged and not (adapter_dir.exists() and model_dir.name == "merged"):
@@ -63,10 +79,10 @@ def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, tr
 
 class Chat:
     def __init__(self, workdir, run: str, merged: bool = False, load_in_4bit: bool = False,
-                 max_new_tokens: int | None = None, trust_remote_code: bool = False):
+                 max_new_tokens: int | None = None, trust_remote_code: bool = False, experiment: str | None = None):
         from transformers.utils import logging as transformers_logging
 
-        files = run_files(Path(workdir), run, merged)
+        files = run_files(Path(workdir), experiment_dir(Path(workdir), experiment), run, merged)
         transformers_logging.disable_progress_bar()  # a loading bar per start clutters a chat
         self.run = run
         self.template = files["template"]
@@ -89,10 +105,14 @@ class Chat:
         ids = prompt_token_ids(self.tokenizer, self.template, [{"role": "user", "content": question}])
         input_ids = torch.tensor([ids], device=self.model.device)
         # TextStreamer prints the answer to stdout as it is generated, then a newline.
-        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        streaming = stream and self.config.num_beams == 1  # transformers streams greedy and sampled decoding only
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if streaming else None
         output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                      generation_config=self.config, streamer=streamer)
-        return self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        if stream and not streaming:
+            print(answer)
+        return answer
 
 
 def interactive(chat: Chat) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import itertools
 import math
 import re
@@ -25,6 +27,7 @@ NAME_LABELS = {
     "learning_rate": "lr",
     "lr_scheduler_type": "sched",
     "warmup_ratio": "warm",
+    "warmup_steps": "wsteps",
     "epochs": "ep",
     "max_steps": "steps",
     "batch_size": "bs",
@@ -71,8 +74,34 @@ def canonical(value):
     return value
 
 
+# Two spellings of one setting: a layer that sets one (to anything but its neutral value)
+# turns the other off below it, so `training: {warmup_steps: 10}` over the default
+# warmup_ratio means 10 steps. Both in one mapping is an error (_check_exclusive).
+EXCLUSIVE_KEYS = {"warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_steps"}
+NEUTRAL = {"warmup_steps": None, "warmup_ratio": 0.0}
+
+
+def _sets(mapping: dict, key: str) -> bool:
+    return key in mapping and mapping[key] not in (NEUTRAL[key], 0)
+
+
+def overlay(base: dict, override: dict, replaced: tuple[str, ...] = ()) -> dict:
+    """`override` over `base` as Snakemake merges config files (mappings key by key, anything else
+    replaced), except that the keys in `replaced` are replaced whole and EXCLUSIVE_KEYS hold."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in replaced:
+            merged[key] = overlay(merged[key], value)
+        else:
+            merged[key] = value
+    for key, other in EXCLUSIVE_KEYS.items():
+        if _sets(override, key) and other not in override and other in merged:
+            merged[other] = NEUTRAL[other]
+    return merged
+
+
 def method_defaults(config: dict, method: str) -> dict:
-    return {**config["training"], **config["methods"].get(method, {}), "method": method}
+    return {**overlay(config["training"], config["methods"].get(method, {})), "method": method}
 
 
 def _format_value(value) -> str:
@@ -84,14 +113,15 @@ def _format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
-        return "+".join(str(item) for item in value)
+        return ".".join(str(item) for item in value)  # a folder name: letters, digits, '.', '_' and '-' only
     return str(value)
 
 
 def run_name(settings: dict, defaults: dict) -> str:
     parts = [settings["method"]]
     for key, label in NAME_LABELS.items():
-        if key in settings and settings[key] != defaults.get(key):
+        turned_off = key in EXCLUSIVE_KEYS and _sets(settings, EXCLUSIVE_KEYS[key])  # said by its partner
+        if key in settings and settings[key] != defaults.get(key) and not turned_off:
             parts.append(f"{label}{_format_value(settings[key])}")
     return "-".join(parts)
 
@@ -103,7 +133,9 @@ CHECKPOINTING_BY_METHOD = {"full": False, "lora": False, "qlora4": True, "qlora8
 
 def _resolve(config: dict, overrides: dict) -> dict:
     method = overrides.get("method", config["training"]["method"])
-    settings = {**method_defaults(config, method), **overrides}
+    settings = overlay(method_defaults(config, method), overrides)
+    if "target_modules" in settings and settings["target_modules"] is None:
+        settings["target_modules"] = "all-linear"  # the LoRA guide's null: every linear layer
     if settings.get("gradient_checkpointing") == "auto":
         settings["gradient_checkpointing"] = CHECKPOINTING_BY_METHOD[method]
     if method == "full":
@@ -148,6 +180,42 @@ def resolve_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
+def _check_exclusive(config: dict) -> None:
+    """Both spellings of one setting in one mapping: which one was meant cannot be told."""
+    mappings = [("training", config["training"])]
+    mappings += [(f"methods.{method}", value) for method, value in config["methods"].items()]
+    mappings += [(f"runs.{name}", value) for name, value in config["runs"].items()]
+    linked = config["grid"].get(LINKED) or []
+    mappings += [(f"grid._[{index}]", value) for index, value in enumerate(linked)]
+    mappings += [("grid", config["grid"])]
+    for where, mapping in mappings:
+        for key, other in EXCLUSIVE_KEYS.items():
+            if _sets(mapping, key) and _sets(mapping, other):
+                raise LoragridError(f"config keys '{where}.{key}' and '{where}.{other}' are both set; they say the "
+                                    f"same thing two ways: keep one (set {other}: {NEUTRAL[other]} to use {key})")
+
+
+def experiment_name(config: dict) -> str:
+    """The folder under results/ (and logs/) of this config's runs: `experiment`, or model--dataset."""
+    return config.get("experiment") or f"{config['model']['name']}--{config['dataset']['name']}"
+
+
+def load_config(configfiles=(), command_line: dict | None = None) -> dict:
+    """config/config.yaml, then each config file, then `--config` values, merged as Snakemake merges
+    them except that a `grid` replaces the grid below it: a grid names exactly the runs it wants.
+
+    The Snakefile and `python -m loragrid runs` both build their config here.
+    """
+    from snakemake.common.configfile import load_configfile
+
+    config: dict = {}
+    for layer in [load_configfile(schema_path().parent / "config.yaml"), *map(load_configfile, configfiles),
+                  dict(command_line or {})]:
+        check_config_size(layer)
+        config = overlay(config, layer, replaced=("grid",))
+    return config
+
+
 def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     """Every check of a merged config, each before the code it keeps safe; returns the resolved runs.
 
@@ -170,9 +238,7 @@ def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
 def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     """Checks beyond the JSON schema; returns the resolved runs."""
     from jsonschema import Draft202012Validator
-    import yaml
-
-    run_schema = yaml.safe_load(schema_path().read_text())["$defs"]["run"]
+    run_schema = load_schema()["$defs"]["run"]
     validator = Draft202012Validator(run_schema)
     for key, values in config["grid"].items():
         for index, value in enumerate(values if isinstance(values, list) else [values]):
@@ -182,6 +248,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             for error in validator.iter_errors(value if key == LINKED else {key: value}):
                 field = ".".join(str(p) for p in error.path)
                 raise LoragridError(f"config key '{where}{'.' + field if key == LINKED and field else ''}': {error.message}")
+    _check_exclusive(config)
     runs = resolve_runs(config)
     for name, settings in runs.items():
         for error in validator.iter_errors(settings):
@@ -363,9 +430,7 @@ def check_keys(config: dict) -> None:
     Runs before the schema validation, whose messages for these cases list every allowed key
     or quote a regular expression instead of saying what was meant.
     """
-    import yaml
-
-    schema = yaml.safe_load(schema_path().read_text())
+    schema = load_schema()
     _check_shapes(config, schema, schema["$defs"], "")
     found = _non_finite(config)
     if found:
@@ -394,6 +459,11 @@ def check_keys(config: dict) -> None:
         if isinstance(source, str) and source.partition(":")[0] not in schemes:
             raise LoragridError(f"config key '{section}.source': unknown source type in '{source}' "
                                 f"(expected {', '.join(s + ':' for s in schemes)} followed by a location)")
+    experiment = config.get("experiment")
+    if experiment is not None and (not isinstance(experiment, str) or not SAFE_NAME.match(experiment)
+                                   or len(experiment) > MAX_RUN_NAME):
+        raise LoragridError(f"config key 'experiment': {experiment!r} is not a plain folder name under results/; use "
+                            f"letters, digits, '.', '_' and '-', starting with a letter or digit (at most {MAX_RUN_NAME})")
     for section, folder in (("model", "resources/models"), ("dataset", "resources/datasets")):
         name = (config.get(section) or {}).get("name")
         if isinstance(name, str) and not SAFE_NAME.match(name):
@@ -408,9 +478,22 @@ def schema_path() -> Path:
     return Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 
+@functools.cache
+def _schema() -> dict:
+    import yaml
+
+    return yaml.safe_load(schema_path().read_text())
+
+
+def load_schema() -> dict:
+    """config/schema.yaml, read and parsed once per process (a copy each call: callers may change theirs)."""
+    return copy.deepcopy(_schema())
+
+
 def _typed_from_text(text: str, schema: dict):
-    types = schema.get("type", [])
-    types = {types} if isinstance(types, str) else set(types)
+    types = _kinds(schema) | {kind for option in schema.get("oneOf", []) for kind in _kinds(option)}
+    if text in ("null", "~") and "null" in types:
+        return None
     if "boolean" in types and text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind, parse in (("integer", int), ("number", int), ("number", float)):
@@ -465,7 +548,5 @@ def retype_command_line_values(config: dict) -> dict:
     Snakemake reads nested --config values with YAML's BaseLoader, so `generate={max_new_tokens: 5}`
     arrives as the string '5'; only keys whose schema type is a number or boolean are converted.
     """
-    import yaml
-
-    schema = yaml.safe_load(schema_path().read_text())
+    schema = load_schema()
     return _retype(config, schema, schema["$defs"])

@@ -25,6 +25,9 @@ def generation_config(tokenizer, settings: dict):
         max_new_tokens=settings["max_new_tokens"],
         do_sample=settings["do_sample"],
         repetition_penalty=settings["repetition_penalty"],
+        # `get`: generation records written before these keys existed (chat reads them) still load.
+        num_beams=settings.get("num_beams", 1),
+        no_repeat_ngram_size=settings.get("no_repeat_ngram_size", 0),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **sampling,

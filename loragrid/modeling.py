@@ -150,6 +150,13 @@ def save_pickled(model, tokenizer, out_dir) -> None:
     torch.save({"model": model, "tokenizer": tokenizer}, Path(out_dir) / PICKLED_MODEL)
 
 
+def lora_targets(settings: dict):
+    """peft's target_modules for the run's: null means every linear layer, as the LoRA guide writes
+    it; peft itself would read None as its per-architecture default (q_proj and v_proj for Llama)."""
+    targets = settings["target_modules"]
+    return "all-linear" if targets is None else targets
+
+
 def add_lora(model, settings: dict):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
@@ -165,7 +172,7 @@ def add_lora(model, settings: dict):
         r=settings["lora_r"],
         lora_alpha=settings["lora_alpha"],
         lora_dropout=settings["lora_dropout"],
-        target_modules=settings["target_modules"],
+        target_modules=lora_targets(settings),
         bias=settings.get("lora_bias", "none"),
         use_rslora=settings.get("use_rslora", False),
         use_dora=settings.get("use_dora", False),

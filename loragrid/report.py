@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .common import atomic_dir, atomic_file, read_json, read_jsonl
+from .common import atomic_dir, atomic_file, read_json, read_jsonl, write_json
 
 log = logging.getLogger("loragrid.report")
 
@@ -438,3 +438,25 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
         handle.write("\n".join(lines))
     log.info("report of %d runs written to %s", len(runs), Path(markdown).parent)
     return table
+
+
+def write_index(results_root, experiment: str, description: dict) -> None:
+    """Record this experiment and rewrite results/index.md: every experiment of the working directory.
+
+    `description` holds the experiment's model and dataset sources and its run names. Run after a
+    successful workflow run (the Snakefile's onsuccess), so a listed report is a finished one.
+    """
+    from datetime import datetime, timezone
+
+    root = Path(results_root)
+    finished = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    write_json(root / experiment / "experiment.json", {**description, "finished": finished})
+    lines = ["# Experiments in this working directory", "",
+             "| experiment | model | dataset | runs | report | last finished |", "|:--|:--|:--|:--|:--|:--|"]
+    for record in sorted(root.glob("*/experiment.json")):
+        info, name = read_json(record), record.parent.name
+        report = f"[report.md]({name}/report/report.md)" if (record.parent / "report/report.md").exists() else "–"
+        lines.append(f"| {name} | `{info['model']}` | `{info['dataset']}` | {len(info['runs'])}: "
+                     f"{', '.join(info['runs'])} | {report} | {info['finished']} |")
+    with atomic_file(root / "index.md") as handle:
+        handle.write("\n".join(lines) + "\n")

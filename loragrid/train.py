@@ -244,6 +244,71 @@ def trainer_class():
     return Trainer
 
 
+def warmup(settings: dict) -> int | float:
+    """TrainingArguments' warmup_steps: the run's `warmup_steps` when set, else its `warmup_ratio`
+    (transformers 5 reads a float below 1 as a share of the total steps, an integer as steps).
+    `get`: settings written before warmup_steps existed still train as they did."""
+    steps = settings.get("warmup_steps")
+    return int(steps) if steps is not None else settings["warmup_ratio"]
+
+
+def check_reporting(settings: dict, tensorboard_dir, wandb_dir) -> None:
+    """Fail before loading anything where report_to has no folder to write to or no library."""
+    report_to = settings["report_to"]
+    if report_to == "tensorboard" and tensorboard_dir is None:
+        raise LoragridError("config key 'report_to': tensorboard needs a folder to write to")
+    if report_to == "wandb":
+        if wandb_dir is None and tensorboard_dir is None:
+            raise LoragridError("config key 'report_to': wandb needs a folder to write to")
+        try:
+            import wandb  # noqa: F401
+        except ImportError as error:
+            raise LoragridError(f"config key 'report_to': wandb is not installed ({error}); "
+                                "requirements.txt pins the version loragrid is tested with") from error
+
+
+@contextlib.contextmanager
+def wandb_run(folder, settings: dict, run_name: str | None):
+    """A W&B run around training, finished on the way out; yields its run folder (None on other ranks).
+
+    Started here rather than by transformers' WandbCallback (which reuses an active run) so that
+    its folder, mode and name are arguments, and finished here because the callback never calls
+    wandb.finish(): a second run in the same process would continue the first. Offline unless
+    the user's WANDB_MODE says otherwise, so that a job needs no login and no network.
+    """
+    import wandb
+
+    if int(os.environ.get("RANK", 0)) != 0:  # under DDP the callback logs from rank 0 only
+        yield None
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Read here and passed on: wandb reads its environment once per process, at its first run.
+    run = wandb.init(dir=str(folder.resolve()), project=os.environ.get("WANDB_PROJECT", "loragrid"),
+                     name=run_name, mode=os.environ.get("WANDB_MODE") or "offline", config={"loragrid": settings})
+    written = Path(run.settings.sync_dir)  # WANDB_MODE=disabled writes nothing, and not there
+    exit_code = 1
+    try:
+        yield folder / written.relative_to(folder.resolve()) if written.is_relative_to(folder.resolve()) else None
+        exit_code = 0
+    finally:
+        run.finish(exit_code=exit_code)
+
+
+@contextlib.contextmanager
+def reporting(settings: dict, tensorboard_dir=None, wandb_dir=None, run_name: str | None = None):
+    """Where report_to's library writes, from before the Trainer is built to the end of training;
+    yields the wandb run folder or None."""
+    if settings["report_to"] == "tensorboard":
+        # transformers 5's TensorBoard callback takes its folder from this variable, when it is built.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(tensorboard_dir).resolve())
+    if settings["report_to"] != "wandb":
+        yield None
+        return
+    with wandb_run(wandb_dir if wandb_dir is not None else tensorboard_dir, settings, run_name) as folder:
+        yield folder
+
+
 def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: int, output_dir, saving: bool):
     """The Trainer for one run: every training setting reaches TrainingArguments here."""
     from transformers import TrainingArguments
@@ -255,8 +320,7 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
         gradient_accumulation_steps=gradient_accumulation_steps(settings["batch_size"], micro_batch_size),
         learning_rate=settings["learning_rate"],
         lr_scheduler_type=settings["lr_scheduler_type"],
-        # transformers 5 reads a float below 1 as a share of the total steps.
-        warmup_steps=settings["warmup_ratio"],
+        warmup_steps=warmup(settings),
         num_train_epochs=settings["epochs"],
         max_steps=settings["max_steps"],
         optim=settings["optimizer"],
@@ -295,7 +359,8 @@ def objects_so_far_frozen():
 
 
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
-          checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None) -> dict:
+          checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None, wandb_dir=None,
+          run_name: str | None = None) -> dict:
     """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content.
 
     With `tokenized_dir` (the tokenize rule's output), the split is read as tokenized there;
@@ -303,6 +368,9 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
     With `checkpoint_root`, checkpoints are written every `save_steps` and a previous attempt's
     last checkpoint of the same settings is resumed; without it, training keeps no checkpoints.
+
+    report_to: wandb writes its run under `wandb_dir` (without it, under `tensorboard_dir`, the
+    run's logging folder), named `run_name`.
     """
     from transformers import set_seed
 
@@ -313,8 +381,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
             verify_folder(folder)
     check_optimizer(settings["optimizer"], device)
     gradient_accumulation_steps(settings["batch_size"], settings["micro_batch_size"])
-    if settings["report_to"] == "tensorboard" and tensorboard_dir is None:
-        raise LoragridError("config key 'report_to': tensorboard needs a folder to write to")
+    check_reporting(settings, tensorboard_dir, wandb_dir)
 
     set_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
@@ -348,13 +415,11 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         resume_from = last_complete_checkpoint(checkpoints)
         if resume_from:
             log.info("resuming from %s", resume_from)
-    if settings["report_to"] == "tensorboard":
-        # transformers 5's TensorBoard callback takes its folder from this variable.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(tensorboard_dir).resolve())
 
     dtype = modeling.compute_dtype()
     saving = checkpoints is not None and settings["save_steps"] > 0
-    with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch, \
+            reporting(settings, tensorboard_dir, wandb_dir, run_name) as wandb_folder:
         trainer = make_trainer(model, tokenizer, dataset, settings, micro_batch_size,
                                output_dir=checkpoints if saving else scratch, saving=saving)
         profile = memory.memory_profile(memory.PROFILED_STEPS)
@@ -401,6 +466,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         "steps": trainer.state.global_step,
         "resumed_from_step": resumed_step,
         "checkpoints": str(checkpoints) if saving else None,
+        "wandb_run_dir": str(wandb_folder) if wandb_folder is not None else None,
         "wall_seconds": wall,
         "train_runtime_seconds": result.metrics["train_runtime"],
         "tokens_seen_non_padding": tokens,
@@ -416,9 +482,11 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
 
 def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False,
-                   checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None) -> dict:
+                   checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None, wandb_dir=None,
+                   run_name=None) -> dict:
     summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code,
-                    checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir, tokenized_dir=tokenized_dir)
+                    checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir, tokenized_dir=tokenized_dir,
+                    wandb_dir=wandb_dir, run_name=run_name)
     if int(os.environ.get("RANK", 0)) == 0:  # under DDP (loragrid.launch) one process writes
         write_json(train_json, summary)
         if summary["checkpoints"]:

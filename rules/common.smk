@@ -10,22 +10,44 @@ sys.path.insert(0, workflow.basedir)
 
 from loragrid import launch
 from loragrid.common import LoragridError
-from loragrid.config import PEFT_METHODS, canonical, checked_runs
+from loragrid.config import (
+    PEFT_METHODS,
+    canonical,
+    checked_runs,
+    experiment_name,
+    load_config,
+)
 from loragrid.tokenized import tokenization_name, tokenization_settings
 
 try:
+    # Rebuilt from the same files and --config values, merged as loragrid merges them
+    # (Snakemake deep-merges a grid into the default one; loragrid replaces it).
+    merged = load_config(
+        workflow.config_settings.configfiles, workflow.config_settings.config
+    )
+    config.clear()
+    config.update(merged)
     RUNS = checked_runs(config, workdir=".")
 except LoragridError as error:
     raise WorkflowError(str(error)) from None
 
 MODEL = config["model"]["name"]
 DATASET = config["dataset"]["name"]
+# Each experiment (by default a model and a dataset) keeps its own results and logs: switching
+# configs never retrains over, or deletes, another experiment's runs. Fetched models and
+# datasets in resources/ are shared by name.
+EXPERIMENT = experiment_name(config)
+config["experiment"] = (
+    EXPERIMENT  # for the report's workflow description (report/workflow.rst)
+)
+RESULTS = f"results/{EXPERIMENT}"
+LOGS = f"logs/{EXPERIMENT}"
 MODEL_DIR = f"resources/models/{MODEL}"
 DATASET_DIR = f"resources/datasets/{DATASET}"
-PREPARED_DIR = f"results/data/{DATASET}"
+PREPARED_DIR = f"{RESULTS}/data/{DATASET}"
 PEFT_RUNS = [name for name, run in RUNS.items() if run["method"] in PEFT_METHODS]
 FULL_RUNS = [name for name, run in RUNS.items() if run["method"] == "full"]
-TOKENIZED_DIR = f"results/tokenized/{DATASET}/{MODEL}"
+TOKENIZED_DIR = f"{RESULTS}/tokenized/{DATASET}/{MODEL}"
 # One tokenized split per distinct tokenization in the grid, shared by all its runs.
 TOKENIZATIONS = {
     tokenization_name(run): tokenization_settings(run) for run in RUNS.values()
@@ -76,8 +98,8 @@ def model_for(name):
     if name == "base":
         return MODEL_DIR
     if name in FULL_RUNS:
-        return f"results/runs/{name}/model"
-    return f"results/runs/{name}/merged"
+        return f"{RESULTS}/runs/{name}/model"
+    return f"{RESULTS}/runs/{name}/merged"
 
 
 def tokenized_split_of(wildcards):

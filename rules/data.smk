@@ -6,7 +6,7 @@ rule prepare:
         heldout=f"{PREPARED_DIR}/heldout.jsonl",
         summary=f"{PREPARED_DIR}/prepare.json",
     log:
-        f"logs/prepare/{DATASET}.log",
+        f"{LOGS}/prepare/{DATASET}.log",
     conda:
         "../envs/data.yaml"
     params:
@@ -24,9 +24,9 @@ rule tokenize_split:
     output:
         directory(f"{TOKENIZED_DIR}/{{tokenization}}"),
     log:
-        f"logs/tokenize/{DATASET}/{MODEL}/{{tokenization}}.log",
+        f"{LOGS}/tokenize/{DATASET}/{MODEL}/{{tokenization}}.log",
     benchmark:
-        f"results/benchmarks/tokenize/{DATASET}/{MODEL}/{{tokenization}}.tsv"
+        f"{RESULTS}/benchmarks/tokenize/{DATASET}/{MODEL}/{{tokenization}}.tsv"
     wildcard_constraints:
         tokenization=one_of(TOKENIZATIONS),
     conda:

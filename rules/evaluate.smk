@@ -6,11 +6,11 @@ rule evaluate:
         answers=rules.generate.output.answers,
         meta=rules.generate.output.meta,
     output:
-        "results/eval/{name}.json",
+        f"{RESULTS}/eval/{{name}}.json",
     log:
-        "logs/evaluate/{name}.log",
+        f"{LOGS}/evaluate/{{name}}.log",
     benchmark:
-        "results/benchmarks/evaluate/{name}.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{{name}}.tsv"
     conda:
         "../envs/evaluate.yaml"
     params:

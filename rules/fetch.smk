@@ -6,9 +6,9 @@ rule fetch_model:
     output:
         directory(MODEL_DIR),
     log:
-        f"logs/fetch_model/{MODEL}.log",
+        f"{LOGS}/fetch_model/{MODEL}.log",
     benchmark:
-        f"results/benchmarks/fetch_model/{MODEL}.tsv"
+        f"{RESULTS}/benchmarks/fetch_model/{MODEL}.tsv"
     conda:
         "../envs/fetch.yaml"
     params:
@@ -26,7 +26,7 @@ rule fetch_dataset:
     output:
         directory(DATASET_DIR),
     log:
-        f"logs/fetch_dataset/{DATASET}.log",
+        f"{LOGS}/fetch_dataset/{DATASET}.log",
     conda:
         "../envs/fetch.yaml"
     params:

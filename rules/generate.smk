@@ -3,12 +3,12 @@ rule generate:
         model=lambda wildcards: model_for(wildcards.name),
         heldout=rules.prepare.output.heldout,
     output:
-        answers="results/generations/{name}.jsonl",
-        meta="results/generations/{name}.json",
+        answers=f"{RESULTS}/generations/{{name}}.jsonl",
+        meta=f"{RESULTS}/generations/{{name}}.json",
     log:
-        "logs/generate/{name}.log",
+        f"{LOGS}/generate/{{name}}.log",
     benchmark:
-        "results/benchmarks/generate/{name}.tsv"
+        f"{RESULTS}/benchmarks/generate/{{name}}.tsv"
     conda:
         "../envs/generate.yaml"
     params:

@@ -1,15 +1,15 @@
 rule merge:
     input:
         model=MODEL_DIR,
-        adapter="results/runs/{run}/adapter",
+        adapter=f"{RESULTS}/runs/{{run}}/adapter",
         heldout=rules.prepare.output.heldout,
     output:
-        merged=directory("results/runs/{run}/merged"),
-        summary="results/runs/{run}/merge.json",
+        merged=directory(f"{RESULTS}/runs/{{run}}/merged"),
+        summary=f"{RESULTS}/runs/{{run}}/merge.json",
     log:
-        "logs/merge/{run}.log",
+        f"{LOGS}/merge/{{run}}.log",
     benchmark:
-        "results/benchmarks/merge/{run}.tsv"
+        f"{RESULTS}/benchmarks/merge/{{run}}.tsv"
     wildcard_constraints:
         run=one_of(PEFT_RUNS),
     conda:

@@ -5,12 +5,12 @@ rule train_adapter:
         prepared=rules.prepare.output.summary,
         tokenized=tokenized_split_of,
     output:
-        weights=directory("results/runs/{run}/adapter"),
-        summary="results/runs/{run}/train.json",
+        weights=directory(f"{RESULTS}/runs/{{run}}/adapter"),
+        summary=f"{RESULTS}/runs/{{run}}/train.json",
     log:
-        "logs/train/{run}.log",
+        f"{LOGS}/train/{{run}}.log",
     benchmark:
-        "results/benchmarks/train/{run}.tsv"
+        f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     wildcard_constraints:
         run=one_of(PEFT_RUNS),
     conda:
@@ -24,15 +24,16 @@ rule train_adapter:
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
         # Beside, not inside, the outputs: Snakemake deletes a failed job's outputs.
-        checkpoints=lambda wildcards: f"results/checkpoints/{wildcards.run}",
-        tensorboard=lambda wildcards: f"results/tensorboard/{wildcards.run}",
+        checkpoints=lambda wildcards: f"{RESULTS}/checkpoints/{wildcards.run}",
+        tensorboard=lambda wildcards: f"{RESULTS}/tensorboard/{wildcards.run}",
+        wandb=lambda wildcards: f"{RESULTS}/wandb/{wildcards.run}",
     script:
         "../scripts/train.py"
 
 
 use rule train_adapter as train_full with:
     output:
-        weights=directory("results/runs/{run}/model"),
-        summary="results/runs/{run}/train.json",
+        weights=directory(f"{RESULTS}/runs/{{run}}/model"),
+        summary=f"{RESULTS}/runs/{{run}}/train.json",
     wildcard_constraints:
         run=one_of(FULL_RUNS),

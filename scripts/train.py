@@ -16,5 +16,7 @@ with logging_to(snakemake.log[0]):
         trust_remote_code=snakemake.params.trust_remote_code,
         checkpoint_root=snakemake.params.checkpoints,
         tensorboard_dir=snakemake.params.tensorboard,
+        wandb_dir=snakemake.params.wandb,
+        run_name=snakemake.wildcards.run,
         tokenized_dir=snakemake.input.tokenized,
     )

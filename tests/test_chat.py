@@ -34,7 +34,7 @@ def test_help_lists_every_subcommand(tmp_path):
 def test_one_shot_answer_matches_the_workflow_generation(tiny_workflow):
     """The merged run, asked one held-out question, answers as the generate stage did: same template and settings."""
     workdir, _, _ = tiny_workflow
-    generated = read_jsonl(workdir / "results/generations/lora.jsonl")[0]
+    generated = read_jsonl(workdir / "results/tiny--tiny/generations/lora.jsonl")[0]
     result = loragrid(workdir, "chat", "--run", "lora", "--merged", "--question", generated["question"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == generated["answer"]
@@ -42,14 +42,14 @@ def test_one_shot_answer_matches_the_workflow_generation(tiny_workflow):
 
 def test_one_shot_on_a_4bit_base_with_the_adapter(tiny_workflow):
     workdir, _, _ = tiny_workflow
-    question = read_jsonl(workdir / "results/generations/qlora4.jsonl")[0]["question"]
+    question = read_jsonl(workdir / "results/tiny--tiny/generations/qlora4.jsonl")[0]["question"]
     result = loragrid(workdir, "chat", "--run", "qlora4", "--load-in-4bit", "--question", question)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_interactive_chat_in_a_terminal(tiny_workflow):
     workdir, _, _ = tiny_workflow
-    questions = [g["question"] for g in read_jsonl(workdir / "results/generations/lora.jsonl")[:2]]
+    questions = [g["question"] for g in read_jsonl(workdir / "results/tiny--tiny/generations/lora.jsonl")[:2]]
     session = pexpect.spawn(sys.executable, ["-m", "loragrid", "chat", "--run", "lora"], cwd=str(workdir),
                             encoding="utf-8", timeout=180, dimensions=(40, 200))
     # The run's template and generation settings (tiny config: max_new_tokens 4, greedy), the adapter on its base.
@@ -89,12 +89,18 @@ def test_runs_lists_what_a_config_resolves_to(tiny_workflow, tmp_path):
     more.write_text("grid:\n  method: [full, lora, qlora4, qlora8]\n  lora_r: [4, 8]\n")
     result = loragrid(workdir, "runs", "--configfile", str(config), str(more))
     assert result.returncode == 0, result.stderr[-2000:]
-    status = {line.split()[0]: line.split(maxsplit=2)[2] for line in result.stdout.splitlines()}
+    header, *lines = result.stdout.splitlines()
+    assert header == "experiment tiny--tiny (results/tiny--tiny)"
+    status = {line.split()[0]: line.split(maxsplit=2)[2] for line in lines}
     assert status == {"full": "evaluated", "lora": "evaluated", "qlora4": "evaluated", "qlora8": "evaluated",
                       "lora-r8": "not trained", "qlora4-r8": "not trained", "qlora8-r8": "not trained"}
-    # Without the tiny config, the default config's runs have the same names but other settings.
+    # Another learning rate for full: the same run name with other settings.
+    changed = loragrid(workdir, "runs", "--configfile", str(config), "--config", "methods={full: {learning_rate: 0.001}}")
+    assert changed.stdout.splitlines()[1].split(maxsplit=2) == ["full", "full", "trained with other settings (snakemake re-runs it)"]
+    # The default config is another experiment (another model and dataset): nothing of it is trained here.
     default = loragrid(workdir, "runs")
-    assert default.stdout.splitlines()[0].split(maxsplit=2) == ["full", "full", "trained with other settings (snakemake re-runs it)"]
+    assert default.stdout.splitlines()[0].startswith("experiment smollm2-135m-instruct--emoji_qa")
+    assert default.stdout.splitlines()[1].split(maxsplit=2) == ["full", "full", "not trained"]
     more.write_text("grid:\n  method: [lora, qlora3]\n")
     bad = loragrid(workdir, "runs", "--configfile", str(config), str(more))
     assert bad.returncode == 2 and "qlora3" in bad.stderr

@@ -57,15 +57,15 @@ def test_one_progress_line_per_finished_job(tiny_workflow):
 def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow):
     workdir, _, _ = tiny_workflow
     # The Trainer's bar over the tiny config's 2 steps, and generate's tqdm over its one batch.
-    assert re.search(r"100%\|[^|]*\| 2/2 \[", (workdir / "logs/train/lora.log").read_text())
-    assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/generate/lora.log").read_text())
+    assert re.search(r"100%\|[^|]*\| 2/2 \[", (workdir / "logs/tiny--tiny/train/lora.log").read_text())
+    assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/tiny--tiny/generate/lora.log").read_text())
 
 
 def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir):
     config = tiny_config(copy_repo, tiny_model_dir, training={"max_steps": 2, "target_modules": ["no_such_proj"]})
-    result = snakemake(copy_repo, "results/runs/lora/train.json", "--configfile", str(config))
+    result = snakemake(copy_repo, "results/tiny--tiny/runs/lora/train.json", "--configfile", str(config))
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "config key 'target_modules'" in output and "(details: logs/train/lora.log)" in output
-    assert "ERROR: config key 'target_modules'" in (copy_repo / "logs/train/lora.log").read_text()
-    assert not (copy_repo / "results/runs/lora/adapter").exists()
+    assert "config key 'target_modules'" in output and "(details: logs/tiny--tiny/train/lora.log)" in output
+    assert "ERROR: config key 'target_modules'" in (copy_repo / "logs/tiny--tiny/train/lora.log").read_text()
+    assert not (copy_repo / "results/tiny--tiny/runs/lora/adapter").exists()

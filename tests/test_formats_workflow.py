@@ -29,22 +29,22 @@ def test_a_folder_of_csv_and_parquet_files_prepares_by_snakemake(copy_repo, tiny
               "dataset": {"name": "mine", "source": "local:mydata", "on_bad_record": "skip"},
               "split": {"heldout_min": 8}}
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml")
+    result = snakemake(copy_repo, "results/tiny--mine/data/mine/prepare.json", "--configfile", "c.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = read_json(copy_repo / "results/data/mine/prepare.json")
+    summary = read_json(copy_repo / "results/tiny--mine/data/mine/prepare.json")
     assert summary["records_valid"] == 48 and summary["source"] == ["mydata/part1.csv", "mydata/part2.parquet"]
     assert summary["rejected"] == [{"file": "mydata/part2.parquet", "row": 25,
                                     "reason": "answer field 'answer_en' is empty (an empty answer teaches the model to say nothing)"}]
 
-    again = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml")
+    again = snakemake(copy_repo, "results/tiny--mine/data/mine/prepare.json", "--configfile", "c.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr  # the same source: nothing is fetched again
     pd.DataFrame(records[:20]).to_csv(copy_repo / "mydata" / "part3.csv", index=False)  # the folder changed
-    changed = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml", "-n")
+    changed = snakemake(copy_repo, "results/tiny--mine/data/mine/prepare.json", "--configfile", "c.yaml", "-n")
     assert "rule fetch_dataset:" in changed.stdout and "rule prepare:" in changed.stdout
     (copy_repo / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     config["dataset"]["source"] = "local:other.jsonl"  # a changed source
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config))
-    moved = snakemake(copy_repo, "results/data/mine/prepare.json", "--configfile", "c.yaml", "-n")
+    moved = snakemake(copy_repo, "results/tiny--mine/data/mine/prepare.json", "--configfile", "c.yaml", "-n")
     assert "rule fetch_dataset:" in moved.stdout and "rule prepare:" in moved.stdout
 
 
@@ -65,14 +65,14 @@ def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, t
         "generate": {"max_new_tokens": 4, "batch_size": 8},
     }
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
-    result = snakemake(copy_repo, "results/eval/lora.json", "--configfile", "c.yaml")
+    result = snakemake(copy_repo, "results/tiny--chats/eval/lora.json", "--configfile", "c.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    heldout = read_jsonl(copy_repo / "results/data/chats/heldout.jsonl")
+    heldout = read_jsonl(copy_repo / "results/tiny--chats/data/chats/heldout.jsonl")
     assert [m["role"] for m in heldout[0]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
-    train = read_json(copy_repo / "results/runs/lora/train.json")
+    train = read_json(copy_repo / "results/tiny--chats/runs/lora/train.json")
     assert train["provenance"]["settings"]["template"] == "alpaca_zh" and train["train_examples"] == 40
-    assert read_json(copy_repo / "results/eval/lora.json")["template"] == "alpaca_zh"
-    assert len(read_jsonl(copy_repo / "results/generations/lora.jsonl")) == 8
+    assert read_json(copy_repo / "results/tiny--chats/eval/lora.json")["template"] == "alpaca_zh"
+    assert len(read_jsonl(copy_repo / "results/tiny--chats/generations/lora.jsonl")) == 8
 
 
 def _template_config(copy_repo, tiny_model_dir, template, data_format="qa"):
@@ -104,6 +104,6 @@ def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo
     config = _template_config(copy_repo, tiny_model_dir, template, data_format)
     result = snakemake(copy_repo, "all", "--until", "tokenize_split", "--configfile", config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    [folder] = (copy_repo / "results/tokenized/tiny/tiny").iterdir()
+    [folder] = (copy_repo / "results/tiny--tiny/tokenized/tiny/tiny").iterdir()
     first = load_from_disk(str(folder / "dataset"))[0]["input_ids"]
     assert AutoTokenizer.from_pretrained(tiny_model_dir).decode(first).startswith(prompt_start)

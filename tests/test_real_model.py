@@ -63,7 +63,7 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
     assert source["source"] == f"pypi:{WHEEL}" and source["version"] == "0.1.2"
     assert "quantization_config" not in json.loads(
         (workdir / "resources/models/smollm2-135m-instruct/config.json").read_text())
-    table = pd.read_csv(workdir / "results/report/summary.csv")
+    table = pd.read_csv(workdir / "results/smollm2-135m-instruct--emoji_qa/report/summary.csv")
     assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
     weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["qlora8"] < weights["lora"] < weights["full"]
@@ -75,7 +75,7 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
     assert ratios.between(0.85, 1.15).all(), ratios
     trainable = dict(zip(table["run"], table["trainable_params"]))
     assert trainable["full"] == 134_515_008 and trainable["lora"] == trainable["qlora4"] == 4_884_480
-    prepared = json.loads((workdir / "results/data/emoji_qa/prepare.json").read_text())
+    prepared = json.loads((workdir / "results/smollm2-135m-instruct--emoji_qa/data/emoji_qa/prepare.json").read_text())
     assert prepared["heldout"] >= 30 and prepared["rejected_count"] == 0
     rerun = subprocess.run([*command, "--dry-run"], cwd=workdir, capture_output=True, text=True)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -50,16 +50,16 @@ def test_report_is_self_contained_with_captions_and_labels(html_report, tiny_wor
     # Every result is embedded: nothing points at the results folder or the local disk.
     assert not re.search(r'(src|href)=\\?"(results/|file:)', page)
     results = embedded_results(page)
-    written = {str(path.relative_to(workdir)) for path in (workdir / "results/report").rglob("*")
+    written = {str(path.relative_to(workdir)) for path in (workdir / "results/tiny--tiny/report").rglob("*")
                if path.is_file() and not path.name.startswith(".")}
     assert set(results) == written
-    assert {f"results/report/runs/{run}.html" for run in RUNS} <= written
+    assert {f"results/tiny--tiny/report/runs/{run}.html" for run in RUNS} <= written
     for path, result in results.items():
         assert len(result["caption"]) > 40, path
         assert result["labels"], path
         assert result["data_uri"].startswith("data:"), path
-    assert results["results/report/runs/qlora4.html"]["labels"] == {"run": "qlora4"}
-    assert "The first 4 held-out questions" in results["results/report/samples.html"]["caption"]
+    assert results["results/tiny--tiny/report/runs/qlora4.html"]["labels"] == {"run": "qlora4"}
+    assert "The first 4 held-out questions" in results["results/tiny--tiny/report/samples.html"]["caption"]
 
 
 def test_report_renders_table_and_plots_in_chromium(html_report, tmp_path):

@@ -125,7 +125,7 @@ def test_train_job_asks_for_what_its_run_needs(local_and_slurm):
     _, cluster, _ = local_and_slurm
     (run, job_id), = slurm_jobs(cluster)["train_adapter"]
     job = scontrol_job(job_id)
-    settings = json.loads((cluster / f"results/runs/{run}/train.json").read_text())["provenance"]["settings"]
+    settings = json.loads((cluster / f"results/tiny--tiny/runs/{run}/train.json").read_text())["provenance"]["settings"]
     # mem_mb from the run's callable (not the profile's default), cpus_per_task from the profile.
     assert job["MinMemoryNode"] == f"{launch.train_mem_mb(settings, cluster / 'resources/models/tiny')}M"
     assert job["MinMemoryNode"] != "4000M"
@@ -135,18 +135,18 @@ def test_train_job_asks_for_what_its_run_needs(local_and_slurm):
 def test_results_equal_a_local_run(local_and_slurm):
     local, cluster, _ = local_and_slurm
     for prepared in ("train.jsonl", "heldout.jsonl"):
-        path = f"results/data/tiny/{prepared}"
+        path = f"results/tiny--tiny/data/tiny/{prepared}"
         assert (cluster / path).read_bytes() == (local / path).read_bytes()
     for method in METHODS:
-        runs = [json.loads((root / f"results/runs/{method}/train.json").read_text()) for root in (local, cluster)]
+        runs = [json.loads((root / f"results/tiny--tiny/runs/{method}/train.json").read_text()) for root in (local, cluster)]
         for key in ("parameters", "loss_curve", "steps", "tokens_seen_non_padding", "train_examples"):
             assert runs[0][key] == runs[1][key], (method, key)
         weights = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
-        assert (cluster / f"results/runs/{method}/{weights}").read_bytes() == \
-            (local / f"results/runs/{method}/{weights}").read_bytes()
+        assert (cluster / f"results/tiny--tiny/runs/{method}/{weights}").read_bytes() == \
+            (local / f"results/tiny--tiny/runs/{method}/{weights}").read_bytes()
     for name in ["base", *METHODS]:
-        path = f"results/generations/{name}.jsonl"
+        path = f"results/tiny--tiny/generations/{name}.jsonl"
         assert (cluster / path).read_text() == (local / path).read_text()
     columns = ["run", "method", "trainable_params", "heldout_loss"]
-    tables = [pd.read_csv(root / "results/report/summary.csv") for root in (local, cluster)]
+    tables = [pd.read_csv(root / "results/tiny--tiny/report/summary.csv") for root in (local, cluster)]
     pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])

@@ -50,7 +50,7 @@ def test_a_source_fetches_and_prepares_through_snakemake(copy_repo, tiny_model_d
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "1", "resources/models/tiny",
-         "results/data/tiny/prepare.json", "--configfile", "c.yaml"],
+         "results/tiny--tiny/data/tiny/prepare.json", "--configfile", "c.yaml"],
         cwd=copy_repo, capture_output=True, text=True, timeout=600, env={**os.environ, **env},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -58,4 +58,4 @@ def test_a_source_fetches_and_prepares_through_snakemake(copy_repo, tiny_model_d
     assert fetched["source"] == model["source"] and (copy_repo / "resources/models/tiny/model.safetensors").exists()
     assert not list((copy_repo / "resources/models/tiny").glob("*.bin"))
     assert read_jsonl(copy_repo / "resources/datasets/tiny/records.jsonl") == records
-    assert read_json(copy_repo / "results/data/tiny/prepare.json")["records_valid"] == 48
+    assert read_json(copy_repo / "results/tiny--tiny/data/tiny/prepare.json")["records_valid"] == 48

@@ -57,12 +57,12 @@ def test_training_reads_the_tokenized_split(tokenized_dir, tiny_model_dir, prepa
 
 def test_every_run_of_the_grid_trained_from_one_tokenized_split(tiny_workflow):
     workdir, _, _ = tiny_workflow
-    (tokenized,) = (workdir / "results/tokenized/tiny/tiny").iterdir()
+    (tokenized,) = (workdir / "results/tiny--tiny/tokenized/tiny/tiny").iterdir()
     assert tokenized.name == "cutoff96-answers-eos"
     for run in ("full", "lora", "qlora4", "qlora8"):
-        assert json.loads((workdir / f"results/runs/{run}/train.json").read_text())["tokenized_split"] == \
-            f"results/tokenized/tiny/tiny/{tokenized.name}"
-    assert (workdir / f"logs/tokenize/tiny/tiny/{tokenized.name}.log").stat().st_size > 0
+        assert json.loads((workdir / f"results/tiny--tiny/runs/{run}/train.json").read_text())["tokenized_split"] == \
+            f"results/tiny--tiny/tokenized/tiny/tiny/{tokenized.name}"
+    assert (workdir / f"logs/tiny--tiny/tokenize/tiny/tiny/{tokenized.name}.log").stat().st_size > 0
 
 
 def test_a_run_with_a_new_cutoff_len_adds_one_tokenize_job(tiny_workflow):

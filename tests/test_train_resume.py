@@ -39,7 +39,7 @@ def kill_job_when(workdir, process, ready, script_name, timeout=300):
 
 
 def complete_checkpoints(workdir):
-    return sorted(workdir.glob("results/checkpoints/lora/*/checkpoint-*/trainer_state.json"))
+    return sorted(workdir.glob("results/tiny--tiny/checkpoints/lora/*/checkpoint-*/trainer_state.json"))
 
 
 @pytest.fixture
@@ -54,16 +54,16 @@ def resumable_config(tmp_path, tiny_model_dir):
 
 def test_killed_training_resumes_from_its_last_checkpoint(resumable_config, tiny_model_dir):
     workdir, config = resumable_config
-    target = "results/runs/lora/train.json"
+    target = "results/tiny--tiny/runs/lora/train.json"
     command = [sys.executable, "-m", "snakemake", "--cores", "1", target, "--configfile", str(config)]
     first = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_job_when(workdir, first, lambda: complete_checkpoints(workdir), "train.py")
 
-    assert not (workdir / "results/runs/lora/adapter").exists() and not (workdir / target).exists()
+    assert not (workdir / "results/tiny--tiny/runs/lora/adapter").exists() and not (workdir / target).exists()
     checkpoints = complete_checkpoints(workdir)
     last_saved = max(read_json(path)["global_step"] for path in checkpoints)
     saved_history = max((read_json(path) for path in checkpoints), key=lambda state: state["global_step"])["log_history"]
-    killed_log = (workdir / "logs/train/lora.log").read_text()
+    killed_log = (workdir / "logs/tiny--tiny/train/lora.log").read_text()
     reached = killed_log.count("'loss':")
     assert 0 < last_saved < MAX_STEPS
     assert reached - last_saved <= SAVE_STEPS  # at most save_steps steps are lost
@@ -73,8 +73,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(resumable_config, tiny
     summary = read_json(workdir / target)
     assert summary["resumed_from_step"] == last_saved
     assert summary["steps"] == MAX_STEPS
-    assert "resuming from" in (workdir / "logs/train/lora.log").read_text()
-    state = read_json(workdir / "results/runs/lora/adapter/trainer_state.json")
+    assert "resuming from" in (workdir / "logs/tiny--tiny/train/lora.log").read_text()
+    state = read_json(workdir / "results/tiny--tiny/runs/lora/adapter/trainer_state.json")
     assert state["global_step"] == MAX_STEPS
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps == list(range(1, MAX_STEPS + 1))
@@ -82,9 +82,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(resumable_config, tiny
     assert [e for e in state["log_history"] if e.get("step", 0) <= last_saved and "loss" in e] == \
         [e for e in saved_history if "loss" in e]
     # Only this attempt's steps were trained (Trainer logs one line per step).
-    assert (workdir / "logs/train/lora.log").read_text().count("'loss':") == MAX_STEPS - last_saved
+    assert (workdir / "logs/tiny--tiny/train/lora.log").read_text().count("'loss':") == MAX_STEPS - last_saved
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      workdir / "results/runs/lora/adapter")
+                                      workdir / "results/tiny--tiny/runs/lora/adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
     assert not complete_checkpoints(workdir)  # cleaned up once both outputs are in place
 

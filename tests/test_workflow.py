@@ -12,43 +12,43 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import CUSTOM_TEMPLATE, demo_records, snakemake, tiny_config
+from conftest import CUSTOM_TEMPLATE, demo_records, results_dir, snakemake, tiny_config
 
 
 def test_whole_dag_writes_the_report(tiny_workflow):
     workdir, _, _ = tiny_workflow
-    table = pd.read_csv(workdir / "results/report/summary.csv")
+    table = pd.read_csv(workdir / "results/tiny--tiny/report/summary.csv")
     assert list(table["run"]) == ["base", "full", "lora", "qlora4", "qlora8"]
     assert table["heldout_loss"].notna().all()
     weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["lora"] < weights["full"]
     # gradient_checkpointing: auto (the default) reaches each job resolved per method.
-    checkpointing = {name: json.loads((workdir / f"results/runs/{name}/train.json").read_text())["gradient_checkpointing"]
+    checkpointing = {name: json.loads((workdir / f"results/tiny--tiny/runs/{name}/train.json").read_text())["gradient_checkpointing"]
                      for name in ("full", "lora", "qlora4", "qlora8")}
     assert checkpointing == {"full": False, "lora": False, "qlora4": True, "qlora8": True}
     # The custom template reached training, merge, generation and evaluation as written.
     for name in ("full", "lora"):
-        provenance = json.loads((workdir / f"results/runs/{name}/train.json").read_text())["provenance"]
+        provenance = json.loads((workdir / f"results/tiny--tiny/runs/{name}/train.json").read_text())["provenance"]
         assert provenance["settings"]["template"] == CUSTOM_TEMPLATE
-        assert json.loads((workdir / f"results/eval/{name}.json").read_text())["template"] == CUSTOM_TEMPLATE
-    assert json.loads((workdir / "results/runs/lora/merge.json").read_text())["max_relative_logit_difference"] < 1e-3
-    report = (workdir / "results/report/report.md").read_text()
+        assert json.loads((workdir / f"results/tiny--tiny/eval/{name}.json").read_text())["template"] == CUSTOM_TEMPLATE
+    assert json.loads((workdir / "results/tiny--tiny/runs/lora/merge.json").read_text())["max_relative_logit_difference"] < 1e-3
+    report = (workdir / "results/tiny--tiny/report/report.md").read_text()
     assert "training memory (GB)" in report and "qlora8" in report
     for name in ("base", "full", "lora", "qlora4", "qlora8"):
-        assert len((workdir / f"results/generations/{name}.jsonl").read_text().splitlines()) == 8
-        assert json.loads((workdir / f"results/eval/{name}.json").read_text())["questions"] == 8
+        assert len((workdir / f"results/tiny--tiny/generations/{name}.jsonl").read_text().splitlines()) == 8
+        assert json.loads((workdir / f"results/tiny--tiny/eval/{name}.json").read_text())["questions"] == 8
     for rule in ("train/lora", "merge/qlora4", "generate/base", "evaluate/full", "prepare/tiny"):
-        assert (workdir / f"logs/{rule}.log").stat().st_size > 0
-    assert (workdir / "results/benchmarks/train/qlora4.tsv").exists()
+        assert (workdir / f"logs/tiny--tiny/{rule}.log").stat().st_size > 0
+    assert (workdir / "results/tiny--tiny/benchmarks/train/qlora4.tsv").exists()
 
 
 def test_outputs_load_with_the_libraries(tiny_workflow, tiny_model_dir):
     workdir, _, _ = tiny_workflow
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    PeftModel.from_pretrained(base, workdir / "results/runs/lora/adapter")
-    AutoModelForCausalLM.from_pretrained(workdir / "results/runs/qlora4/merged")
-    AutoModelForCausalLM.from_pretrained(workdir / "results/runs/full/model")
-    merge = json.loads((workdir / "results/runs/lora/merge.json").read_text())
+    PeftModel.from_pretrained(base, workdir / "results/tiny--tiny/runs/lora/adapter")
+    AutoModelForCausalLM.from_pretrained(workdir / "results/tiny--tiny/runs/qlora4/merged")
+    AutoModelForCausalLM.from_pretrained(workdir / "results/tiny--tiny/runs/full/model")
+    merge = json.loads((workdir / "results/tiny--tiny/runs/lora/merge.json").read_text())
     assert merge["max_relative_logit_difference"] <= merge["tolerance"]
 
 
@@ -139,12 +139,12 @@ def test_malformed_jsonl_fails_prepare_naming_file_and_line(copy_repo, tiny_mode
     lines = [json.dumps(r) for r in demo_records(48)]
     lines.insert(11, '{"question": "broken", ')
     config = tiny_config(copy_repo, tiny_model_dir, records=lines)
-    result = snakemake(copy_repo, "results/data/tiny/prepare.json", "--configfile", str(config))
+    result = snakemake(copy_repo, "results/tiny--tiny/data/tiny/prepare.json", "--configfile", str(config))
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "tiny.jsonl, line 12: invalid JSON" in output
-    assert "logs/prepare/tiny.log" in output
-    assert not (copy_repo / "results/data/tiny").exists() or not any((copy_repo / "results/data/tiny").iterdir())
+    assert "logs/tiny--tiny/prepare/tiny.log" in output
+    assert not (copy_repo / "results/tiny--tiny/data/tiny").exists() or not any((copy_repo / "results/tiny--tiny/data/tiny").iterdir())
 
 
 def test_skipped_records_are_counted(copy_repo, tiny_model_dir):
@@ -152,8 +152,28 @@ def test_skipped_records_are_counted(copy_repo, tiny_model_dir):
     lines.insert(11, '{"question": "broken", ')
     config = tiny_config(copy_repo, tiny_model_dir, records=lines,
                          dataset={"name": "tiny", "source": "local:tiny.jsonl", "on_bad_record": "skip"})
-    result = snakemake(copy_repo, "results/data/tiny/prepare.json", "--configfile", str(config))
+    result = snakemake(copy_repo, "results/tiny--tiny/data/tiny/prepare.json", "--configfile", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((copy_repo / "results/data/tiny/prepare.json").read_text())
+    summary = json.loads((copy_repo / "results/tiny--tiny/data/tiny/prepare.json").read_text())
     assert summary["rejected"] == [{"file": "tiny.jsonl", "line": 12, "reason": summary["rejected"][0]["reason"]}]
     assert summary["records_valid"] == 48
+
+
+# Last in this file, and no later module uses tiny_workflow: afterwards its working directory holds
+# two experiments, and `loragrid chat` without --experiment rightly asks which.
+def test_another_model_is_another_experiment_and_both_keep_their_results(tiny_workflow):
+    workdir, config, _ = tiny_workflow
+    other = yaml.safe_load(config.read_text())
+    other["model"]["name"] = "tiny-b"
+    other["grid"] = {"method": ["lora"]}
+    (workdir / "other.yaml").write_text(yaml.safe_dump(other))
+    first_report = (results_dir(workdir) / "report/summary.csv").read_bytes()
+    result = snakemake(workdir, "all", "--configfile", "other.yaml")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert pd.read_csv(results_dir(workdir, "tiny-b--tiny") / "report/summary.csv")["run"].tolist() == ["base", "lora"]
+    assert (results_dir(workdir) / "report/summary.csv").read_bytes() == first_report
+    back = snakemake(workdir, "all", "--configfile", str(config), "--dry-run")
+    assert "Nothing to be done" in back.stdout + back.stderr  # switching back retrains nothing
+    index = (workdir / "results/index.md").read_text()
+    assert "| tiny--tiny | `local:" in index and "| tiny-b--tiny | `local:" in index
+    assert "[report.md](tiny-b--tiny/report/report.md)" in index
