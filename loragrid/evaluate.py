@@ -10,8 +10,9 @@ import torch
 
 from . import modeling
 from .common import provenance, read_json, read_jsonl, verify_folder, write_json
-from .templates import tokenize_split
+from .templates import IGNORE_INDEX, tokenize_split
 from .tokenized import load_tokenizer
+from .train import takes_logits_mask
 
 log = logging.getLogger("loragrid.evaluate")
 
@@ -23,21 +24,25 @@ EVAL_CUTOFF_LEN = 2048
 def heldout_loss(model, tokenizer, template: str, records: list[dict], batch_size: int) -> dict:
     """Mean negative log-likelihood per answer token (EOS included), in fp32 for a stable number."""
     examples, _ = tokenize_split(tokenizer, template, records, EVAL_CUTOFF_LEN)
+    # Similar lengths in a batch pad less; the sum over answer tokens does not depend on the order.
+    examples = sorted(examples, key=lambda example: len(example["input_ids"]))
+    labelled_only = takes_logits_mask(model)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = tokenizer.pad([{"input_ids": e["input_ids"]} for e in chunk], return_tensors="pt")
+        batch = tokenizer.pad([{"input_ids": e["input_ids"]} for e in chunk], return_tensors="pt").to(model.device)
         longest = batch["input_ids"].shape[1]
-        # load_tokenizer pads on the right, so labels are padded the same way.
-        labels = torch.tensor([e["labels"] + [-100] * (longest - len(e["labels"])) for e in chunk])
-        logits = model(**batch.to(model.device)).logits.float()
-        shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(
-            shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-            ignore_index=-100, reduction="sum",
-        )
-        total_nll += nll.item()
-        total_tokens += int((shifted_labels != -100).sum())
+        # load_tokenizer pads on the right, so labels are padded the same way; position t predicts t + 1.
+        labels = torch.tensor([e["labels"][1:] + [IGNORE_INDEX] * (longest - len(e["labels"]) + 1) for e in chunk],
+                              device=model.device)
+        keep = labels != IGNORE_INDEX
+        if labelled_only:  # the vocabulary projection only where an answer token is predicted (train.py)
+            logits = model(**batch, logits_to_keep=keep).logits.float()
+            logits = logits.reshape(-1, logits.shape[-1])
+        else:
+            logits = model(**batch).logits.float()[keep]
+        total_nll += torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum").item()
+        total_tokens += int(keep.sum())
     loss = total_nll / total_tokens
     return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_answer_tokens": total_tokens}
 
