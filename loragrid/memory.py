@@ -39,6 +39,8 @@ import torch.optim.optimizer as torch_optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .templates import IGNORE_INDEX
+
 log = logging.getLogger("loragrid.memory")
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
@@ -182,7 +184,7 @@ def labelled_positions(inputs: dict) -> int:
     if isinstance(inputs.get("shift_labels"), torch.Tensor):
         return int(inputs["shift_labels"].numel())
     labels = inputs.get("labels")
-    return int((labels[..., 1:] != -100).sum()) if isinstance(labels, torch.Tensor) else 0
+    return int((labels[..., 1:] != IGNORE_INDEX).sum()) if isinstance(labels, torch.Tensor) else 0
 
 
 def resident_bytes(field: str = "VmRSS") -> int | None:

@@ -182,8 +182,8 @@ class LabelledLogitsOnly:
 
     def __call__(self, features):
         batch = self.collator(features)
-        shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:]
-        keep = shifted != -100
+        shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+        keep = shifted != IGNORE_INDEX
         return {**batch, "logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
@@ -218,9 +218,9 @@ def data_collator(tokenizer, packing: bool, labelled_logits_only: bool):
     if packing:
         # One row per micro-batch; position ids restart at each example, from which transformers
         # builds a block-diagonal mask, so no example attends to another.
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     return LabelledLogitsOnly(collator) if labelled_logits_only else collator
 
 
