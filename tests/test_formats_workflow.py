@@ -4,20 +4,13 @@ sharegpt conversations and a non-default template, through training, merge, gene
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import demo_records
+from conftest import demo_records, snakemake
 from loragrid.common import read_json, read_jsonl
-
-
-def snakemake(workdir, *args):
-    return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", *args], cwd=workdir,
-                          capture_output=True, text=True, timeout=900)
 
 
 def test_a_folder_of_csv_and_parquet_files_prepares_by_snakemake(copy_repo, tiny_model_dir):
@@ -63,6 +56,7 @@ def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, t
         "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 160},
         "grid": {"method": ["lora"]},
         "generate": {"max_new_tokens": 4, "batch_size": 8},
+        "torch_threads": 1,
     }
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     result = snakemake(copy_repo, "results/tiny--chats/eval/lora.json", "--configfile", "c.yaml")
@@ -87,6 +81,7 @@ def _template_config(copy_repo, tiny_model_dir, template, data_format="qa"):
         "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 160},
         "grid": {"method": ["lora"]},
         "generate": {"max_new_tokens": 4, "batch_size": 8},
+        "torch_threads": 1,
     }
     (copy_repo / "tiny.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))

@@ -1,4 +1,4 @@
-"""Every command the README and config/README show runs in a test: here as a dry run, or in the test
+"""Every command the README, config/README and docs/config.md show runs in a test: here as a dry run, or in the test
 named beside it (where it trains, chats or renders). A new command without an entry fails."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO
 
-PAGES = ("README.md", "config/README.md")
+PAGES = ("README.md", "config/README.md", "docs/config.md")
 # command -> the test that runs it, or "dry-run" (run below with -n, my.yaml standing for the user's file)
 COMMANDS = {
     "make run": "tests/test_real_model.py::test_default_workflow_on_the_embedded_model",  # + `make -n run` below
@@ -28,6 +28,16 @@ COMMANDS = {
     "snakemake --cores 1 all --configfile config/config.yaml my.yaml": "dry-run",
     "snakemake --cores 1 all --config 'generate={max_new_tokens: 64}'": "dry-run",
     "python -m loragrid runs --configfile my.yaml": "dry-run",
+    # docs/config.md
+    "snakemake -n": "dry-run",
+    "snakemake --cores 1 -n all --configfile my.yaml": "dry-run",
+    'snakemake --cores 1 -n all --config "grid={_: [{method: lora, learning_rate: 0.0002}, {method: qlora4, '
+    'learning_rate: 0.001}], lora_r: [16, 64]}"': "dry-run",
+    'snakemake --cores 1 all --config "generate={max_new_tokens: 64}" "methods={lora: {learning_rate: 0.0005}}"':
+        "dry-run",
+    "snakemake --cores 1 --forcerun train_adapter all": "dry-run",
+    "snakemake --list-changes params --configfile my.yaml": "dry-run",
+    "python -m loragrid runs": "dry-run",
 }
 PROGRAMS = ("make ", "snakemake ", "python -m loragrid ")
 # Named in the text, not shown as something to run.
@@ -56,8 +66,8 @@ def test_every_shown_command_has_a_test():
 def _dry_run(command: str, tmp_path) -> list[str]:
     my = tmp_path / "my.yaml"
     my.write_text(yaml.safe_dump({"grid": {"method": ["lora"]}, "experiment": "readme-dry-run"}))
-    words = [str(my) if word == "my.yaml" else word for word in re.findall(r"'[^']*'|\S+", command)]
-    words = [word.strip("'") for word in words]
+    words = [str(my) if word == "my.yaml" else word for word in re.findall(r"'[^']*'|\"[^\"]*\"|\S+", command)]
+    words = [word.strip("'\"") for word in words]
     if words[0] == "make":
         return ["make", "-n", *words[1:]]
     if words[0] == "snakemake":

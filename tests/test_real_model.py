@@ -54,8 +54,10 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
     few_steps.write_text(yaml.safe_dump({
         "training": {"max_steps": 2},
         "generate": {"max_new_tokens": 8},
+        "torch_threads": 1,
     }))
-    command = [sys.executable, "-m", "snakemake", "--cores", "1", "all", "--configfile", str(few_steps)]
+    # Two jobs at a time with a thread each: fetching, merging and start-up overlap with training.
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", "all", "--configfile", str(few_steps)]
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -159,8 +160,6 @@ def test_skipped_records_are_counted(copy_repo, tiny_model_dir):
     assert summary["records_valid"] == 48
 
 
-# Last in this file, and no later module uses tiny_workflow: afterwards its working directory holds
-# two experiments, and `loragrid chat` without --experiment rightly asks which.
 def test_another_model_is_another_experiment_and_both_keep_their_results(tiny_workflow):
     workdir, config, _ = tiny_workflow
     other = yaml.safe_load(config.read_text())
@@ -168,6 +167,13 @@ def test_another_model_is_another_experiment_and_both_keep_their_results(tiny_wo
     other["grid"] = {"method": ["lora"]}
     (workdir / "other.yaml").write_text(yaml.safe_dump(other))
     first_report = (results_dir(workdir) / "report/summary.csv").read_bytes()
+    try:
+        _run_a_second_experiment(workdir, config, first_report)
+    finally:  # the shared workflow keeps one experiment (`loragrid chat` would ask which one otherwise)
+        shutil.rmtree(results_dir(workdir, "tiny-b--tiny"), ignore_errors=True)
+
+
+def _run_a_second_experiment(workdir, config, first_report):
     result = snakemake(workdir, "all", "--configfile", "other.yaml")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert pd.read_csv(results_dir(workdir, "tiny-b--tiny") / "report/summary.csv")["run"].tolist() == ["base", "lora"]
