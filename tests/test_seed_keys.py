@@ -255,3 +255,13 @@ def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir,
     generated = read_json(results / "generations/base.json")["settings"]
     assert {key: generated[key] for key in generate} == generate
     assert len(read_jsonl(results / "generations/base.jsonl")) == 8
+
+    # Sampling, set on the command line: Snakemake re-runs generation with the new params.
+    sampling = "generate={do_sample: true, temperature: 0.7, top_p: 0.9}"
+    generations = (results / "generations/base.json").relative_to(copy_repo)
+    outcome = snakemake(copy_repo, str(generations), "--configfile", str(config), "--config", sampling)
+    assert outcome.returncode == 0, outcome.stdout[-3000:] + outcome.stderr[-3000:]
+    generated = read_json(results / "generations/base.json")["settings"]
+    assert (generated["do_sample"], generated["temperature"], generated["top_p"]) == (True, 0.7, 0.9)
+    assert generated["num_beams"] == 2  # the file's other generate keys still hold
+    assert len(read_jsonl(results / "generations/base.jsonl")) == 8
