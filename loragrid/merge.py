@@ -25,8 +25,11 @@ def _check_batch(tokenizer, template: str, heldout_path, n_prompts: int) -> dict
 
 @torch.no_grad()
 def _logits(model, batch) -> torch.Tensor:
-    logits = model(**batch).logits.float()
-    return logits[batch["attention_mask"].bool()]
+    # On a GPU the quantized model sits on the device while the fp32 merge runs on the CPU: each
+    # forward takes the batch to its model's device, and the logits come back for the comparison.
+    on_device = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    logits = model(**on_device).logits.float()
+    return logits[on_device["attention_mask"].bool()].cpu()
 
 
 def _relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
