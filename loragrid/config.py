@@ -180,6 +180,16 @@ def resolve_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
+def accumulation_steps(settings: dict, where: str = "training", micro_batch_size: int | None = None) -> int:
+    """Gradient accumulation steps: batch_size over the micro-batch, which must divide it."""
+    batch = settings["batch_size"]
+    micro = micro_batch_size or settings["micro_batch_size"]
+    if batch % micro:
+        raise LoragridError(f"config key '{where}.batch_size': {batch} is not a multiple of micro_batch_size "
+                            f"{micro} (gradient accumulation is their ratio)")
+    return batch // micro
+
+
 def _check_exclusive(config: dict) -> None:
     """Both spellings of one setting in one mapping: which one was meant cannot be told."""
     mappings = [("training", config["training"])]
@@ -259,11 +269,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
                                 "steps, or -1 to train for `epochs`")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
-        if settings["batch_size"] % settings["micro_batch_size"]:
-            raise LoragridError(
-                f"config key 'runs.{name}.batch_size': {settings['batch_size']} is not a multiple of "
-                f"micro_batch_size {settings['micro_batch_size']} (gradient accumulation is their ratio)"
-            )
+        accumulation_steps(settings, f"runs.{name}")
 
     check_template(config["template"])
     scheme, _, location = config["dataset"]["source"].partition(":")

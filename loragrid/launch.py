@@ -1,5 +1,8 @@
 """Where a training run runs: what its job asks a scheduler for, and `accelerate launch` for several GPUs.
 
+Training itself starts in loragrid.train (`train_run`); this module only sizes the job and, for
+more than one GPU, builds and runs the launch.
+
 A run's `gpus` setting says how many GPUs its training job asks for: 0 asks for none (it trains
 on the CPU, or on the GPU a local machine shows), 1 trains on one GPU, more trains one DDP process
 per GPU through `accelerate launch`. The same setting gives the job's `gpu` resource, which the
@@ -113,28 +116,18 @@ def accelerate_command(gpus: int, call_file, precision: str, port: int, python: 
     ]
 
 
-def train_run(settings: dict, run: str = "", **call) -> dict | None:
-    """Train one run here, or through `accelerate launch` when it asks for more than one GPU.
-
-    `call` holds train_to_files's other arguments (paths, template, ...); on several GPUs they
-    travel to every process as a JSON file.
-    """
-    from . import modeling
-    from .train import train_to_files
-
-    gpus = check_gpus(settings, run)
-    if gpus <= 1:
-        return train_to_files(settings=settings, **call)
+def launch_processes(gpus: int, call: dict) -> None:
+    """Run train_to_files(**call) in one DDP process per GPU through `accelerate launch`;
+    the arguments travel to every process as a JSON file."""
     with tempfile.TemporaryDirectory(prefix="loragrid-launch-") as scratch:
         call_file = Path(scratch) / "call.json"
-        call_file.write_text(json.dumps({**call, "settings": settings}, default=str))
+        call_file.write_text(json.dumps(call, default=str))
         command = accelerate_command(gpus, call_file, mixed_precision(modeling.compute_dtype()), free_port())
         log.info("%d GPUs: %s", gpus, " ".join(command))
         sys.stdout.flush()
         finished = subprocess.run(command, stdout=sys.stdout, stderr=subprocess.STDOUT, check=False)
     if finished.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with status {finished.returncode}; its output is above")
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:

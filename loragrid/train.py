@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import memory, modeling
+from . import launch, memory, modeling
+from .config import accumulation_steps
 from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, settings_hash,
                      sha256_file, verify_folder, write_json)
 from .templates import IGNORE_INDEX
@@ -44,13 +45,6 @@ def current_rss_bytes() -> int:
 def peak_memory() -> dict:
     # ru_maxrss is in KiB on Linux: the whole process's high-water mark, loading included.
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-
-
-def gradient_accumulation_steps(batch_size: int, micro_batch_size: int) -> int:
-    if batch_size % micro_batch_size:
-        raise LoragridError(f"config keys 'batch_size' ({batch_size}) and 'micro_batch_size' ({micro_batch_size}): "
-                            "batch_size must be a multiple of micro_batch_size")
-    return batch_size // micro_batch_size
 
 
 def check_optimizer(optimizer: str, device: str) -> None:
@@ -317,7 +311,7 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps(settings["batch_size"], micro_batch_size),
+        gradient_accumulation_steps=accumulation_steps(settings, micro_batch_size=micro_batch_size),
         learning_rate=settings["learning_rate"],
         lr_scheduler_type=settings["lr_scheduler_type"],
         warmup_steps=warmup(settings),
@@ -358,6 +352,65 @@ def objects_so_far_frozen():
         gc.unfreeze()
 
 
+def _check_before_loading(settings: dict, folders, tensorboard_dir, wandb_dir) -> None:
+    """Everything that can fail cheaply fails before the model loads."""
+    for folder in folders:
+        if folder is not None:
+            verify_folder(folder)
+    check_optimizer(settings["optimizer"], modeling.device())
+    accumulation_steps(settings)
+    check_reporting(settings, tensorboard_dir, wandb_dir)
+
+
+def _setup_data(model_dir, data_dir, tokenized_dir, settings: dict, template: str, trust_remote_code: bool):
+    """(tokenizer, dataset, tokenization report): read as the tokenize rule wrote it, or tokenized here."""
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    if tokenized_dir is not None:
+        return tokenizer, *load_tokenized(tokenized_dir, data_dir, settings, template)
+    return tokenizer, *build_dataset(tokenizer, template, data_dir, settings)
+
+
+def _setup_model(model_dir, settings: dict, trust_remote_code: bool):
+    """(model ready to train, bytes of its weights as loaded, (trainable, total) parameters)."""
+    method = settings["method"]
+    model = modeling.load_for_training(model_dir, method, trust_remote_code, settings)
+    weights = modeling.weights_bytes(model)
+    if method != "full":
+        model = modeling.add_lora(model, settings)
+    trainable, total = modeling.count_parameters(model)
+    log.info("%s: %d of %d parameters trainable (%.2f%%), weights %.1f MB",
+             method, trainable, total, 100 * trainable / total, weights / 1e6)
+    causal_lm(model).register_forward_hook(return_loss_without_logits)
+    return model, weights, (trainable, total)
+
+
+def _setup_checkpoints(checkpoint_root, settings: dict, template: str, model_dir, data_dir):
+    """(this run's checkpoint folder or None, the checkpoint to resume from or None)."""
+    if checkpoint_root is None:
+        return None, None
+    checkpoints = checkpoint_folder(checkpoint_root, settings, template, model_dir, Path(data_dir) / "train.jsonl")
+    _drop_stale_checkpoints(checkpoints)
+    resume_from = last_complete_checkpoint(checkpoints)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    return checkpoints, resume_from
+
+
+def _log_estimate(estimate: dict) -> None:
+    log.info("estimated training memory %.2f GB (%s; micro-batch %d x %d tokens, %d labelled), process %.2f GB",
+             estimate["total_bytes"] / 1e9, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate["breakdown"].items()),
+             estimate["rows"], estimate["sequence"], estimate["labelled"], estimate["process_bytes"] / 1e9)
+
+
+def _save(model, tokenizer, trainer, out_dir, model_dir, method: str) -> None:
+    with atomic_dir(out_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        if method == "full" and (Path(model_dir) / modeling.PICKLED_MODEL).exists():
+            modeling.save_pickled(model, tokenizer, staging)  # pruned shapes: only the pickle loads again
+
+
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
           checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None, wandb_dir=None,
           run_name: str | None = None) -> dict:
@@ -374,49 +427,16 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     """
     from transformers import set_seed
 
-    method = settings["method"]
-    device = modeling.device()
-    for folder in (model_dir, data_dir, tokenized_dir):
-        if folder is not None:
-            verify_folder(folder)
-    check_optimizer(settings["optimizer"], device)
-    gradient_accumulation_steps(settings["batch_size"], settings["micro_batch_size"])
-    check_reporting(settings, tensorboard_dir, wandb_dir)
-
+    _check_before_loading(settings, (model_dir, data_dir, tokenized_dir), tensorboard_dir, wandb_dir)
     set_seed(settings["seed"])
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    if tokenized_dir is not None:
-        dataset, tokenization = load_tokenized(tokenized_dir, data_dir, settings, template)
-    else:
-        dataset, tokenization = build_dataset(tokenizer, template, data_dir, settings)
-
+    tokenizer, dataset, tokenization = _setup_data(model_dir, data_dir, tokenized_dir, settings, template,
+                                                   trust_remote_code)
     runtime_bytes = current_rss_bytes()
-    model = modeling.load_for_training(model_dir, method, trust_remote_code, settings)
-    weights = modeling.weights_bytes(model)
-    if method != "full":
-        model = modeling.add_lora(model, settings)
-    trainable, total = modeling.count_parameters(model)
-    log.info("%s: %d of %d parameters trainable (%.2f%%), weights %.1f MB",
-             method, trainable, total, 100 * trainable / total, weights / 1e6)
-
-    causal_lm(model).register_forward_hook(return_loss_without_logits)
-    labelled = labelled_counts(dataset)
-    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], labelled, runtime_bytes)
-    accumulation = gradient_accumulation_steps(settings["batch_size"], micro_batch_size)
-    log.info("estimated training memory %.2f GB (%s; micro-batch %d x %d tokens, %d labelled), process %.2f GB",
-             estimate["total_bytes"] / 1e9, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate["breakdown"].items()),
-             estimate["rows"], estimate["sequence"], estimate["labelled"], estimate["process_bytes"] / 1e9)
-
-    checkpoints = None
-    resume_from = None
-    if checkpoint_root is not None:
-        checkpoints = checkpoint_folder(checkpoint_root, settings, template, model_dir, Path(data_dir) / "train.jsonl")
-        _drop_stale_checkpoints(checkpoints)
-        resume_from = last_complete_checkpoint(checkpoints)
-        if resume_from:
-            log.info("resuming from %s", resume_from)
-
-    dtype = modeling.compute_dtype()
+    model, weights, parameters = _setup_model(model_dir, settings, trust_remote_code)
+    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], labelled_counts(dataset),
+                                                    runtime_bytes)
+    _log_estimate(estimate)
+    checkpoints, resume_from = _setup_checkpoints(checkpoint_root, settings, template, model_dir, data_dir)
     saving = checkpoints is not None and settings["save_steps"] > 0
     with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch, \
             reporting(settings, tensorboard_dir, wandb_dir, run_name) as wandb_folder:
@@ -428,45 +448,58 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         with objects_so_far_frozen():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         wall = time.perf_counter() - started
-
     if trainer.is_world_process_zero():  # under DDP (loragrid.launch) one process writes
-        with atomic_dir(out_dir) as staging:
-            model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            trainer.state.save_to_json(str(staging / "trainer_state.json"))
-            if method == "full" and (Path(model_dir) / modeling.PICKLED_MODEL).exists():
-                modeling.save_pickled(model, tokenizer, staging)  # pruned shapes: only the pickle loads again
+        _save(model, tokenizer, trainer, out_dir, model_dir, settings["method"])
 
-    losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
+    accumulation = accumulation_steps(settings, micro_batch_size=micro_batch_size)
     measured = measured_memory(profile, model, weights, settings, estimate, accumulation,
                                resumed=resume_from is not None)
     return {
-        "method": method,
-        "parameters": {"trainable": int(trainable), "total": int(total), "trainable_percent": 100 * trainable / total},
+        **_what_trained(model, trainer, settings, parameters, model_dir),
         "memory": measured,
         "memory_estimate": estimate,
-        "device": device,
-        # A random: source (loragrid.fetch) has real memory figures and meaningless quality.
-        "model_random_init": bool((Path(model_dir) / "source.json").exists()
-                                  and read_json(Path(model_dir) / "source.json").get("random_init")),
-        "optimizer": optimizer_summary(trainer.optimizer),
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
-        "logits_only_where_labelled": isinstance(trainer.data_collator, LabelledLogitsOnly),
-        "quantization": modeling.quantization_summary(model),
-        "compute_dtype": str(dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
         "train_examples": len(dataset),
         "tokenized_split": str(tokenized_dir) if tokenized_dir is not None else None,
         "tokenization": {"dropped_prompt_too_long": len(tokenization["dropped_prompt_too_long"]),
                          "truncated": tokenization["truncated"]},
         "micro_batch_size": micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed_step,
         "checkpoints": str(checkpoints) if saving else None,
         "wandb_run_dir": str(wandb_folder) if wandb_folder is not None else None,
+        **_progress(trainer, result, wall, resume_from),
+        "provenance": provenance({**settings, "template": template},
+                                 {"model": model_dir, "train_split": Path(data_dir) / "train.jsonl"},
+                                 dataset_sha256=read_json(Path(data_dir) / "prepare.json")["input_sha256"]),
+    }
+
+
+def _what_trained(model, trainer, settings: dict, parameters: tuple[int, int], model_dir) -> dict:
+    """train.json's description of the model and the training set-up."""
+    trainable, total = parameters
+    source = Path(model_dir) / "source.json"
+    return {
+        "method": settings["method"],
+        "parameters": {"trainable": int(trainable), "total": int(total), "trainable_percent": 100 * trainable / total},
+        "device": modeling.device(),
+        # A random: source (loragrid.fetch) has real memory figures and meaningless quality.
+        "model_random_init": bool(source.exists() and read_json(source).get("random_init")),
+        "optimizer": optimizer_summary(trainer.optimizer),
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "logits_only_where_labelled": isinstance(trainer.data_collator, LabelledLogitsOnly),
+        "quantization": modeling.quantization_summary(model),
+        "compute_dtype": str(modeling.compute_dtype()).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _progress(trainer, result, wall: float, resume_from: Path | None) -> dict:
+    """train.json's steps, times, throughput and losses."""
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
+    return {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_step,
         "wall_seconds": wall,
         "train_runtime_seconds": result.metrics["train_runtime"],
         "tokens_seen_non_padding": tokens,
@@ -475,15 +508,13 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
                              / result.metrics["train_runtime"],
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
-        "provenance": provenance({**settings, "template": template},
-                                 {"model": model_dir, "train_split": Path(data_dir) / "train.jsonl"},
-                                 dataset_sha256=read_json(Path(data_dir) / "prepare.json")["input_sha256"]),
     }
 
 
 def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False,
                    checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None, wandb_dir=None,
                    run_name=None) -> dict:
+    """Train one run in this process and write its train.json (the first process of several writes)."""
     summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code,
                     checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir, tokenized_dir=tokenized_dir,
                     wandb_dir=wandb_dir, run_name=run_name)
@@ -493,3 +524,16 @@ def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, templ
             # Both outputs are in place: the checkpoints have served their purpose.
             shutil.rmtree(summary["checkpoints"], ignore_errors=True)
     return summary
+
+
+def train_run(settings: dict, run: str = "", **call) -> dict | None:
+    """The training job's entry point: train one run here, or with more than one GPU through
+    `accelerate launch` (loragrid.launch), one process per GPU, each calling train_to_files.
+
+    `call` holds train_to_files's other arguments (paths, template, ...).
+    """
+    gpus = launch.check_gpus(settings, run)
+    if gpus <= 1:
+        return train_to_files(settings=settings, **call)
+    launch.launch_processes(gpus, {**call, "settings": settings})
+    return None

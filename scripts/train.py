@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from loragrid.common import logging_to, use_threads
-from loragrid.launch import train_run
+from loragrid.train import train_run
 
 with logging_to(snakemake.log[0]):
     use_threads(snakemake.params.torch_threads)

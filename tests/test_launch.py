@@ -17,7 +17,7 @@ from conftest import REPO, TINY_RUN, copy_workflow, demo_records, write_jsonl
 from loragrid import launch, memory, modeling
 from loragrid.config import CHECKPOINTING_BY_METHOD
 from loragrid.common import LoragridError, read_json
-from loragrid.train import train_to_files
+from loragrid.train import train_run, train_to_files
 
 # SmolLM2-135M-Instruct, the default model (its config.json), and the training processes' resident
 # peaks of the README's default run (micro-batch 8, cutoff_len 256, checkpointing per method) in GB.
@@ -72,8 +72,8 @@ def test_a_run_asking_for_more_gpus_than_visible_fails_before_training(tiny_mode
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     settings = {**TINY_RUN, "gpus": visible + 1}
     with pytest.raises(LoragridError, match=rf"config key 'runs.big.gpus': the run asks for {visible + 1} GPU"):
-        launch.train_run(settings, run="big", model_dir=tiny_model_dir, data_dir=prepared_dir,
-                         weights_dir=tmp_path / "adapter", train_json=tmp_path / "train.json", template="chat")
+        train_run(settings, run="big", model_dir=tiny_model_dir, data_dir=prepared_dir,
+                  weights_dir=tmp_path / "adapter", train_json=tmp_path / "train.json", template="chat")
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "train.json").exists()
     assert launch.check_gpus({**TINY_RUN, "gpus": 0}) == 0
 
