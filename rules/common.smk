@@ -11,6 +11,7 @@ sys.path.insert(0, workflow.basedir)
 from loragrid import launch
 from loragrid.common import LoragridError
 from loragrid.config import (
+    LOCAL_SCHEMES,
     PEFT_METHODS,
     canonical,
     checked_runs,
@@ -72,7 +73,7 @@ def one_of(names):
 def local_source(source):
     """A local source as an input, so that editing the file re-fetches it (hub sources: none)."""
     scheme, _, location = source.partition(":")
-    return [location] if scheme in ("local", "gguf", "torch", "random") else []
+    return [location] if scheme in LOCAL_SCHEMES else []
 
 
 def random_only(model, key):
@@ -102,8 +103,27 @@ def model_for(name):
     return f"{RESULTS}/runs/{name}/merged"
 
 
-def tokenized_split_of(wildcards):
-    return f"{TOKENIZED_DIR}/{tokenization_name(RUNS[wildcards.run])}"
+def training_inputs(wildcards):
+    """What a training job reads: the model, the split (hashed for checkpoints and provenance),
+    prepare's summary and the split as tokenized for this run's tokenization settings.
+    """
+    return {
+        "model": MODEL_DIR,
+        "train": rules.prepare.output.train,
+        "prepared": rules.prepare.output.summary,
+        "tokenized": f"{TOKENIZED_DIR}/{tokenization_name(RUNS[wildcards.run])}",
+    }
+
+
+def run_folders(wildcards):
+    """A run's folders beside, not inside, its outputs (Snakemake deletes a failed job's
+    outputs): checkpoints to resume from, and where report_to's library writes."""
+    run = wildcards.run
+    return {
+        "checkpoint_root": f"{RESULTS}/checkpoints/{run}",
+        "tensorboard_dir": f"{RESULTS}/tensorboard/{run}",
+        "wandb_dir": f"{RESULTS}/wandb/{run}",
+    }
 
 
 def quantization_settings(run):

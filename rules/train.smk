@@ -1,9 +1,6 @@
 rule train_adapter:
     input:
-        model=MODEL_DIR,
-        train=rules.prepare.output.train,
-        prepared=rules.prepare.output.summary,
-        tokenized=tokenized_split_of,
+        unpack(training_inputs),
     output:
         weights=directory(f"{RESULTS}/runs/{{run}}/adapter"),
         summary=f"{RESULTS}/runs/{{run}}/train.json",
@@ -23,10 +20,7 @@ rule train_adapter:
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
         torch_threads=config["torch_threads"],
-        # Beside, not inside, the outputs: Snakemake deletes a failed job's outputs.
-        checkpoints=lambda wildcards: f"{RESULTS}/checkpoints/{wildcards.run}",
-        tensorboard=lambda wildcards: f"{RESULTS}/tensorboard/{wildcards.run}",
-        wandb=lambda wildcards: f"{RESULTS}/wandb/{wildcards.run}",
+        folders=run_folders,
     script:
         "../scripts/train.py"
 

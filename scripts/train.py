@@ -14,9 +14,7 @@ with logging_to(snakemake.log[0]):
         train_json=snakemake.output.summary,
         template=snakemake.params.template,
         trust_remote_code=snakemake.params.trust_remote_code,
-        checkpoint_root=snakemake.params.checkpoints,
-        tensorboard_dir=snakemake.params.tensorboard,
-        wandb_dir=snakemake.params.wandb,
+        **snakemake.params.folders,
         run_name=snakemake.wildcards.run,
         tokenized_dir=snakemake.input.tokenized,
     )

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO
 
-PAGES = ("README.md", "config/README.md", "docs/config.md")
+PAGES = ("README.md", "config/README.md", "docs/config.md", "docs/sources-formats-templates.md")
 # command -> the test that runs it, or "dry-run" (run below with -n, my.yaml standing for the user's file)
 COMMANDS = {
     "make run": "tests/test_real_model.py::test_default_workflow_on_the_embedded_model",  # + `make -n run` below
@@ -24,7 +24,6 @@ COMMANDS = {
     "snakemake --cores 1 all --sdm conda": "dry-run",
     "snakemake --report results/report.html": "tests/test_report_html.py::test_report_is_self_contained_with_captions_and_labels",
     "python -m loragrid chat --run lora": "tests/test_chat.py::test_interactive_chat_in_a_terminal",
-    "python -m loragrid memory --model config/models/qwen2.5-7b.json": "dry-run",
     "snakemake --cores 1 all --configfile config/config.yaml my.yaml": "dry-run",
     "snakemake --cores 1 all --config 'generate={max_new_tokens: 64}'": "dry-run",
     "python -m loragrid runs --configfile my.yaml": "dry-run",
@@ -52,6 +51,8 @@ def shown_commands() -> set[str]:
         for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
             found.update(line.split("#")[0].strip() for line in block.splitlines())
         found.update(re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S)))
+    # `.venv/bin/snakemake` is `snakemake` from the environment `make run` creates.
+    found = {re.sub(r"^\.venv/bin/", "", command) for command in found}
     return {command for command in found if command.startswith(PROGRAMS)} - MENTIONS
 
 
