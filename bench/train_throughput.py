@@ -1,6 +1,7 @@
 """Training throughput: the seed recipe vs TRL's SFTTrainer vs loragrid, on the same model, data and LoRA.
 
-    python bench/train_throughput.py                 # the comparison (about 12 minutes on 2 cores)
+    python bench/train_throughput.py                 # the comparison (about 14 minutes on 2 cores)
+    python bench/train_throughput.py --qlora         # loragrid LoRA vs QLoRA-4/8, and TRL with the same bitsandbytes config
     python bench/train_throughput.py --levers        # loragrid with one setting changed at a time
 
 Every configuration trains the embedded SmolLM2-135M-Instruct (fetch it first:
@@ -18,8 +19,17 @@ alternate within each repeat, and medians are reported. Effective tokens are the
 tokens of the examples (prompt and answer, as tokenized for loragrid) times epochs: the same
 count for every configuration, so tokens/s ratios are inverse ratios of training time. The
 final loss is measured the same way for every trained model: mean loss on the answer tokens
-of the 128 training examples, after training. MFU is 6 x parameters x tokens/s over the rate
-of a bf16 matmul measured in the same run on the same threads.
+of the 128 training examples, after training.
+
+MFU counts the model FLOPs a step needs over the rate of a bf16 matmul measured in the same run
+on the same threads: 4N per token for LoRA and QLoRA (frozen weights get no weight gradient:
+forward 2N, input gradients 2N), 6N for full fine-tuning, 6 per adapter parameter per token,
+and attention's two T x T matmuls per layer (12 x layers x hidden x T^2 per example of T tokens,
+forward and backward), N counting the tied embedding once, as the LM head.
+
+--qlora trains loragrid's lora, qlora4 and qlora8 with their defaults (QLoRA with gradient
+checkpointing, as `gradient_checkpointing: auto` runs it) and TRL's SFTTrainer on the same
+bitsandbytes config (loragrid.modeling.quantization_config) with gradient checkpointing on.
 """
 
 from __future__ import annotations
@@ -42,6 +52,8 @@ MODEL = REPO / "resources/models/smollm2-135m-instruct"
 DATA = REPO / "data/emoji_qa.jsonl"
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 CONFIGURATIONS = ("seed", "trl", "loragrid")
+QLORA_CONFIGURATIONS = ("loragrid", "loragrid-qlora4", "loragrid-qlora8", "trl-qlora4", "trl-qlora8")
+TARGETS = {"seed": 12.0, "trl": 2.5, "qlora_vs_lora": 0.7}
 # loragrid with one setting changed from its defaults, to measure what each lever is worth.
 LEVERS = {
     "defaults": {},
@@ -64,12 +76,25 @@ def records(count: int) -> list[dict]:
     return valid[:count]
 
 
-def effective_tokens(examples: list[dict]) -> int:
+def example_lengths(examples: list[dict]) -> list[int]:
+    """Tokens of each example (prompt, answer and EOS, as loragrid tokenizes them)."""
     from loragrid.templates import tokenize_example
     from loragrid.tokenized import load_tokenizer
 
     tokenizer = load_tokenizer(MODEL)
-    return sum(len(tokenize_example(tokenizer, "chat", r["messages"], 512)["input_ids"]) for r in examples)
+    return [len(tokenize_example(tokenizer, "chat", r["messages"], 512)["input_ids"]) for r in examples]
+
+
+def effective_tokens(examples: list[dict]) -> int:
+    return sum(example_lengths(examples))
+
+
+def model_flops(lengths: list[int], parameters: int, adapter_parameters: int, method: str) -> float:
+    """FLOPs of one pass of training over examples of these lengths (see the module's docstring)."""
+    shape = json.loads((MODEL / "config.json").read_text())
+    per_token = (6 if method == "full" else 4) * parameters + 6 * adapter_parameters
+    attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * sum(length**2 for length in lengths)
+    return per_token * sum(lengths) + attention
 
 
 def answer_loss(model, tokenizer, examples: list[dict]) -> float:
@@ -132,27 +157,32 @@ def train_seed(examples, epochs, learning_rate, scratch):
     return model, tokenizer, time.perf_counter() - started
 
 
-def train_trl(examples, epochs, learning_rate, scratch):
+def train_trl(examples, epochs, learning_rate, scratch, method: str = "lora"):
+    """TRL's SFTTrainer; for qlora4/qlora8 on the bitsandbytes config loragrid uses, with gradient
+    checkpointing on as loragrid's QLoRA runs train."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from loragrid.modeling import quantization_config
     from loragrid.templates import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     dataset = Dataset.from_list([{"prompt": render_prompt(tokenizer, "chat", r["messages"][:-1]),
                                   "completion": r["messages"][-1]["content"]} for r in examples])
-    args = SFTConfig(output_dir=scratch, per_device_train_batch_size=4, bf16=True, gradient_checkpointing=False,
+    quantized = method != "lora"
+    args = SFTConfig(output_dir=scratch, per_device_train_batch_size=4, bf16=True, gradient_checkpointing=quantized,
                      num_train_epochs=epochs, learning_rate=learning_rate, logging_steps=10, save_strategy="no",
                      report_to="none", use_cpu=True, disable_tqdm=True, max_length=512)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(MODEL), args=args, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=lora_config())
+    model = AutoModelForCausalLM.from_pretrained(MODEL, quantization_config=quantization_config(method))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config())
     started = time.perf_counter()
     trainer.train()
     return trainer.model, tokenizer, time.perf_counter() - started
 
 
-def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict):
+def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict, method: str = "lora"):
     import yaml
 
     from loragrid.common import sha256_file, write_json, write_jsonl
@@ -162,20 +192,22 @@ def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict):
     schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
     defaults = {key: spec["default"] for key, spec in schema["properties"]["training"]["properties"].items()}
     # The bench's own batch (4: one short epoch, enough steps), whatever the default config's.
-    settings = {**defaults, **LORA, "method": "lora", "learning_rate": learning_rate, "epochs": epochs,
+    settings = {**defaults, **LORA, "method": method, "learning_rate": learning_rate, "epochs": epochs,
                 "max_steps": -1, "batch_size": 4, "micro_batch_size": 4, **lever}
+    if settings["gradient_checkpointing"] == "auto":
+        settings["gradient_checkpointing"] = method != "lora"  # as loragrid.config resolves `auto`
     data = Path(scratch) / "data"
     write_jsonl(data / "train.jsonl", examples)
     write_json(data / "prepare.json", {"input_sha256": sha256_file(DATA),
                                        "output_sha256": {"train.jsonl": sha256_file(data / "train.jsonl")}})
     summary = train(MODEL, data, Path(scratch) / "adapter", settings, "chat")
-    # The loss is measured on what loragrid wrote: the saved adapter on the bf16 base it trained.
-    import torch
+    # The loss is measured on what loragrid wrote: the saved adapter on the base it trained
+    # (bf16, or quantized again as in training).
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16),
-                                      Path(scratch) / "adapter")
+    from loragrid.modeling import load_for_training
+
+    model = PeftModel.from_pretrained(load_for_training(MODEL, method, settings=settings), Path(scratch) / "adapter")
     # wall_seconds times trainer.train() as a whole, as for the other two configurations.
     return model, load_tokenizer(MODEL), summary["wall_seconds"]
 
@@ -187,18 +219,22 @@ def one_run(name: str, lever: str, count: int, epochs: float, learning_rate: flo
         torch.set_num_threads(threads)
     examples = records(count)
     tokens = int(effective_tokens(examples) * epochs)
+    tool, _, method = name.partition("-")
+    method = method or "lora"
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
-        if name == "seed":
+        if tool == "seed":
             model, tokenizer, seconds = train_seed(examples, epochs, learning_rate, scratch)
-        elif name == "trl":
-            model, tokenizer, seconds = train_trl(examples, epochs, learning_rate, scratch)
+        elif tool == "trl":
+            model, tokenizer, seconds = train_trl(examples, epochs, learning_rate, scratch, method)
         else:
-            model, tokenizer, seconds = train_loragrid(examples, epochs, learning_rate, scratch, LEVERS[lever])
+            model, tokenizer, seconds = train_loragrid(examples, epochs, learning_rate, scratch, LEVERS[lever], method)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         loss = answer_loss(model, tokenizer, examples)
+        adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    flops = model_flops(example_lengths(examples), parameter_count(), adapter, method) * epochs
     return {"configuration": name, "lever": lever, "examples": len(examples), "tokens": tokens,
             "seconds": seconds, "tokens_per_second": tokens / seconds, "peak_rss_bytes": peak_rss,
-            "final_answer_loss": loss, "threads": torch.get_num_threads()}
+            "final_answer_loss": loss, "threads": torch.get_num_threads(), "model_flops": flops}
 
 
 def matmul_flops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
@@ -241,7 +277,7 @@ def spawn(name: str, lever: str, args) -> dict:
     return run
 
 
-def summarize(runs: list[dict], key: str, flops_bf16: float, parameters: int) -> dict:
+def summarize(runs: list[dict], key: str, flops_bf16: float) -> dict:
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(run[key], []).append(run)
@@ -252,11 +288,12 @@ def summarize(runs: list[dict], key: str, flops_bf16: float, parameters: int) ->
                        "median_seconds": statistics.median(r["seconds"] for r in group), "tokens_per_second": rate,
                        "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in group) / 2**30,
                        "final_answer_loss": statistics.median(r["final_answer_loss"] for r in group),
-                       "mfu_vs_bf16_matmul": 6 * parameters * rate / flops_bf16}
+                       "mfu_vs_bf16_matmul": statistics.median(r["model_flops"] / r["seconds"] for r in group)
+                       / flops_bf16}
     return table
 
 
-def main() -> None:
+def arguments():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=128)
     parser.add_argument("--epochs", type=float, default=1)
@@ -270,9 +307,67 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run; 0: torch's default")
     parser.add_argument("--model", type=Path, help="the model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--levers", action="store_true", help="measure loragrid's levers instead of the comparison")
-    parser.add_argument("--one", choices=CONFIGURATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--qlora", action="store_true", help="loragrid LoRA vs QLoRA-4/8, and TRL on the same QLoRA")
+    parser.add_argument("--one", choices=CONFIGURATIONS + QLORA_CONFIGURATIONS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--lever", default="defaults", choices=sorted(LEVERS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def print_levers(table: dict) -> None:
+    baseline = table["defaults"]["tokens_per_second"]
+    print(f"\n{'lever':24s} {'tok/s':>7s} {'vs defaults':>11s} {'loss':>6s} {'RSS GiB':>8s}")
+    for lever, row in table.items():
+        print(f"{lever:24s} {row['tokens_per_second']:7.0f} {row['tokens_per_second'] / baseline:10.2f}x "
+              f"{row['final_answer_loss']:6.3f} {row['peak_rss_gib']:8.2f}")
+
+
+def print_comparison(table: dict) -> None:
+    print(f"\n{'configuration':16s} {'runs':>4s} {'examples':>8s} {'median s':>9s} {'tok/s':>7s} {'loss':>6s} "
+          f"{'RSS GiB':>8s} {'MFU':>6s}")
+    for name, row in table.items():
+        print(f"{name:16s} {row['repeats']:4d} {row['examples']:8d} {row['median_seconds']:9.1f} "
+              f"{row['tokens_per_second']:7.0f} {row['final_answer_loss']:6.3f} {row['peak_rss_gib']:8.2f} "
+              f"{100 * row['mfu_vs_bf16_matmul']:5.1f}%")
+    rate = {name: row["tokens_per_second"] for name, row in table.items()}
+    losses = ", ".join(f"{name} {row['final_answer_loss']:.3f}" for name, row in table.items())
+    if "seed" in rate:
+        print(f"\nloragrid / seed: {rate['loragrid'] / rate['seed']:.1f}x (target >= {TARGETS['seed']:g}x)")
+        print(f"loragrid / trl:  {rate['loragrid'] / rate['trl']:.2f}x (target >= {TARGETS['trl']:g}x)")
+    for method in ("qlora4", "qlora8"):
+        if f"loragrid-{method}" in rate:
+            print(f"\nloragrid {method} / loragrid lora: {rate[f'loragrid-{method}'] / rate['loragrid']:.2f}x "
+                  f"(target >= {TARGETS['qlora_vs_lora']:g}x); loragrid {method} / trl {method}: "
+                  f"{rate[f'loragrid-{method}'] / rate[f'trl-{method}']:.2f}x")
+    print(f"final answer loss: {losses}")
+
+
+def measure(args) -> None:
+    import torch
+
+    started = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}; torch threads: "
+          f"{args.threads or torch.get_num_threads()}", flush=True)
+    examples = records(args.examples)
+    flops = {dtype: matmul_flops(dtype) for dtype in ("bfloat16", "float32")}
+    print(f"{len(examples)} examples, {int(effective_tokens(examples) * args.epochs)} effective tokens, "
+          f"{parameter_count() / 1e6:.1f}M parameters; matmul bf16 {flops['bfloat16'] / 1e9:.0f} GFLOP/s, "
+          f"fp32 {flops['float32'] / 1e9:.0f} GFLOP/s", flush=True)
+    runs = []
+    if args.levers:
+        for repeat in range(args.repeats):
+            runs += [spawn("loragrid", lever, args) for lever in LEVERS]
+        print_levers(summarize(runs, "lever", flops["bfloat16"]))
+    else:
+        names = QLORA_CONFIGURATIONS if args.qlora else CONFIGURATIONS
+        for repeat in range(max(args.repeats, args.seed_repeats)):
+            runs += [spawn(name, "defaults", args) for name in names
+                     if repeat < (args.seed_repeats if name == "seed" else args.repeats)]
+        print_comparison(summarize(runs, "configuration", flops["bfloat16"]))
+    print(f"\nload average at end: {os.getloadavg()}; total {time.perf_counter() - started:.0f} s")
+
+
+def main() -> None:
+    args = arguments()
     global MODEL
     MODEL = (args.model or MODEL).resolve()
     if args.one:
@@ -280,46 +375,7 @@ def main() -> None:
         return
     if not MODEL.exists():
         raise SystemExit(f"{MODEL} is missing: run `snakemake --cores 1 resources/models/smollm2-135m-instruct` first")
-
-    import torch
-
-    started = time.perf_counter()
-    print(f"load average at start: {os.getloadavg()}; cores: {os.cpu_count()}; torch threads: "
-          f"{args.threads or torch.get_num_threads()}", flush=True)
-    examples = records(args.examples)
-    tokens = int(effective_tokens(examples) * args.epochs)
-    parameters = parameter_count()
-    flops = {dtype: matmul_flops(dtype) for dtype in ("bfloat16", "float32")}
-    print(f"{len(examples)} examples, {tokens} effective tokens, {parameters / 1e6:.1f}M parameters; "
-          f"matmul bf16 {flops['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {flops['float32'] / 1e9:.0f} GFLOP/s", flush=True)
-
-    runs = []
-    if args.levers:
-        for repeat in range(args.repeats):
-            for lever in LEVERS:
-                runs.append(spawn("loragrid", lever, args))
-        table = summarize(runs, "lever", flops["bfloat16"], parameters)
-        baseline = table["defaults"]["tokens_per_second"]
-        print(f"\n{'lever':24s} {'tok/s':>7s} {'vs defaults':>11s} {'loss':>6s} {'RSS GiB':>8s}")
-        for lever, row in table.items():
-            print(f"{lever:24s} {row['tokens_per_second']:7.0f} {row['tokens_per_second'] / baseline:10.2f}x "
-                  f"{row['final_answer_loss']:6.3f} {row['peak_rss_gib']:8.2f}")
-    else:
-        for repeat in range(max(args.repeats, args.seed_repeats)):
-            for name in CONFIGURATIONS:
-                if repeat < (args.seed_repeats if name == "seed" else args.repeats):
-                    runs.append(spawn(name, "defaults", args))
-        table = summarize(runs, "configuration", flops["bfloat16"], parameters)
-        print(f"\n{'configuration':14s} {'runs':>4s} {'examples':>8s} {'median s':>9s} {'tok/s':>7s} {'loss':>6s} {'RSS GiB':>8s} {'MFU':>6s}")
-        for name, row in table.items():
-            print(f"{name:14s} {row['repeats']:4d} {row['examples']:8d} {row['median_seconds']:9.1f} {row['tokens_per_second']:7.0f} "
-                  f"{row['final_answer_loss']:6.3f} {row['peak_rss_gib']:8.2f} {100 * row['mfu_vs_bf16_matmul']:5.1f}%")
-        ours = table["loragrid"]["tokens_per_second"]
-        print(f"\nloragrid / seed: {ours / table['seed']['tokens_per_second']:.1f}x (target >= 10x)")
-        print(f"loragrid / trl:  {ours / table['trl']['tokens_per_second']:.2f}x (target >= 2x)")
-        print(f"final answer loss: loragrid {table['loragrid']['final_answer_loss']:.3f}, "
-              f"trl {table['trl']['final_answer_loss']:.3f}, seed {table['seed']['final_answer_loss']:.3f}")
-    print(f"\nload average at end: {os.getloadavg()}; total {time.perf_counter() - started:.0f} s")
+    measure(args)
 
 
 if __name__ == "__main__":

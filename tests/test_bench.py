@@ -1,4 +1,6 @@
-"""The throughput benchmark's three configurations run (on the tiny model): the bench stays runnable."""
+"""The throughput benchmark's configurations run (on the tiny model): the bench stays runnable.
+
+The QLoRA comparison (--qlora) is covered by one configuration of each tool and quantization."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("configuration", ["seed", "trl", "loragrid"])
+@pytest.mark.parametrize("configuration", ["seed", "trl", "loragrid", "trl-qlora4", "loragrid-qlora8"])
 def test_each_configuration_of_the_throughput_bench_trains(tiny_model_dir, configuration):
     command = [sys.executable, "bench/train_throughput.py", "--one", configuration, "--examples", "4",
                "--model", str(tiny_model_dir)]
@@ -22,3 +24,5 @@ def test_each_configuration_of_the_throughput_bench_trains(tiny_model_dir, confi
     assert run["configuration"] == configuration and run["examples"] == 4
     assert run["tokens"] > 0 and run["tokens_per_second"] > 0 and run["peak_rss_bytes"] > 0
     assert math.isfinite(run["final_answer_loss"]) and run["final_answer_loss"] > 0
+    # Model FLOPs: 4N per token for adapters (6N only for full fine-tuning) and attention on top.
+    assert run["model_flops"] > 4 * run["tokens"] * 1000
