@@ -42,6 +42,7 @@ NAME_LABELS = {
     "packing": "pack",
     "gradient_checkpointing": "gc",
     "optimizer": "opt",
+    "compile_layers": "compile",
     "save_steps": "save",
     "save_total_limit": "keep",
     "lora_bias": "bias",

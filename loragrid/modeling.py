@@ -194,6 +194,30 @@ def add_lora(model, settings: dict):
     return model
 
 
+def compile_decoder_layers(model, cache_dir) -> int:
+    """torch.compile every repeated decoder layer in place (regional compilation); returns how many.
+
+    The layers share one compiled graph (dynamo inlines the module, so the layer's own weights are
+    inputs, not constants), with dynamic shapes so that a new sequence length does not recompile.
+    The inductor cache lives in `cache_dir`, which every training job shares: a graph compiled
+    once loads from there afterwards. A frame that fails to compile (no C++ compiler, an operation
+    inductor cannot lower) runs eagerly: dynamo logs a warning, the job carries on.
+    """
+    import torch._dynamo
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir).resolve())
+    torch._dynamo.config.suppress_errors = True
+    # The KV cache is for generation: in training it only adds a per-layer index the graph would specialise on.
+    causal_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_model.config.use_cache = False
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiling %d decoder layers (torch.compile, inductor cache %s)", len(layers), cache_dir)
+    return len(layers)
+
+
 def linear_module_names(model) -> list[str]:
     """The distinct last names of the model's linear layers: what target_modules can name."""
     linear_types = (torch.nn.Linear,)

@@ -35,6 +35,8 @@ BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit")
 # them must not throw away a checkpoint.
 NOT_IN_CHECKPOINT_HASH = ("save_steps", "save_total_limit", "report_to")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Where compiled layers are cached when the caller names no folder (the workflow passes compile_cache).
+DEFAULT_COMPILE_CACHE = "resources/torch-compile-cache"
 
 
 def current_rss_bytes() -> int:
@@ -340,6 +342,23 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
                            processing_class=tokenizer)
 
 
+def compile_after_profiling(profile, cache_dir):
+    """A Trainer callback that compiles the decoder layers (modeling.compile_decoder_layers) once
+    the memory profile has measured its steps: dynamo skips for good a frame it first meets
+    under the profile's dispatch mode, so compiling earlier would leave every step eager."""
+    from transformers import TrainerCallback
+
+    class CompileLayers(TrainerCallback):
+        compiled = False
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if not self.compiled and len(profile.profiled) >= profile.steps:
+                modeling.compile_decoder_layers(model, cache_dir)
+                self.compiled = True
+
+    return CompileLayers()
+
+
 @contextlib.contextmanager
 def objects_so_far_frozen():
     """Keeps the objects that exist before training (modules, tokenizer, libraries) out of the
@@ -413,7 +432,7 @@ def _save(model, tokenizer, trainer, out_dir, model_dir, method: str) -> None:
 
 def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False,
           checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None, wandb_dir=None,
-          run_name: str | None = None) -> dict:
+          run_name: str | None = None, compile_cache_dir=None) -> dict:
     """Train one run; writes the adapter (or the full model) to `out_dir` and returns train.json's content.
 
     With `tokenized_dir` (the tokenize rule's output), the split is read as tokenized there;
@@ -444,6 +463,8 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
                                output_dir=checkpoints if saving else scratch, saving=saving)
         profile = memory.memory_profile(memory.PROFILED_STEPS)
         trainer.add_callback(profile)
+        if settings.get("compile_layers"):
+            trainer.add_callback(compile_after_profiling(profile, compile_cache_dir or DEFAULT_COMPILE_CACHE))
         started = time.perf_counter()
         with objects_so_far_frozen():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -512,12 +533,11 @@ def _progress(trainer, result, wall: float, resume_from: Path | None) -> dict:
 
 
 def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, template, trust_remote_code=False,
-                   checkpoint_root=None, tensorboard_dir=None, tokenized_dir=None, wandb_dir=None,
-                   run_name=None) -> dict:
-    """Train one run in this process and write its train.json (the first process of several writes)."""
-    summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code,
-                    checkpoint_root=checkpoint_root, tensorboard_dir=tensorboard_dir, tokenized_dir=tokenized_dir,
-                    wandb_dir=wandb_dir, run_name=run_name)
+                   **folders) -> dict:
+    """Train one run in this process and write its train.json (the first process of several writes).
+
+    `folders` are train's optional keyword arguments (checkpoint_root, tokenized_dir, ...)."""
+    summary = train(model_dir, data_dir, weights_dir, settings, template, trust_remote_code, **folders)
     if int(os.environ.get("RANK", 0)) == 0:  # under DDP (loragrid.launch) one process writes
         write_json(train_json, summary)
         if summary["checkpoints"]:

@@ -15,6 +15,8 @@ with logging_to(snakemake.log[0]):
         template=snakemake.params.template,
         trust_remote_code=snakemake.params.trust_remote_code,
         **snakemake.params.folders,
+        # Read here, not a param: moving the shared cache must not re-train anything.
+        compile_cache_dir=snakemake.config["compile_cache"],
         run_name=snakemake.wildcards.run,
         tokenized_dir=snakemake.input.tokenized,
     )
