@@ -61,7 +61,8 @@ def main() -> None:
     noop = [snakemake(workdir, *base) for _ in range(3)]
     print(f"no-op rerun of the finished grid: median {statistics.median(noop):.2f} s  {[round(t, 2) for t in noop]}")
     replan = [snakemake(workdir, *base, "--dry-run") for _ in range(3)]
-    print(f"dry-run plan of the finished grid: median {statistics.median(replan):.2f} s  {[round(t, 2) for t in replan]}")
+    print(f"dry-run plan of the finished grid: median {statistics.median(replan):.2f} s  "
+          f"{[round(t, 2) for t in replan]}")
 
 
 if __name__ == "__main__":

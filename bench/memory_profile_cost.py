@@ -40,9 +40,9 @@ print("RESULT", json.dumps({{"runtime": summary["train_runtime_seconds"],
 def settings(steps: int) -> dict:
     sys.path.insert(0, str(REPO))
     import yaml
+    from snakemake.utils import update_config, validate
 
     from loragrid.config import check_config
-    from snakemake.utils import update_config, validate
 
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     validate(config, str(REPO / "config/schema.yaml"))
@@ -55,7 +55,7 @@ def run_once(profiled: int, run_settings: dict) -> dict:
                           model=str(MODEL), data=str(DATA))
     with tempfile.TemporaryDirectory():
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((printed for printed in result.stdout.splitlines() if printed.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"training failed:\n{result.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
@@ -68,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if not MODEL.exists() or not (DATA / "train.jsonl").exists():
         raise SystemExit("fetch the model and prepare the data first: "
-                         "snakemake --cores 1 resources/models/smollm2-135m-instruct results/data/emoji_qa/train.jsonl")
+                         "snakemake --cores 1 resources/models/smollm2-135m-instruct "
+                         "results/data/emoji_qa/train.jsonl")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     run_settings = settings(args.steps)
     times: dict[int, list[float]] = {0: [], 2: []}

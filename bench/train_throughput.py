@@ -1,8 +1,8 @@
 """Training throughput: the seed recipe vs TRL's SFTTrainer vs loragrid, on the same model, data and LoRA.
 
-    python bench/train_throughput.py                 # the comparison (about 14 minutes on 2 cores)
-    python bench/train_throughput.py --qlora         # loragrid LoRA vs QLoRA-4/8, and TRL with the same bitsandbytes config
-    python bench/train_throughput.py --levers        # loragrid with one setting changed at a time
+    python bench/train_throughput.py            # the comparison (about 14 minutes on 2 cores)
+    python bench/train_throughput.py --qlora    # loragrid LoRA vs QLoRA-4/8, and TRL with the same bitsandbytes config
+    python bench/train_throughput.py --levers   # loragrid with one setting changed at a time
 
 Every configuration trains the embedded SmolLM2-135M-Instruct (fetch it first:
 `snakemake --cores 1 resources/models/smollm2-135m-instruct`) on the same first 128 records of
@@ -100,6 +100,7 @@ def model_flops(lengths: list[int], parameters: int, adapter_parameters: int, me
 def answer_loss(model, tokenizer, examples: list[dict]) -> float:
     """Mean cross-entropy on answer tokens (the same measure for every configuration)."""
     import torch
+
     from loragrid.templates import tokenize_example
 
     model.eval()
@@ -265,8 +266,8 @@ def parameter_count() -> int:
 def spawn(name: str, lever: str, args) -> dict:
     examples = args.seed_examples if name == "seed" and args.seed_examples else args.examples
     command = [sys.executable, __file__, "--one", name, "--lever", lever, "--examples", str(examples),
-               "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate), "--threads", str(args.threads),
-               "--model", str(MODEL)]
+               "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
+               "--threads", str(args.threads), "--model", str(MODEL)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
@@ -300,7 +301,8 @@ def arguments():
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of trl and loragrid (and of each lever)")
     parser.add_argument("--seed-repeats", type=int, default=1,
-                        help="repeats of the seed recipe: one run takes ~5 minutes, so 3 would break the 15-minute budget")
+                        help="repeats of the seed recipe: one run takes ~5 minutes, "
+                             "so 3 would break the 15-minute budget")
     parser.add_argument("--seed-examples", type=int, default=0,
                         help="train the seed recipe on only this many examples (its tokens/s is per token, but its "
                              "loss is then not comparable); for a loaded machine where a full seed run does not fit")
@@ -354,7 +356,7 @@ def measure(args) -> None:
           f"fp32 {flops['float32'] / 1e9:.0f} GFLOP/s", flush=True)
     runs = []
     if args.levers:
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             runs += [spawn("loragrid", lever, args) for lever in LEVERS]
         print_levers(summarize(runs, "lever", flops["bfloat16"]))
     else:

@@ -49,7 +49,8 @@ def memory_command(args) -> None:
     budget = args.budget_gb * 1e9 if args.budget_gb else None
     rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget)
     parameters = total_parameters(sizes)
-    print(f"{args.model}: {parameters / 1e9:.2f}B parameters; micro-batch {args.micro_batch} x {args.sequence} tokens, "
+    print(f"{args.model}: {parameters / 1e9:.2f}B parameters; "
+          f"micro-batch {args.micro_batch} x {args.sequence} tokens, "
           f"{args.labelled_share:.0%} labelled, LoRA r={args.lora_r} on every linear layer, AdamW, "
           f"{args.attention} attention (GB):")
     parts = ("weights", "gradients", "optimizer", "activations", "temporaries")
@@ -90,8 +91,8 @@ def parser() -> argparse.ArgumentParser:
                     "Each question is asked on its own, with the run's prompt template and generation settings.",
     )
     chat.add_argument("--run", required=True, help="run name as in the report, or 'base' for the untuned model")
-    chat.add_argument("--merged", action="store_true",
-                      help="load the merged model (results/EXPERIMENT/runs/RUN/merged) instead of base model + adapter")
+    chat.add_argument("--merged", action="store_true", help="load the merged model "
+                      "(results/EXPERIMENT/runs/RUN/merged) instead of base model + adapter")
     chat.add_argument("--experiment", help="the experiment under results/ (default: the only one with answers)")
     chat.add_argument("--load-in-4bit", action="store_true",
                       help="load the weights as 4-bit NF4 with bitsandbytes (as QLoRA trains them)")

@@ -56,7 +56,8 @@ def run_files(workdir: Path, results: Path, run: str, merged: bool) -> dict:
         model_dir = workdir / meta["model_dir"]
         if merged and not (adapter_dir.exists() and model_dir.name == "merged"):
             raise LoragridError(f"run '{run}' has no merged adapter (--merged is for LoRA and QLoRA runs)")
-        return {"model_dir": model_dir, "adapter_dir": None, "template": meta["template"], "settings": meta["settings"]}
+        return {"model_dir": model_dir, "adapter_dir": None, "template": meta["template"],
+                "settings": meta["settings"]}
     base = read_json(adapter_dir / "adapter_config.json")["base_model_name_or_path"]
     return {"model_dir": workdir / base, "adapter_dir": adapter_dir, "template": meta["template"],
             "settings": meta["settings"]}

@@ -112,7 +112,8 @@ def _json_list(file: Path, display: str) -> list:
     try:
         parsed = _loads(text)
     except json.JSONDecodeError as error:
-        raise LoragridError(f"{display}, line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+        raise LoragridError(f"{display}, line {error.lineno}: "
+                            f"invalid JSON ({error.msg} at column {error.colno})") from None
     except BadRecord as error:  # no line: json.loads tells where a syntax error is, not where a value is
         raise LoragridError(f"{display}: {error}") from None
     if not isinstance(parsed, list):
@@ -337,7 +338,8 @@ def to_messages(raw: dict, data_format: str, question_field: str = "question",
         return _alpaca(raw)
     if data_format == "messages":
         return _messages(raw)
-    raise LoragridError(f"config key 'dataset.format': unknown format '{data_format}' (choose from {', '.join(FORMATS)})")
+    raise LoragridError(f"config key 'dataset.format': unknown format '{data_format}' "
+                        f"(choose from {', '.join(FORMATS)})")
 
 
 def _parse_line(line: bytes) -> dict:
@@ -368,7 +370,8 @@ def read_records(records_path: Path, parts: list[dict], data_format: str, questi
                 messages = to_messages(_parse_line(line), data_format, question_field, answer_fields)
                 key = json.dumps(messages, ensure_ascii=False, sort_keys=True)
                 if key in seen:
-                    raise BadRecord(f"duplicate of {seen[key]} (same conversation); a repeated record is trained on twice")
+                    raise BadRecord(f"duplicate of {seen[key]} (same conversation); "
+                                    "a repeated record is trained on twice")
                 seen[key] = where["id"]
             except BadRecord as error:
                 yield where, None, str(error)
@@ -456,7 +459,8 @@ def prepare(records_path: str | Path, out_dir: str | Path, *, data_format: str =
         verify_folder(records_path.parent)  # fetch_dataset's folder: records.jsonl as it was fetched
     parts = read_json(source_json).get("parts") if source_json.exists() else None
     if parts is None:
-        parts = [{"file": display_name or str(records_path), "start": 1, "count": float("inf"), "unit": "line", "first": 1}]
+        parts = [{"file": display_name or str(records_path), "start": 1, "count": float("inf"), "unit": "line",
+                  "first": 1}]
     records, rejected = [], []
     for where, record, reason in read_records(records_path, parts, data_format, question_field, list(answer_fields)):
         if record is None:

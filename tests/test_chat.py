@@ -53,7 +53,8 @@ def test_interactive_chat_in_a_terminal(tiny_workflow):
     session = pexpect.spawn(sys.executable, ["-m", "loragrid", "chat", "--run", "lora"], cwd=str(workdir),
                             encoding="utf-8", timeout=180, dimensions=(40, 200))
     # The run's template and generation settings (tiny config: max_new_tokens 4, greedy), the adapter on its base.
-    session.expect_exact(f"lora: adapter on resources/models/tiny, template {CUSTOM_TEMPLATE!r}, max_new_tokens 4, greedy")
+    session.expect_exact(f"lora: adapter on resources/models/tiny, template {CUSTOM_TEMPLATE!r}, "
+                         "max_new_tokens 4, greedy")
     for question in questions:
         session.expect_exact("you> ")
         session.sendline(question)
@@ -95,8 +96,10 @@ def test_runs_lists_what_a_config_resolves_to(tiny_workflow, tmp_path):
     assert status == {"full": "evaluated", "lora": "evaluated", "qlora4": "evaluated", "qlora8": "evaluated",
                       "lora-r8": "not trained", "qlora4-r8": "not trained", "qlora8-r8": "not trained"}
     # Another learning rate for full: the same run name with other settings.
-    changed = loragrid(workdir, "runs", "--configfile", str(config), "--config", "methods={full: {learning_rate: 0.001}}")
-    assert changed.stdout.splitlines()[1].split(maxsplit=2) == ["full", "full", "trained with other settings (snakemake re-runs it)"]
+    changed = loragrid(workdir, "runs", "--configfile", str(config), "--config",
+                       "methods={full: {learning_rate: 0.001}}")
+    assert changed.stdout.splitlines()[1].split(maxsplit=2) == ["full", "full",
+                                                                "trained with other settings (snakemake re-runs it)"]
     # The default config is another experiment (another model and dataset): nothing of it is trained here.
     default = loragrid(workdir, "runs")
     assert default.stdout.splitlines()[0].startswith("experiment smollm2-135m-instruct--emoji_qa")

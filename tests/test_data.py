@@ -16,8 +16,8 @@ def questions(path):
 
 def test_split_is_seeded_and_disjoint(qa_file, tmp_path):
     summary = prepare(qa_file, tmp_path / "a", heldout_min=10, seed=1)
-    again = prepare(qa_file, tmp_path / "b", heldout_min=10, seed=1)
-    other = prepare(qa_file, tmp_path / "c", heldout_min=10, seed=2)
+    prepare(qa_file, tmp_path / "b", heldout_min=10, seed=1)
+    prepare(qa_file, tmp_path / "c", heldout_min=10, seed=2)
     assert summary["train"] + summary["heldout"] == 60 and summary["heldout"] == 10
     assert (tmp_path / "a/heldout.jsonl").read_bytes() == (tmp_path / "b/heldout.jsonl").read_bytes()
     assert (tmp_path / "a/heldout.jsonl").read_bytes() != (tmp_path / "c/heldout.jsonl").read_bytes()
@@ -26,7 +26,8 @@ def test_split_is_seeded_and_disjoint(qa_file, tmp_path):
 
 def test_repeated_questions_stay_in_one_split(tmp_path):
     records = demo_records(40)
-    records += [{"question": "  " + r["question"].upper() + " ", "answer_en": "Another answer 😀🎉"} for r in records[:20]]
+    records += [{"question": "  " + r["question"].upper() + " ", "answer_en": "Another answer 😀🎉"}
+                for r in records[:20]]
     source = write_jsonl(tmp_path / "dup.jsonl", records)
     summary = prepare(source, tmp_path / "out", heldout_min=10)
     assert summary["distinct_questions"] == 40
@@ -120,7 +121,8 @@ def test_a_folder_of_files_and_messages_that_name_each_file(tmp_path):
     folder = tmp_path / "data"
     (folder / "more").mkdir(parents=True)
     write_jsonl(folder / "a.jsonl", records[:20])
-    pd.DataFrame(records[20:40] + [{"question": "empty answer?", "answer_en": ""}]).to_csv(folder / "b.csv", index=False)
+    pd.DataFrame(records[20:40] + [{"question": "empty answer?", "answer_en": ""}]).to_csv(
+        folder / "b.csv", index=False)
     pd.DataFrame(records[40:]).to_parquet(folder / "more" / "c.parquet")
     (folder / "README.md").write_text("not data")
     provenance = fetch_dataset(f"local:{folder}", tmp_path / "dataset")
@@ -144,7 +146,8 @@ def test_alpaca_records_keep_their_input_and_ignore_an_empty_one(tmp_path):
             + read_jsonl(tmp_path / "out/heldout.jsonl")}
     assert rows["Translate 1"] == [{"role": "user", "content": "Translate 1", "input": "word 1"},
                                    {"role": "assistant", "content": "mot 1"}]
-    assert rows["Translate 2"] == [{"role": "user", "content": "Translate 2"}, {"role": "assistant", "content": "mot 2"}]
+    assert rows["Translate 2"] == [{"role": "user", "content": "Translate 2"},
+                                   {"role": "assistant", "content": "mot 2"}]
     assert rows["Summarise"][0] == {"role": "system", "content": "You are terse."}
 
 
@@ -172,15 +175,16 @@ def test_a_bad_record_in_a_json_list_is_named_by_its_number(tmp_path):
     records.insert(4, {"question": "no answer here"})
     (tmp_path / "d.json").write_text(json.dumps(records), encoding="utf-8")
     fetch_dataset(f"local:{tmp_path / 'd.json'}", tmp_path / "dataset")
-    with pytest.raises(LoragridError, match=r"d\.json, record 5: none of the answer fields \['answer_en', 'answer_zh'\]"):
+    with pytest.raises(LoragridError,
+                       match=r"d\.json, record 5: none of the answer fields \['answer_en', 'answer_zh'\]"):
         prepare(tmp_path / "dataset" / "records.jsonl", tmp_path / "out", heldout_min=5)
 
 
 def test_outputs_get_the_usual_file_mode_not_a_private_one(tmp_path):
-    from loragrid.common import atomic_dir, write_json
-
     import torch
     from safetensors.torch import save_file
+
+    from loragrid.common import atomic_dir, write_json
 
     write_json(tmp_path / "out.json", {"a": 1})
     with atomic_dir(tmp_path / "folder") as staging:
@@ -236,7 +240,8 @@ UNREADABLE_LINES = [
      r"messages\[1\]: 'role' should be text, got int"),
     ("null role", "messages", '{"messages": [{"role": null, ' + TWO_TURNS,
      r"messages\[1\]: missing 'role' \(OpenAI\) or 'from' \(sharegpt\)"),
-    ("list as role", "messages", '{"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]}',
+    ("list as role", "messages",
+     '{"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]}',
      r"conversations\[1\]: 'from' should be text, got list"),
     ("huge unknown role", "messages", '{"messages": [{"role": "' + "r" * 10_000 + '", ' + TWO_TURNS,
      r"messages\[1\]: unknown role 'r{10,30}\.\.\.r*' \(expected one of"),
@@ -249,7 +254,8 @@ def test_json_that_python_cannot_take_is_a_bad_record(tmp_path, case, data_forma
     lines = list(GOOD_LINES[data_format])
     lines.insert(6, bad_line)
     source = write_jsonl(tmp_path / "bad.jsonl", lines)
-    with pytest.raises(LoragridError, match=rf"^data/bad\.jsonl, line 7: {reason}.* \(set dataset\.on_bad_record: skip"):
+    with pytest.raises(LoragridError,
+                       match=rf"^data/bad\.jsonl, line 7: {reason}.* \(set dataset\.on_bad_record: skip"):
         prepare(source, tmp_path / "out", data_format=data_format, heldout_min=5, display_name="data/bad.jsonl")
     assert not (tmp_path / "out").exists()
 
@@ -347,7 +353,8 @@ def test_a_file_name_that_is_not_utf8(tmp_path):
         (folder / os.fsdecode(b"caf\xe9.jsonl")).write_text("{}\n")
     except (OSError, UnicodeEncodeError):
         pytest.skip("the file system takes UTF-8 names only")
-    with pytest.raises(LoragridError, match=r"data/caf\\xe9\.jsonl: the file name is not valid UTF-8; rename the file"):
+    with pytest.raises(LoragridError,
+                       match=r"data/caf\\xe9\.jsonl: the file name is not valid UTF-8; rename the file"):
         gather_records(folder, "data", tmp_path / "records.jsonl", tmp_path)
     with pytest.raises(LoragridError, match=r"caf\\xe9\.jsonl: the file name is not valid UTF-8"):
         fetch_dataset(f"local:{folder}", tmp_path / "dataset")  # the source's checksum comes first

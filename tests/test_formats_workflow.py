@@ -17,7 +17,8 @@ def test_a_folder_of_csv_and_parquet_files_prepares_by_snakemake(copy_repo, tiny
     records = [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(48)]
     (copy_repo / "mydata").mkdir()
     pd.DataFrame(records[:24]).to_csv(copy_repo / "mydata" / "part1.csv", index=False)
-    pd.DataFrame(records[24:] + [{"question": "empty?", "answer_en": None}]).to_parquet(copy_repo / "mydata" / "part2.parquet")
+    pd.DataFrame(records[24:] + [{"question": "empty?", "answer_en": None}]).to_parquet(
+        copy_repo / "mydata" / "part2.parquet")
     config = {"model": {"name": "tiny", "source": f"local:{tiny_model_dir}"},
               "dataset": {"name": "mine", "source": "local:mydata", "on_bad_record": "skip"},
               "split": {"heldout_min": 8}}
@@ -27,7 +28,8 @@ def test_a_folder_of_csv_and_parquet_files_prepares_by_snakemake(copy_repo, tiny
     summary = read_json(copy_repo / "results/tiny--mine/data/mine/prepare.json")
     assert summary["records_valid"] == 48 and summary["source"] == ["mydata/part1.csv", "mydata/part2.parquet"]
     assert summary["rejected"] == [{"file": "mydata/part2.parquet", "row": 25,
-                                    "reason": "answer field 'answer_en' is empty (an empty answer teaches the model to say nothing)"}]
+                                    "reason": "answer field 'answer_en' is empty "
+                                              "(an empty answer teaches the model to say nothing)"}]
 
     again = snakemake(copy_repo, "results/tiny--mine/data/mine/prepare.json", "--configfile", "c.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr  # the same source: nothing is fetched again

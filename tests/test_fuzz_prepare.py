@@ -34,7 +34,8 @@ EXTREMES = ["[" * 50_000 + "]" * 50_000, "9" * 5000, '"\\ud800"', '"a\\u0000b"',
 
 characters = st.one_of(st.characters(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
                        st.sampled_from("\0\n\r\t \"',;?？Ａ\ufeff\u2028"))
-texts = st.text(characters, max_size=10) | st.sampled_from(["user", "assistant", "human", "gpt", "system", "robot", ""])
+texts = (st.text(characters, max_size=10)
+         | st.sampled_from(["user", "assistant", "human", "gpt", "system", "robot", ""]))
 scalars = st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63) | st.floats() | texts
 keys = st.sampled_from(FIELDS) | texts
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),

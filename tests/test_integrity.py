@@ -75,7 +75,8 @@ READS_DATA = ("tokenize", "train", "merge", "generate", "evaluate")
 def test_every_stage_names_a_damaged_model_file(fetched, tokenized, prepared_dir, tmp_path, stage, how):
     model = damaged_copy(fetched / "model", tmp_path / "model", "model.safetensors", how)
     message = r"\d+ bytes, \d+ when it was written" if how == "truncated" else "changed since it was written"
-    with pytest.raises(LoragridError, match=rf"model\.safetensors: {message}.*; delete {model} and run snakemake again"):
+    with pytest.raises(LoragridError,
+                       match=rf"model\.safetensors: {message}.*; delete {model} and run snakemake again"):
         STAGES[stage](model, prepared_dir, fetched / "adapter", tokenized, tmp_path)
 
 
@@ -104,7 +105,8 @@ def test_training_names_a_damaged_tokenized_split(fetched, tokenized, prepared_d
 def test_a_copy_with_new_mtimes_but_the_same_bytes_passes(fetched, tmp_path):
     copy = shutil.copytree(fetched / "model", tmp_path / "model", copy_function=shutil.copyfile)  # new mtimes
     verify_folder(copy)
-    assert os.stat(copy / "model.safetensors").st_mtime_ns != read_json(copy / MANIFEST)["files"]["model.safetensors"]["mtime_ns"]
+    assert (os.stat(copy / "model.safetensors").st_mtime_ns
+            != read_json(copy / MANIFEST)["files"]["model.safetensors"]["mtime_ns"])
 
 
 def test_a_pickled_bin_beside_unrelated_safetensors_is_never_loaded(tiny_model_dir, tmp_path):
@@ -116,7 +118,8 @@ def test_a_pickled_bin_beside_unrelated_safetensors_is_never_loaded(tiny_model_d
     torch.save(weights, folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
     save_file({"unrelated": torch.zeros(2)}, folder / "extra.safetensors")
-    with pytest.raises(LoragridError, match=r"has no safetensors weights \(model\.safetensors or model\.safetensors\.index\.json"):
+    with pytest.raises(LoragridError,
+                       match=r"has no safetensors weights \(model\.safetensors or model\.safetensors\.index\.json"):
         fetch_model(f"local:{folder}", tmp_path / "fetched")
     with pytest.raises(LoragridError, match=rf"{folder}: the weights do not load"):
         modeling.load_causal_lm(folder, torch.float32)

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN, copy_workflow, demo_records, write_jsonl
 from loragrid import launch, memory, modeling
-from loragrid.config import CHECKPOINTING_BY_METHOD
 from loragrid.common import LoragridError, read_json
+from loragrid.config import CHECKPOINTING_BY_METHOD
 from loragrid.train import train_run, train_to_files
 
 # SmolLM2-135M-Instruct, the default model (its config.json), and the training processes' resident
@@ -144,7 +144,8 @@ def test_two_ddp_processes_train_one_run_and_only_the_first_writes(tiny_model_di
             "train_json": str(tmp_path / "train.json"), "template": "chat", "settings": {**TINY_RUN, "gpus": 2}}
     call_file = tmp_path / "call.json"
     call_file.write_text(json.dumps(call))
-    command = launch.accelerate_command(2, call_file, launch.mixed_precision(modeling.compute_dtype()), launch.free_port())
+    command = launch.accelerate_command(2, call_file, launch.mixed_precision(modeling.compute_dtype()),
+                                        launch.free_port())
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

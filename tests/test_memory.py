@@ -113,7 +113,8 @@ def qwen_runs(qwen_shaped, prepared_dir, tmp_path_factory):
         settings = {**TINY_RUN, "method": method, "max_steps": 2, "batch_size": 8, "micro_batch_size": 4,
                     "lora_r": 16, "lora_alpha": 32, "optimizer": "adamw_torch_fused",
                     "gradient_checkpointing": CHECKPOINTING_BY_METHOD[method]}
-        runs[method] = train_to_files(qwen_shaped, prepared_dir, out / method, out / f"{method}.json", settings, "chat")
+        runs[method] = train_to_files(qwen_shaped, prepared_dir, out / method, out / f"{method}.json", settings,
+                                      "chat")
     return runs
 
 

@@ -89,7 +89,8 @@ def test_a_changed_config_tokenizer_or_seed_fetches_again(tmp_path, tiny_model_d
     settings = read_json(tokenizer / "tokenizer_config.json")
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 256}))
     fetch()
-    assert "nothing to fetch" not in caplog.text and read_json(out / "tokenizer_config.json")["model_max_length"] == 256
+    assert ("nothing to fetch" not in caplog.text
+            and read_json(out / "tokenizer_config.json")["model_max_length"] == 256)
 
     fetch(seed=5)
     assert "nothing to fetch" not in caplog.text and read_json(out / "source.json")["seed"] == 5
@@ -119,13 +120,16 @@ def test_the_shipped_qwen2_5_0_5b_shape():
 def test_the_fetch_model_rule_builds_a_random_source(copy_repo, tiny_model_dir):
     """The rule passes tokenizer and seed on; a new seed or an edited tokenizer file re-runs it, nothing else does."""
     write_config(copy_repo / "config" / "models" / "tiny-qwen.json")
-    tokenizer = shutil.copytree(tiny_model_dir, copy_repo / "tokenizer", ignore=shutil.ignore_patterns("*.safetensors"))
-    model = {"name": "tiny-random", "source": "random:config/models/tiny-qwen.json", "tokenizer": "tokenizer", "seed": 3}
+    tokenizer = shutil.copytree(tiny_model_dir, copy_repo / "tokenizer",
+                                ignore=shutil.ignore_patterns("*.safetensors"))
+    model = {"name": "tiny-random", "source": "random:config/models/tiny-qwen.json", "tokenizer": "tokenizer",
+             "seed": 3}
     config = tiny_config(copy_repo, tiny_model_dir, model=model)
     result = snakemake(copy_repo, "resources/models/tiny-random", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     recorded = read_json(copy_repo / "resources" / "models" / "tiny-random" / "source.json")
-    assert recorded["random_init"] is True and recorded["seed"] == 3 and recorded["parameters"] == tiny_parameters(TINY)
+    assert (recorded["random_init"] is True and recorded["seed"] == 3
+            and recorded["parameters"] == tiny_parameters(TINY))
 
     unchanged = snakemake(copy_repo, "-n", "resources/models/tiny-random", "--configfile", str(config))
     assert unchanged.returncode == 0 and "Nothing to be done" in unchanged.stdout + unchanged.stderr

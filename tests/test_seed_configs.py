@@ -29,7 +29,8 @@ def test_qwen_seed_grid():
     runs = check_config(merged("qwen2.5-0.5b.yaml"), workdir=REPO)
     assert sorted(runs) == ["full", "lora", "qlora4", "qlora8"]
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert {k: runs["lora"][k] for k in ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "target_modules")} == \
+    assert {k: runs["lora"][k]
+            for k in ("lora_r", "lora_alpha", "lora_dropout", "learning_rate", "target_modules")} == \
         {"lora_r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "learning_rate": 1e-4, "target_modules": targets}
     assert runs["qlora4"]["learning_rate"] == runs["qlora8"]["learning_rate"] == 2e-4
     assert runs["lora"]["max_steps"] == -1  # the default config's 30-step demo schedule does not leak in

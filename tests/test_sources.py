@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +119,8 @@ def test_modelscope_model_and_dataset_resolved_offline(tmp_path, tiny_model_dir,
 
     model = fetch_model("modelscope:Qwen/Tiny-Instruct", tmp_path / "model", offline=True)
     assert model["resolved_path"] == str(model_snapshot) and model["revision"] == "master"
-    assert (tmp_path / "model" / "model.safetensors").exists() and not (tmp_path / "model" / "pytorch_model.bin").exists()
+    assert ((tmp_path / "model" / "model.safetensors").exists()
+            and not (tmp_path / "model" / "pytorch_model.bin").exists())
 
     dataset = fetch_dataset("modelscope:shareAI/emoji", tmp_path / "dataset", offline=True)
     assert dataset["resolved_path"] == str(data_snapshot)
@@ -130,7 +130,8 @@ def test_modelscope_model_and_dataset_resolved_offline(tmp_path, tiny_model_dir,
 
 def test_modelscope_cache_miss_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "empty"))
-    with pytest.raises(LoragridError, match=r"config key 'dataset.source': modelscope could not resolve 'org/none'.*Cannot find cached"):
+    with pytest.raises(LoragridError, match=r"config key 'dataset.source': modelscope could not resolve 'org/none'"
+                                            r".*Cannot find cached"):
         fetch_dataset("modelscope:org/none", tmp_path / "dataset", offline=True)
     assert not (tmp_path / "dataset").exists()
 
@@ -146,7 +147,8 @@ def test_a_second_fetch_does_nothing_and_a_changed_source_refetches(tmp_path, ca
     assert (out / "source.json").stat().st_mtime_ns == stamp and "nothing to fetch" in caplog.text
 
     fetch_dataset(f"local:{second}", out)
-    assert read_json(out / "source.json")["source"] == f"local:{second}" and len(read_jsonl(out / "records.jsonl")) == 45
+    assert (read_json(out / "source.json")["source"] == f"local:{second}"
+            and len(read_jsonl(out / "records.jsonl")) == 45)
 
     write_jsonl(second, demo_records(46))  # the same source, edited
     fetch_dataset(f"local:{second}", out)
@@ -174,7 +176,8 @@ def _pickled_model(tmp_path, tiny_model_dir, prune: bool = False) -> Path:
 
 def test_pickled_model_only_with_allow_pickle(tmp_path, tiny_model_dir):
     path = _pickled_model(tmp_path, tiny_model_dir)
-    with pytest.raises(LoragridError, match=r"config key 'model.source': .*model\.bin is a pickle.*allow_pickle: true"):
+    with pytest.raises(LoragridError,
+                       match=r"config key 'model.source': .*model\.bin is a pickle.*allow_pickle: true"):
         fetch_model(f"torch:{path}", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -210,7 +213,8 @@ def test_a_pruned_pickled_model_trains_merges_and_generates(tmp_path, tiny_model
     train(base, prepared_dir, tmp_path / "full", {**TINY_RUN, "method": "full"}, "chat")
     assert modeling.load_for_inference(tmp_path / "full").model.layers[1].mlp.gate_proj.out_features == 96
 
-    with pytest.raises(LoragridError, match=r"config key 'method': qlora4 quantizes weights .* trains with full or lora only"):
+    with pytest.raises(LoragridError,
+                       match=r"config key 'method': qlora4 quantizes weights .* trains with full or lora only"):
         train(base, prepared_dir, tmp_path / "q", {**TINY_RUN, "method": "qlora4"}, "chat")
 
 

@@ -104,7 +104,8 @@ def test_alpaca_templates_with_and_without_input(tokenizer):
     assert render_prompt(tokenizer, "alpaca", with_input).endswith(
         "### Instruction:\nTranslate\n\n### Input:\nchat\n\n### Response:\n")
     assert "### Input" not in render_prompt(tokenizer, "alpaca", [{"role": "user", "content": "Translate"}])
-    assert render_prompt(tokenizer, "alpaca_zh", with_input) == "### 指令:\nTranslate\n\n### 输入:\nchat\n\n### 回答:\n"
+    assert (render_prompt(tokenizer, "alpaca_zh", with_input)
+            == "### 指令:\nTranslate\n\n### 输入:\nchat\n\n### 回答:\n")
     # Templates without an Input section put the input after the instruction; chat too.
     assert render_prompt(tokenizer, "plain", with_input) == "用户: Translate\n\nchat 助手: "
     assert "Translate\n\nchat<|im_end|>" in render_prompt(tokenizer, "chat", with_input)

@@ -64,8 +64,10 @@ def test_batch_size_over_micro_batch_is_the_accumulation_and_one_epoch_sees_ever
 
 
 def test_epochs_multiply_the_steps(tiny_model_dir, prepared_dir, tmp_path):
-    one = run(tiny_model_dir, prepared_dir, tmp_path, "one", batch_size=16, micro_batch_size=16, max_steps=-1, epochs=1)
-    two = run(tiny_model_dir, prepared_dir, tmp_path, "two", batch_size=16, micro_batch_size=16, max_steps=-1, epochs=2)
+    one = run(tiny_model_dir, prepared_dir, tmp_path, "one", batch_size=16, micro_batch_size=16, max_steps=-1,
+              epochs=1)
+    two = run(tiny_model_dir, prepared_dir, tmp_path, "two", batch_size=16, micro_batch_size=16, max_steps=-1,
+              epochs=2)
     assert two["steps"] == 2 * one["steps"]
     assert two["tokens_seen_non_padding"] == 2 * one["tokens_seen_non_padding"]
 
@@ -83,7 +85,8 @@ def test_batch_size_not_a_multiple_fails_before_training(tiny_model_dir, prepare
     ("linear", 0.25, lambda lrs: lrs[0] < lrs[1] and lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[3] < lrs[1]),
     ("cosine", 0.5, lambda lrs: lrs[0] < lrs[1] < lrs[2] > lrs[3]),
 ])
-def test_scheduler_and_warmup_shape_the_learning_rate(tiny_model_dir, prepared_dir, tmp_path, scheduler, warmup, check):
+def test_scheduler_and_warmup_shape_the_learning_rate(tiny_model_dir, prepared_dir, tmp_path, scheduler, warmup,
+                                                      check):
     run(tiny_model_dir, prepared_dir, tmp_path, lr_scheduler_type=scheduler, warmup_ratio=warmup, max_steps=4)
     lrs = learning_rates(tmp_path / "run")
     assert len(lrs) == 4 and max(lrs) <= TINY_RUN["learning_rate"]
@@ -102,13 +105,16 @@ def micro_batches(tiny_model_dir, prepared_dir, tmp_path, **changes):
 
 
 def padding_share(batches):
-    return sum((b["attention_mask"] == 0).sum().item() for b in batches) / sum(b["attention_mask"].numel() for b in batches)
+    return (sum((b["attention_mask"] == 0).sum().item() for b in batches)
+            / sum(b["attention_mask"].numel() for b in batches))
 
 
 def test_group_by_length_cuts_padding(tiny_model_dir, prepared_dir, tmp_path):
     # cutoff_len 512 keeps every example whole, so that lengths differ.
-    grouped = padding_share(micro_batches(tiny_model_dir, prepared_dir, tmp_path, group_by_length=True, cutoff_len=512))
-    shuffled = padding_share(micro_batches(tiny_model_dir, prepared_dir, tmp_path, group_by_length=False, cutoff_len=512))
+    grouped = padding_share(micro_batches(tiny_model_dir, prepared_dir, tmp_path, group_by_length=True,
+                                          cutoff_len=512))
+    shuffled = padding_share(micro_batches(tiny_model_dir, prepared_dir, tmp_path, group_by_length=False,
+                                           cutoff_len=512))
     assert grouped < shuffled / 2, (grouped, shuffled)
 
 
@@ -171,7 +177,8 @@ def test_8bit_optimizer_where_it_cannot_run_is_a_clear_error():
 def test_different_seeds_give_different_adapters(tiny_model_dir, prepared_dir, tmp_path):
     run(tiny_model_dir, prepared_dir, tmp_path, "a", seed=1)
     run(tiny_model_dir, prepared_dir, tmp_path, "b", seed=2)
-    assert (tmp_path / "a/adapter_model.safetensors").read_bytes() != (tmp_path / "b/adapter_model.safetensors").read_bytes()
+    assert ((tmp_path / "a/adapter_model.safetensors").read_bytes()
+            != (tmp_path / "b/adapter_model.safetensors").read_bytes())
 
 
 def test_save_steps_and_save_total_limit(tiny_model_dir, prepared_dir, tmp_path):
@@ -179,7 +186,8 @@ def test_save_steps_and_save_total_limit(tiny_model_dir, prepared_dir, tmp_path)
     summary = train(tiny_model_dir, prepared_dir, tmp_path / "w", settings, "chat", checkpoint_root=tmp_path / "ckpt")
     folder = tmp_path / "ckpt" / next(p.name for p in (tmp_path / "ckpt").iterdir())
     assert summary["checkpoints"] == str(folder)
-    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in folder.iterdir()
+                  if p.name.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-4"]
     assert read_json(folder / "checkpoint-4/trainer_state.json")["global_step"] == 4
 
 
@@ -308,5 +316,6 @@ def test_changed_prepared_split_is_detected_before_training(prepared_dir, tiny_m
     shutil.copytree(prepared_dir, data)
     records = read_jsonl(data / "train.jsonl")
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records[:-1]) + "\n")
-    with pytest.raises(LoragridError, match=r"train\.jsonl: \d+ bytes, \d+ when it was written \(truncated or changed"):
+    with pytest.raises(LoragridError,
+                       match=r"train\.jsonl: \d+ bytes, \d+ when it was written \(truncated or changed"):
         run(tiny_model_dir, data, tmp_path)

@@ -118,7 +118,8 @@ def test_merge_refuses_beyond_tolerance(trained, tiny_model_dir, prepared_dir, t
 
 def test_same_seed_gives_byte_identical_adapters(tiny_model_dir, prepared_dir, tmp_path):
     for attempt in ("first", "second"):
-        train_to_files(tiny_model_dir, prepared_dir, tmp_path / attempt, tmp_path / f"{attempt}.json", TINY_RUN, "chat")
+        train_to_files(tiny_model_dir, prepared_dir, tmp_path / attempt, tmp_path / f"{attempt}.json", TINY_RUN,
+                       "chat")
     first = (tmp_path / "first/adapter_model.safetensors").read_bytes()
     assert first == (tmp_path / "second/adapter_model.safetensors").read_bytes()
     curves = [read_json(tmp_path / f"{attempt}.json")["loss_curve"] for attempt in ("first", "second")]

@@ -11,12 +11,12 @@ import time
 import psutil
 import pytest
 from peft import PeftModel
+from test_workflow import snakemake, tiny_config
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_RUN, copy_workflow
 from loragrid.common import read_json
 from loragrid.train import train
-from test_workflow import snakemake, tiny_config
 
 MAX_STEPS = 40
 SAVE_STEPS = 5
@@ -62,7 +62,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(resumable_config, tiny
     assert not (workdir / "results/tiny--tiny/runs/lora/adapter").exists() and not (workdir / target).exists()
     checkpoints = complete_checkpoints(workdir)
     last_saved = max(read_json(path)["global_step"] for path in checkpoints)
-    saved_history = max((read_json(path) for path in checkpoints), key=lambda state: state["global_step"])["log_history"]
+    saved_history = max((read_json(path) for path in checkpoints),
+                        key=lambda state: state["global_step"])["log_history"]
     killed_log = (workdir / "logs/tiny--tiny/train/lora.log").read_text()
     reached = killed_log.count("'loss':")
     assert 0 < last_saved < MAX_STEPS

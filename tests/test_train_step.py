@@ -86,7 +86,8 @@ def test_the_flop_count_is_transformers_own(tiny_model_dir, prepared_dir, tmp_pa
 def test_a_training_forward_returns_its_loss_without_the_logits(tiny_model_dir, prepared_dir):
     tokenizer, features = first_features(tiny_model_dir, prepared_dir)
     batch = training.data_collator(tokenizer, packing=False, labelled_logits_only=True)(features)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, target_modules="all-linear"))
     before = model(**batch)
     training.causal_lm(model).register_forward_hook(training.return_loss_without_logits)
 

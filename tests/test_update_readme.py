@@ -40,7 +40,8 @@ def test_the_script_writes_the_reports_tables_and_plot_into_the_block(tiny_workf
         table = re.search(rf"## {title}\n\n((?:\|.*\n)+)", report).group(1)
         assert table.strip() in block
     assert "Measured on cpu" in block and "median training time per run" in block
-    assert (tmp_path / update_readme.PLOT).read_bytes() == (results_dir(workdir) / "report/quality_vs_memory.png").read_bytes()
+    assert ((tmp_path / update_readme.PLOT).read_bytes()
+            == (results_dir(workdir) / "report/quality_vs_memory.png").read_bytes())
 
 
 def test_the_readmes_tables_have_the_current_reports_columns(tiny_workflow):
