@@ -208,6 +208,22 @@ def reset_resident_peak() -> bool:
         return False
 
 
+def cuda_memory_after_loading() -> dict:
+    """On CUDA: what the allocator holds once the model is loaded; its peak counters restart here."""
+    if not torch.cuda.is_available():
+        return {}
+    torch.cuda.reset_peak_memory_stats()
+    return {"cuda_allocated_after_loading_bytes": torch.cuda.memory_allocated()}
+
+
+def cuda_memory_peaks() -> dict:
+    """On CUDA: the allocator's peaks since cuda_memory_after_loading (the table's GPU figure)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
 def _profile_callback_class():
     from transformers import TrainerCallback
 
@@ -223,9 +239,7 @@ def _profile_callback_class():
         def on_train_begin(self, args, state, control, **kwargs):
             self.record["rss_after_loading_bytes"] = resident_bytes()
             self.record["rss_peak_is_training_only"] = reset_resident_peak()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-                self.record["cuda_allocated_after_loading_bytes"] = torch.cuda.memory_allocated()
+            self.record.update(cuda_memory_after_loading())
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
             self.started = time.perf_counter()
@@ -261,9 +275,7 @@ def _profile_callback_class():
 
         def on_train_end(self, args, state, control, **kwargs):
             self.record["rss_peak_training_bytes"] = resident_bytes("VmHWM")
-            if torch.cuda.is_available():
-                self.record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-                self.record["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            self.record.update(cuda_memory_peaks())
 
         def summary(self) -> dict:
             return profile_summary(self.profiled, self.record)

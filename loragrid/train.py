@@ -489,10 +489,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
         **_what_trained(model, trainer, settings, parameters, model_dir),
         "memory": measured,
         "memory_estimate": estimate,
-        "train_examples": len(dataset),
-        "tokenized_split": str(tokenized_dir) if tokenized_dir is not None else None,
-        "tokenization": {"dropped_prompt_too_long": len(tokenization["dropped_prompt_too_long"]),
-                         "truncated": tokenization["truncated"]},
+        **_data_summary(dataset, tokenized_dir, tokenization),
         "micro_batch_size": micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "checkpoints": str(checkpoints) if saving else None,
@@ -502,6 +499,13 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
                                  {"model": model_dir, "train_split": Path(data_dir) / "train.jsonl"},
                                  dataset_sha256=read_json(Path(data_dir) / "prepare.json")["input_sha256"]),
     }
+
+
+def _data_summary(dataset, tokenized_dir, tokenization: dict) -> dict:
+    return {"train_examples": len(dataset),
+            "tokenized_split": str(tokenized_dir) if tokenized_dir is not None else None,
+            "tokenization": {"dropped_prompt_too_long": len(tokenization["dropped_prompt_too_long"]),
+                             "truncated": tokenization["truncated"]}}
 
 
 def _what_trained(model, trainer, settings: dict, parameters: tuple[int, int], model_dir) -> dict:

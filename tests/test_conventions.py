@@ -1,7 +1,9 @@
-"""The workflow follows Snakemake's conventions: lint, formatting, catalog files, progress and logs."""
+"""The workflow follows Snakemake's conventions (lint, formatting, catalog files, progress and logs) and the code
+its own: ruff clean, functions under 60 lines, rules under 25."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -25,6 +27,45 @@ def test_snakefmt_check_passes():
     result = subprocess.run([BIN / "snakefmt", "--check", "--compact-diff", "."], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_ruff_reports_nothing():
+    result = subprocess.run([BIN / "ruff", "check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+MAX_FUNCTION_LINES = 60
+MAX_RULE_LINES = 25
+
+
+def function_lengths() -> dict[str, int]:
+    """Lines of every function and method of the library, the job scripts, the benches and docs' scripts."""
+    lengths = {}
+    for path in sorted([*REPO.glob("loragrid/*.py"), *REPO.glob("scripts/*.py"), *REPO.glob("bench/*.py"),
+                        *REPO.glob("docs/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{path.relative_to(REPO)}:{node.lineno} {node.name}"] = node.end_lineno - node.lineno + 1
+    return lengths
+
+
+def rule_lengths() -> dict[str, int]:
+    """Lines of every rule (snakefmt writes a rule as one block without blank lines)."""
+    lengths = {}
+    for path in [REPO / "Snakefile", *sorted(REPO.glob("rules/*.smk"))]:
+        for block in re.findall(r"^((?:use )?rule \w+.*?)(?:\n\n|\Z)", path.read_text(), flags=re.M | re.S):
+            lengths[f"{path.relative_to(REPO)}: {block.splitlines()[0]}"] = len(block.splitlines())
+    return lengths
+
+
+def test_functions_stay_under_60_lines():
+    assert len(function_lengths()) > 200
+    assert {name: n for name, n in function_lengths().items() if n > MAX_FUNCTION_LINES} == {}
+
+
+def test_rules_stay_under_25_lines():
+    assert any("rule train_adapter" in name for name in rule_lengths())
+    assert {name: n for name, n in rule_lengths().items() if n > MAX_RULE_LINES} == {}
 
 
 def test_workflow_catalog_files():
@@ -51,7 +92,8 @@ def test_one_progress_line_per_finished_job(tiny_workflow):
     total = int(progress[-1][1])
     assert len(finished) == len(progress) == total
     assert [int(done) for done, _ in progress] == list(range(1, total + 1))
-    assert {"prepare", "train_adapter", "train_full", "merge", "generate", "evaluate", "report", "all"} <= set(finished)
+    rules = {"prepare", "train_adapter", "train_full", "merge", "generate", "evaluate", "report", "all"}
+    assert rules <= set(finished)
 
 
 def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow):

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import yaml
-from test_sources import _pickled_model, hf_cache, model_files, modelscope_cache
 
 from conftest import demo_records
 from loragrid.common import read_json, read_jsonl
+from test_sources import _pickled_model, hf_cache, model_files, modelscope_cache
 
 
 def _records_bytes(records):

@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
-from test_workflow import FINAL, jobs_of, planned_jobs
 
 from conftest import TINY_RUN
 from loragrid.common import LoragridError, read_json, write_json
 from loragrid.tokenized import build_dataset, load_tokenized, load_tokenizer, tokenization_name, tokenize_to_disk
 from loragrid.train import train
+from test_workflow import FINAL, jobs_of, planned_jobs
 
 
 @pytest.fixture(scope="module")

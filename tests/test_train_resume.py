@@ -11,12 +11,12 @@ import time
 import psutil
 import pytest
 from peft import PeftModel
-from test_workflow import snakemake, tiny_config
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_RUN, copy_workflow
 from loragrid.common import read_json
 from loragrid.train import train
+from test_workflow import snakemake, tiny_config
 
 MAX_STEPS = 40
 SAVE_STEPS = 5
