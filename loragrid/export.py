@@ -234,7 +234,7 @@ def verify_exports(summary_path) -> dict:
     return summary
 
 
-def _check_type(gguf_type: str, gguf_path: Path, model, tokenizer, questions: dict, settings: dict) -> dict:
+def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: dict) -> tuple[dict, list[dict]]:
     """One exported file against transformers: top-1 agreement, emoji share, its answers."""
     from .evaluate import emoji_metrics
 
@@ -271,11 +271,11 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
         raise LoragridError(f"config key 'export.min_agreement.{gguf_type}': the {gguf_type} GGUF agrees with "
                             f"transformers on {result['agreement']:.1%} of the first {settings['check_tokens']} "
                             f"answer tokens, below {wanted:.0%}; the GGUF files are not written")
-    limit = settings["max_emoji_share_difference"]
+    limit = settings["max_emoji_share_difference"][gguf_type]
     # Sampled or beam-searched generations are no greedy reference for the emoji share.
     if greedy and not result["emoji_share_difference"] <= limit:
-        raise LoragridError(f"config key 'export.max_emoji_share_difference': the {gguf_type} GGUF's emoji share "
-                            f"differs from transformers' by {result['emoji_share_difference']:.2f}, more than "
+        raise LoragridError(f"config key 'export.max_emoji_share_difference.{gguf_type}': the {gguf_type} GGUF's "
+                            f"emoji share differs from transformers' by {result['emoji_share_difference']:.2f}, more than "
                             f"{limit}; the GGUF files are not written")
 
 
@@ -334,7 +334,7 @@ def export_run(model_dir, converter_dir, heldout_path, generations_path, summary
         results = {}
         for gguf_type in settings["types"]:
             path = staging / f"{run}-{gguf_type}.gguf"
-            result, rows = _check_type(gguf_type, path, model, tokenizer, questions, settings)
+            result, rows = _check_type(path, model, tokenizer, questions, settings)
             _enforce(gguf_type, result, settings, settings["greedy"])
             write_jsonl(staging / f"{run}-{gguf_type}.answers.jsonl", rows)
             (staging / f"{run}-{gguf_type}.Modelfile").write_text(
