@@ -111,8 +111,8 @@ def check_exportable(model_dir, converter_dir, run: str) -> str:
     if architectures[0] not in supported_architectures(converter_dir):
         converter = read_json(Path(converter_dir) / "source.json")["source"]
         raise LoragridError(
-            f"config key 'export.enabled': llama.cpp's converter (from {converter}) does not support the architecture {architectures[0]} of {model_dir}; set export.enabled: false "
-            "for this model")
+            f"config key 'export.enabled': llama.cpp's converter (from {converter}) does not support the "
+            f"architecture {architectures[0]} of {model_dir}; set export.enabled: false for this model")
     return architectures[0]
 
 
