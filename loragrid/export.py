@@ -97,13 +97,14 @@ def supported_architectures(converter_dir) -> set[str]:
                         "and run snakemake again to fetch it")
 
 
-def check_exportable(model_dir, converter_dir, run: str) -> str:
-    """Fail before converting anything where llama.cpp's converter cannot read the model; its architecture."""
+def check_exportable(model_dir, converter_dir, what: str) -> str:
+    """Fail before converting anything where llama.cpp's converter cannot read the model (`what`, e.g.
+    'run lora'); its architecture."""
     from .modeling import PICKLED_MODEL, has_pickled_model
 
     if has_pickled_model(model_dir):
         raise LoragridError(
-            f"config key 'export.enabled': run {run} comes from a pruned model kept as a pickle ({PICKLED_MODEL}, "
+            f"config key 'export.enabled': {what} comes from a pruned model kept as a pickle ({PICKLED_MODEL}, "
             f"model.source torch:): its layers have shapes no config.json describes, which llama.cpp's converter "
             "cannot read; set export.enabled: false for this model")
     config = read_json(Path(model_dir) / "config.json")
@@ -323,7 +324,7 @@ def export_run(model_dir, converter_dir, heldout_path, generations_path, summary
 
     for folder in (model_dir, converter_dir, Path(heldout_path).parent):
         verify_folder(folder)
-    architecture = check_exportable(model_dir, converter_dir, run)
+    architecture = check_exportable(model_dir, converter_dir, f"run {run}")
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     questions = _questions(tokenizer, template, heldout_path, generations_path)
     out_dir = Path(summary_path).parent

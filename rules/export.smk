@@ -6,9 +6,17 @@ EXPORT = config["export"]
 EXPORT_RUNS = list(RUNS) if EXPORT["enabled"] else []
 try:
     LLAMA_CPP_VERSION = gguf_export.llama_cpp_version(required=bool(EXPORT_RUNS))
+    CONVERTER_DIR = f"resources/tools/llama.cpp-{LLAMA_CPP_VERSION}"
+    # Where the model and the converter are already here, a model the converter cannot read fails
+    # now, before any training; otherwise each export job checks it before converting.
+    if (
+        EXPORT_RUNS
+        and Path(CONVERTER_DIR, "source.json").exists()
+        and Path(MODEL_DIR, "config.json").exists()
+    ):
+        gguf_export.check_exportable(MODEL_DIR, CONVERTER_DIR, f"the model {MODEL}")
 except LoragridError as error:
     raise WorkflowError(str(error)) from None
-CONVERTER_DIR = f"resources/tools/llama.cpp-{LLAMA_CPP_VERSION}"
 GGUF_DIR = f"{RESULTS}/gguf"
 
 

@@ -169,7 +169,7 @@ def test_an_architecture_the_converter_lacks_is_named(export_workflow, tmp_path)
     with pytest.raises(LoragridError, match=r"config key 'export\.enabled': llama\.cpp's converter \(from "
                                             r"pypi:llama-cpp-python==0\.3\.36\) does not support the architecture "
                                             r"OPTForCausalLM"):
-        check_exportable(tmp_path, converter, "lora")
+        check_exportable(tmp_path, converter, "run lora")
 
 
 def test_a_pruned_pickled_model_is_named(export_workflow, tmp_path):
@@ -177,7 +177,7 @@ def test_a_pruned_pickled_model_is_named(export_workflow, tmp_path):
     (tmp_path / PICKLED_MODEL).write_bytes(b"")
     with pytest.raises(LoragridError, match=r"config key 'export\.enabled': run full comes from a pruned model kept "
                                             r"as a pickle"):
-        check_exportable(tmp_path, workdir / "resources/tools/llama.cpp-0.3.36", "full")
+        check_exportable(tmp_path, workdir / "resources/tools/llama.cpp-0.3.36", "run full")
 
 
 def test_a_tokenizer_the_converter_does_not_know_is_named(export_workflow, tiny_model_dir, tmp_path):
@@ -186,3 +186,24 @@ def test_a_tokenizer_the_converter_does_not_know_is_named(export_workflow, tiny_
     with pytest.raises(LoragridError, match=r"config key 'export\.enabled': llama\.cpp's converter could not convert "
                                             r"its tokenizer \(llama\.cpp does not know its pre-tokenizer\)"):
         convert(tiny_model_dir, workdir / "resources/tools/llama.cpp-0.3.36", tmp_path / "tiny.gguf", "f16")
+
+
+def test_an_architecture_the_converter_lacks_fails_before_training(tmp_path):
+    """A tiny random OPT (transformers has it, llama.cpp's converter does not): once the model and the
+    converter are fetched, Snakemake refuses the workflow before any job."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    opt = {"architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 49152, "hidden_size": 64,
+           "ffn_dim": 128, "word_embed_proj_dim": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "max_position_embeddings": 512, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+           "pad_token_id": 2}
+    config = export_config(workdir, grid={"method": ["lora"]})
+    (workdir / "tiny-llama.json").write_text(json.dumps(opt))  # the config's model source, now an OPT
+    fetched = snakemake(workdir, "resources/models/tiny-smollm2", "resources/tools/llama.cpp-0.3.36",
+                        "--configfile", str(config))
+    assert fetched.returncode == 0, fetched.stdout[-3000:] + fetched.stderr[-3000:]
+    result = snakemake(workdir, "all", "--configfile", str(config))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert ("config key 'export.enabled': llama.cpp's converter (from pypi:llama-cpp-python==0.3.36) does not "
+            "support the architecture OPTForCausalLM of resources/models/tiny-smollm2") in output
+    assert not (results_dir(workdir, EXPERIMENT) / "runs").exists()
