@@ -19,6 +19,7 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 # requirements-test.txt holds llama-cpp-python (the GGUF export), which compiles llama.cpp: a C/C++ compiler first.
 $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed | compiler
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+		CMAKE_BUILD_PARALLEL_LEVEL="$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)}" \
 		$(BIN)/python -m pip install --quiet -r requirements-test.txt
 	touch $@
 
