@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 1
 
-.PHONY: run test install install-test browser clean memory-table
+.PHONY: run test install install-test browser compiler clean memory-table
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,11 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+# requirements-test.txt holds llama-cpp-python (the GGUF export), which compiles llama.cpp: a C/C++ compiler first.
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed | compiler
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+		CMAKE_BUILD_PARALLEL_LEVEL="$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)}" \
+		$(BIN)/python -m pip install --quiet -r requirements-test.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,6 +33,10 @@ run: install
 # The report test opens the HTML report in a real headless browser: Debian's chromium (as root, as CI runs).
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 chromium; }
+
+# llama-cpp-python's build needs gcc and g++: Debian's (as root, as CI runs), like chromium below.
+compiler:
+	command -v g++ >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 gcc g++; }
 
 test: install-test browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -369,24 +369,59 @@ def run_page(name: str, files: dict, row: pd.Series, samples: list[dict]) -> str
     return _html_page(f"Run {name} ({train['method']})", body)
 
 
+EXPORT_NOTE = (
+    "GGUF files made by llama.cpp's converter (q4_k_m by llama.cpp's quantizer from f16) and loaded in "
+    "llama.cpp (llama-cpp-python). Top-1 agreement: the share of llama.cpp's first {tokens} greedy answer "
+    "tokens per held-out question that are transformers' top-1 token on the same merged model after the same "
+    "tokens. Emoji shares of llama.cpp's and transformers' answers; their answers are among the samples."
+)
+
+
+def export_table(summaries: list[dict]) -> pd.DataFrame:
+    """One row per exported file: its size and type, and how it agrees with transformers."""
+    rows = [{"run": summary["run"], "type": gguf_type, "file": record["file"],
+             "size (MB)": f"{record['bytes'] / 1e6:.1f}",
+             "top-1 agreement": f"{record['agreement']:.1%} ({record['agreeing_tokens']}/{record['compared_tokens']})",
+             "emoji share (llama.cpp)": f"{record['emoji_share']:.2f}",
+             "emoji share (transformers)": f"{summary['transformers_emoji_share']:.2f}",
+             "emoji share difference": f"{record['emoji_share_difference']:.2f}",
+             "llama.cpp tok/s": f"{record['llama_cpp_tokens_per_second']:.0f}"}
+            for summary in summaries for gguf_type, record in summary["types"].items()]
+    return pd.DataFrame(rows)
+
+
+def export_answers(summaries: list[dict], exports) -> dict[str, list[dict]]:
+    """llama.cpp's answers to the held-out questions, as generations of `RUN (llama.cpp TYPE)`."""
+    return {f"{summary['run']} (llama.cpp {gguf_type})": read_jsonl(Path(path).parent / record["file"])
+            for summary, path in zip(summaries, exports) for gguf_type, record in summary["answers"].items()}
+
+
 def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, table_html, markdown, loss_plot,
-                 memory_plot, quality_plot, samples_page, runs_dir, sample_count: int = 4) -> pd.DataFrame:
+                 memory_plot, quality_plot, samples_page, runs_dir, sample_count: int = 4, exports=()) -> pd.DataFrame:
     """Write every report file.
 
     `run_files` maps a run name to the paths of its train.json, eval json and generations
-    jsonl ({'train', 'eval', 'generations'}); `base_files` has the base model's 'eval' and 'generations'.
+    jsonl ({'train', 'eval', 'generations'}); `base_files` has the base model's 'eval' and 'generations';
+    `exports` lists the export summaries (gguf/RUN.json) where the GGUF export is on.
     """
+    from .export import verify_exports
+
+    summaries = [verify_exports(path) for path in exports]
     runs = {name: {"train": read_json(paths["train"]), "eval": read_json(paths["eval"])}
             for name, paths in run_files.items()}
     base_eval = read_json(base_files["eval"])
     generations = {"base": read_jsonl(base_files["generations"]),
-                   **{name: read_jsonl(paths["generations"]) for name, paths in run_files.items()}}
+                   **{name: read_jsonl(paths["generations"]) for name, paths in run_files.items()},
+                   **export_answers(summaries, exports)}
     table = summary_table(runs, base_eval)
     samples = sample_answers(generations, sample_count)
     tables = [("Memory comparison", _formatted(table[table["run"] != "base"], MEMORY_TABLE)),
               ("Quality and speed", _formatted(table, QUALITY_TABLE))]
     random_weights = any(files["train"].get("model_random_init") for files in runs.values())
     notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else [])
+    if summaries:
+        tables.append(("Exported GGUF files", export_table(summaries)))
+        notes.append(EXPORT_NOTE.format(tokens=summaries[0]["check_tokens"]))
 
     with atomic_file(table_csv) as handle:
         table.to_csv(handle, index=False)

@@ -5,6 +5,7 @@ rule report:
         generations=expand(f"{RESULTS}/generations/{{run}}.jsonl", run=RUNS),
         base_eval=f"{RESULTS}/eval/base.json",
         base_generations=f"{RESULTS}/generations/base.jsonl",
+        exports=expand(f"{GGUF_DIR}/{{run}}.json", run=EXPORT_RUNS),
     output:
         table=report(
             f"{RESULTS}/report/summary.csv",

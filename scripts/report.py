@@ -23,4 +23,5 @@ with logging_to(snakemake.log[0]):
         samples_page=outputs.samples,
         runs_dir=outputs.runs,
         sample_count=snakemake.params.sample_count,
+        exports=inputs.exports,
     )

@@ -8,8 +8,10 @@ from conftest import REPO
 
 
 def pinned_requirements() -> dict[str, str]:
+    """requirements.txt's pins, and requirements-test.txt's (the GGUF export's llama-cpp-python)."""
     pins = {}
-    for line in (REPO / "requirements.txt").read_text().splitlines():
+    lines = (REPO / "requirements.txt").read_text().splitlines() + (REPO / "requirements-test.txt").read_text().splitlines()
+    for line in lines:
         match = re.match(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", line)
         if match:
             pins[match.group(1).lower()] = match.group(2)
@@ -20,7 +22,7 @@ def test_every_stage_has_an_environment_pinned_like_requirements():
     pins = pinned_requirements()
     assert pins["torch"] == "2.13.0"
     environments = sorted((REPO / "envs").glob("*.yaml"))
-    assert {p.stem for p in environments} == {"fetch", "data", "train", "merge", "generate", "evaluate", "report"}
+    assert {p.stem for p in environments} == {"fetch", "data", "train", "merge", "generate", "evaluate", "report", "export"}
     for path in environments:
         env = yaml.safe_load(path.read_text())
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
