@@ -22,8 +22,17 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .common import (LoragridError, _staging_path, atomic_dir, read_json, read_jsonl, sha256_file, verify_folder,
-                     write_json, write_jsonl)
+from .common import (
+    LoragridError,
+    _staging_path,
+    atomic_dir,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    verify_folder,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger("loragrid.export")
 
@@ -276,8 +285,8 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
     # Sampled or beam-searched generations are no greedy reference for the emoji share.
     if greedy and not result["emoji_share_difference"] <= limit:
         raise LoragridError(f"config key 'export.max_emoji_share_difference.{gguf_type}': the {gguf_type} GGUF's "
-                            f"emoji share differs from transformers' by {result['emoji_share_difference']:.2f}, more than "
-                            f"{limit}; the GGUF files are not written")
+                            "emoji share differs from transformers' by "
+                            f"{result['emoji_share_difference']:.2f}, more than {limit}; the GGUF files are not written")
 
 
 def _questions(tokenizer, template: str, heldout_path, generations_path) -> dict:

@@ -130,7 +130,8 @@ def test_a_changed_gguf_fails_the_report(export_workflow, tmp_path):
     result = snakemake(workdir, "all", "--configfile", str(config), "--forcerun", "report")
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert f"{gguf.relative_to(workdir)}: missing or not the" in output or "lora-q8_0.gguf: missing or not the" in output
+    named = (f"{gguf.relative_to(workdir)}: missing or not the", "lora-q8_0.gguf: missing or not the")
+    assert any(message in output for message in named)
 
 
 def test_an_interrupted_export_leaves_no_file_and_is_redone(export_workflow, tmp_path):
@@ -139,7 +140,8 @@ def test_an_interrupted_export_leaves_no_file_and_is_redone(export_workflow, tmp
     shutil.copytree(source, workdir, symlinks=True)
     gguf_dir = results_dir(workdir, EXPERIMENT) / "gguf"
     target = str((gguf_dir / "lora.json").relative_to(workdir))
-    command = [sys.executable, "-m", "snakemake", "--cores", "1", target, "--configfile", str(config), "--forcerun", "export"]
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", target, "--configfile", str(config),
+               "--forcerun", "export"]
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 120
