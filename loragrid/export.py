@@ -286,7 +286,8 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
     if greedy and not result["emoji_share_difference"] <= limit:
         raise LoragridError(f"config key 'export.max_emoji_share_difference.{gguf_type}': the {gguf_type} GGUF's "
                             "emoji share differs from transformers' by "
-                            f"{result['emoji_share_difference']:.2f}, more than {limit}; the GGUF files are not written")
+                            f"{result['emoji_share_difference']:.2f}, more than {limit}; "
+                            "the GGUF files are not written")
 
 
 def _questions(tokenizer, template: str, heldout_path, generations_path) -> dict:
