@@ -16,6 +16,7 @@ include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/generate.smk"
 include: "rules/evaluate.smk"
+include: "rules/benchmark.smk"
 include: "rules/report.smk"
 
 

@@ -5,7 +5,9 @@ rule report:
         generations=expand(f"{RESULTS}/generations/{{run}}.jsonl", run=RUNS),
         base_eval=f"{RESULTS}/eval/base.json",
         base_generations=f"{RESULTS}/generations/base.jsonl",
+        benchmarks=benchmark_outputs(),
     output:
+        **benchmark_report_outputs(),
         table=report(
             f"{RESULTS}/report/summary.csv",
             caption="../report/summary_csv.rst",

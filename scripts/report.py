@@ -23,4 +23,7 @@ with logging_to(snakemake.log[0]):
         samples_page=outputs.samples,
         runs_dir=outputs.runs,
         sample_count=snakemake.params.sample_count,
+        benchmarks=dict(zip(["base", *snakemake.params.runs], inputs.benchmarks)),
+        benchmark_plot=getattr(outputs, "benchmark_plot", None),
+        benchmark_json=getattr(outputs, "benchmark_json", None),
     )
