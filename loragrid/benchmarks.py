@@ -192,8 +192,9 @@ def check_fit(model_dir, max_length: int | None, batch_size: int) -> int:
     """The window length to score with; fails (naming the key) where the model cannot take it.
 
     Memory: lm-eval takes the log-softmax of a batch's full logits in fp32 (batch x length x
-    vocabulary, twice), beside the fp32 weights; where that exceeds the available memory the
-    job would be killed half-way, so it fails here instead.
+    vocabulary, twice), beside the fp32 weights (counted as twice their size on disk: bf16 files
+    double); where that exceeds the available memory the job would be killed half-way, so it
+    fails here instead.
     """
     longest = model_max_length(model_dir)
     if max_length is None:
@@ -208,7 +209,7 @@ def check_fit(model_dir, max_length: int | None, batch_size: int) -> int:
     if available and 2 * weights + logits > available:
         raise LoragridError(
             f"config key 'benchmarks.batch_size': {batch_size} windows of {max_length} tokens need about "
-            f"{(2 * weights + logits) / 1e9:.1f} GB (fp32 weights and the logits' log-softmax), "
+            f"{(2 * weights + logits) / 1e9:.1f} GB (the weights in fp32 and the logits' log-softmax), "
             f"{available / 1e9:.1f} GB is available; lower benchmarks.batch_size or benchmarks.max_length")
     return max_length
 

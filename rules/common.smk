@@ -149,5 +149,10 @@ def benchmark_report_outputs():
             category="1. Comparison",
             labels={"view": "benchmarks against the base model"},
         ),
-        "benchmark_json": f"{RESULTS}/report/evaluation_results.json",
+        "benchmark_json": report(
+            f"{RESULTS}/report/evaluation_results.json",
+            caption="../report/evaluation_results.rst",
+            category="1. Comparison",
+            labels={"view": "benchmark scores (JSON)"},
+        ),
     }
