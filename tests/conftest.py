@@ -141,6 +141,8 @@ def tiny_config(workdir, model_dir, records=None, **overrides):
         "grid": {"method": ["full", "lora", "qlora4", "qlora8"]},
         "generate": {"max_new_tokens": 4, "batch_size": 8},
         "torch_threads": 1,
+        # lm-eval's start-up is most of a benchmark job's time: on only where a test wants it (tiny_workflow).
+        "benchmarks": {"tasks": []},
     }
     config.update(overrides)
     path = workdir / "tiny.yaml"
@@ -149,6 +151,8 @@ def tiny_config(workdir, model_dir, records=None, **overrides):
 
 
 CUSTOM_TEMPLATE = "Q: {instruction}\nA: "
+# The default local tasks, a few documents of each: 8 sentences, 1 chapter (several rolling windows of 512).
+TINY_BENCHMARKS = {"limit": {"loragrid_sense": 8, "loragrid_hollow_lane": 1}}
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +164,7 @@ def tiny_workflow(tmp_path_factory, tiny_model_dir):
     workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "workflow")
     # A custom template: Snakemake must pass its braces to every job as written (the default
     # config's chat template runs end to end in test_real_model.py).
-    config = tiny_config(workdir, tiny_model_dir, template=CUSTOM_TEMPLATE)
+    config = tiny_config(workdir, tiny_model_dir, template=CUSTOM_TEMPLATE, benchmarks=TINY_BENCHMARKS)
     result = snakemake(workdir, "all", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, config, result.stdout + result.stderr

@@ -22,7 +22,8 @@ def test_every_stage_has_an_environment_pinned_like_requirements():
     pins = pinned_requirements()
     assert pins["torch"] == "2.13.0"
     environments = sorted((REPO / "envs").glob("*.yaml"))
-    assert {p.stem for p in environments} == {"fetch", "data", "train", "merge", "generate", "evaluate", "report", "export"}
+    stages = {"fetch", "data", "train", "merge", "generate", "evaluate", "benchmark", "report", "export"}
+    assert {p.stem for p in environments} == stages
     for path in environments:
         env = yaml.safe_load(path.read_text())
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))

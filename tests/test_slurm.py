@@ -59,6 +59,7 @@ def write_config(workdir: Path, model_dir: Path) -> Path:
         "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96},
         "grid": {"method": METHODS},
         "generate": {"max_new_tokens": 4, "batch_size": 8},
+        "benchmarks": {"tasks": []},
     }
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))

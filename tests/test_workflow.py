@@ -78,7 +78,7 @@ def planned_jobs(workdir, config, change: dict | None = None, *extra) -> set[tup
 
 
 def jobs_of(name, train_rule="train_adapter"):
-    return {(train_rule, name), ("merge", name), ("generate", name), ("evaluate", name)}
+    return {(train_rule, name), ("merge", name), ("generate", name), ("evaluate", name), ("benchmark", name)}
 
 
 FINAL = {("report", ""), ("all", "")}
@@ -113,8 +113,8 @@ def test_heldout_seed_change_reruns_prepare_and_everything_after(tiny_workflow):
     planned = planned_jobs(workdir, config, {"split": {"seed": 7}})
     rules = {rule for rule, _ in planned}
     assert rules == {"prepare", "tokenize_split", "train_adapter", "train_full", "merge", "generate", "evaluate",
-                     "report", "all"}
-    assert len(planned) == 1 + 1 + 4 + 3 + 5 + 5 + 2
+                     "benchmark", "report", "all"}
+    assert len(planned) == 1 + 1 + 4 + 3 + 5 + 5 + 4 + 2  # the base model's benchmark does not depend on the data
 
 
 @pytest.mark.parametrize(
@@ -165,6 +165,7 @@ def test_another_model_is_another_experiment_and_both_keep_their_results(tiny_wo
     other = yaml.safe_load(config.read_text())
     other["model"]["name"] = "tiny-b"
     other["grid"] = {"method": ["lora"]}
+    other["benchmarks"] = {"tasks": []}
     (workdir / "other.yaml").write_text(yaml.safe_dump(other))
     first_report = (results_dir(workdir) / "report/summary.csv").read_bytes()
     try:
