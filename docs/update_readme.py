@@ -20,17 +20,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
 TABLES = ("Memory comparison", "Quality and speed")
+# Shown too where the report has them (benchmarks: on in the default config).
+OPTIONAL_TABLES = ("Benchmarks (lm-evaluation-harness)",)
 PLOT = "docs/default-run-quality-vs-memory.png"
 
 
 def report_tables(report_md: str) -> dict[str, str]:
     """The markdown tables under the report's comparison headings, by heading."""
     tables = {}
-    for title in TABLES:
+    for title in TABLES + OPTIONAL_TABLES:
         match = re.search(rf"^## {re.escape(title)}\n\n((?:\|.*\n)+)", report_md, flags=re.MULTILINE)
-        if match is None:
+        if match is not None:
+            tables[title] = match.group(1).rstrip("\n")
+        elif title in TABLES:
             raise SystemExit(f"report.md has no '## {title}' table: was it written by this version of loragrid?")
-        tables[title] = match.group(1).rstrip("\n")
     return tables
 
 
@@ -56,7 +59,7 @@ def results_block(results: Path, plot_target: Path) -> str:
         "edit the script, not this block -->",
         measured_where(results),
         "",
-        *(part for title in TABLES for part in (f"**{title}**", "", tables[title], "")),
+        *(part for title, table in tables.items() for part in (f"**{title}**", "", table, "")),
         f"![Quality against training memory per run, Pareto front in red]({PLOT})",
         END,
     ])

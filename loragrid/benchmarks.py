@@ -201,7 +201,8 @@ def check_fit(model_dir, max_length: int | None, batch_size: int) -> int:
         max_length = longest or 2048  # lm-eval's own default where a config names none
     elif longest and max_length > longest:
         raise LoragridError(f"config key 'benchmarks.max_length': {max_length} tokens, but the model in {model_dir} "
-                            f"takes at most {longest} (its config.json); set benchmarks.max_length to {longest} or less")
+                            f"takes at most {longest} (its config.json); set benchmarks.max_length to {longest} "
+                            f"or less")
     config = read_json(Path(model_dir) / "config.json") if (Path(model_dir) / "config.json").is_file() else {}
     weights = sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
     logits = 2 * batch_size * max_length * int(config.get("vocab_size") or 0) * 4

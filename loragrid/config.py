@@ -179,7 +179,8 @@ def resolve_runs(config: dict) -> dict[str, dict]:
         if name in RESERVED_NAMES:
             raise LoragridError(f"config key 'runs.{name}': '{name}' is reserved for the untuned model")
         if not SAFE_NAME.match(name):
-            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' and '-'")
+            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' "
+                                f"and '-'")
     return runs
 
 
@@ -256,11 +257,13 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     for key, values in config["grid"].items():
         for index, value in enumerate(values if isinstance(values, list) else [values]):
             if key == LINKED and not isinstance(value, dict):
-                raise LoragridError(f"config key 'grid._[{index}]': expected a mapping of linked settings, got {value!r}")
+                raise LoragridError(f"config key 'grid._[{index}]': expected a mapping of linked settings, got "
+                                    f"{value!r}")
             where = f"grid._[{index}]" if key == LINKED else f"grid.{key}"
             for error in validator.iter_errors(value if key == LINKED else {key: value}):
                 field = ".".join(str(p) for p in error.path)
-                raise LoragridError(f"config key '{where}{'.' + field if key == LINKED and field else ''}': {error.message}")
+                raise LoragridError(f"config key '{where}{'.' + field if key == LINKED and field else ''}': "
+                                    f"{error.message}")
     _check_exclusive(config)
     runs = resolve_runs(config)
     for name, settings in runs.items():
@@ -306,7 +309,8 @@ def check_tokenizer_folder(folder: str | None, workdir: str | Path = ".") -> Pat
         raise LoragridError("config key 'model.tokenizer': random: sources need a tokenizer folder "
                             "(a Hugging Face tokenizer, e.g. data/tokenizers/smollm2)")
     if not (Path(workdir) / folder).is_dir():
-        raise LoragridError(f"config key 'model.tokenizer': random: sources need a tokenizer folder; no such folder: {folder}")
+        raise LoragridError(f"config key 'model.tokenizer': random: sources need a tokenizer folder; no such "
+                            f"folder: {folder}")
     return Path(workdir) / folder
 
 
@@ -334,7 +338,8 @@ def read_random_config(path: Path, shown: str | Path | None = None) -> dict:
     model_type = settings.get("model_type")
     if model_type not in CONFIG_MAPPING_NAMES:
         what = f"'{model_type}'" if model_type else "(the file has no \"model_type\")"
-        raise LoragridError(f"config key 'model.source': {shown}: unknown architecture {what}; set \"model_type\" to one "
+        raise LoragridError(f"config key 'model.source': {shown}: unknown architecture {what}; set "
+                            f"\"model_type\" to one "
                             f"that transformers {transformers.__version__} knows, e.g. llama, mistral or qwen2")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LoragridError(f"config key 'model.source': {shown}: the architecture '{model_type}' has no causal "
@@ -380,7 +385,8 @@ def _check_run_names(config: dict) -> None:
             raise LoragridError(f"config key 'runs.{name[:40]}...': a run name may be at most {MAX_RUN_NAME} "
                                 f"characters (it names a folder under results/runs/), got {len(name)}")
         if not SAFE_NAME.match(name) or name in (".", ".."):
-            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' and '-' "
+            raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' "
+                                f"and '-' "
                                 "(it names a folder under results/runs/)")
 
 
@@ -462,7 +468,8 @@ def check_keys(config: dict) -> None:
     overrides += [(f"runs.{r}.", v) for r, v in (config.get("runs") or {}).items() if isinstance(v, dict)]
     overrides += [("grid.", {k: None for k in (config.get("grid") or {}) if k != LINKED})]
     linked = (config.get("grid") or {}).get(LINKED) or []
-    overrides += [(f"grid._[{i}].", v) for i, v in enumerate(linked if isinstance(linked, list) else []) if isinstance(v, dict)]
+    overrides += [(f"grid._[{i}].", v) for i, v in enumerate(linked if isinstance(linked, list) else [])
+                  if isinstance(v, dict)]
     for where, settings in overrides:
         for key in settings:
             if key not in run_keys:
@@ -476,7 +483,8 @@ def check_keys(config: dict) -> None:
     if experiment is not None and (not isinstance(experiment, str) or not SAFE_NAME.match(experiment)
                                    or len(experiment) > MAX_RUN_NAME):
         raise LoragridError(f"config key 'experiment': {experiment!r} is not a plain folder name under results/; use "
-                            f"letters, digits, '.', '_' and '-', starting with a letter or digit (at most {MAX_RUN_NAME})")
+                            f"letters, digits, '.', '_' and '-', starting with a letter or digit (at most "
+                            f"{MAX_RUN_NAME})")
     for section, folder in (("model", "resources/models"), ("dataset", "resources/datasets")):
         name = (config.get(section) or {}).get("name")
         if isinstance(name, str) and not SAFE_NAME.match(name):

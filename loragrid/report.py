@@ -136,7 +136,8 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
     full = table[table["method"] == "full"]
     reference = full.iloc[0] if len(full) else None  # the first full fine-tuning run of the grid
     for column, measure in (("loss_vs_full_percent", "heldout_loss"), ("emoji_vs_full_percent", "emoji_share")):
-        table[column] = 100 * table[measure] / reference[measure] if reference is not None and reference[measure] else None
+        known = reference is not None and reference[measure]
+        table[column] = 100 * table[measure] / reference[measure] if known else None
     return table[list(COLUMNS)]
 
 
@@ -356,9 +357,11 @@ def _key_value_table(caption: str, values: dict) -> str:
 def run_page(name: str, files: dict, row: pd.Series, samples: list[dict]) -> str:
     """Everything about one run: its settings, what training measured, its quality and its answers."""
     train = files["train"]
-    measured = {COLUMNS[column]: fmt.format(row[column]) for column, fmt in FORMATS.items() if not pd.isna(row[column])}
+    measured = {COLUMNS[column]: fmt.format(row[column])
+                for column, fmt in FORMATS.items() if not pd.isna(row[column])}
     memory = train["memory"]
-    measured.update({key.replace("_", " "): f"{memory[key] / 1e9:.3f} GB" for key in MEMORY_DETAILS if memory.get(key)})
+    measured.update({key.replace("_", " "): f"{memory[key] / 1e9:.3f} GB"
+                     for key in MEMORY_DETAILS if memory.get(key)})
     own_answers = [{**s, "answers": {"base": s["answers"]["base"], name: s["answers"][name]}} for s in samples]
     body = "\n".join([
         _key_value_table("Measured", measured),
@@ -399,6 +402,55 @@ def export_answers(summaries: list[dict], exports) -> dict[str, list[dict]]:
             for summary, path in zip(summaries, exports) for gguf_type, record in summary["answers"].items()}
 
 
+def comparison_tables(table: pd.DataFrame, runs: dict, bench, summaries: list) -> tuple[list, list[str]]:
+    """The report's (title, formatted table) pairs and the notes below them."""
+    tables = [("Memory comparison", _formatted(table[table["run"] != "base"],
+                                               MEMORY_TABLE + benchmark_columns(table, relative=True))),
+              ("Quality and speed", _formatted(table, QUALITY_TABLE))]
+    benchmark_table = ["run", "method", *benchmark_columns(table, False)]
+    tables += [("Benchmarks (lm-evaluation-harness)", _formatted(table, benchmark_table))] * bool(bench)
+    random_weights = any(files["train"].get("model_random_init") for files in runs.values())
+    notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else []) + [BENCH_NOTE] * bool(bench)
+    if summaries:
+        tables.append(("Exported GGUF files", export_table(summaries)))
+        notes.append(EXPORT_NOTE.format(tokens=summaries[0]["check_tokens"]))
+    return tables, notes
+
+
+def report_markdown(runs: dict, base_eval: dict, tables, notes, samples, plots) -> list[str]:
+    """report.md's lines: the tables, notes and plots, the sample answers and every run's provenance."""
+    first = next(iter(runs.values()))
+    versions = first["train"]["provenance"]["versions"]
+    commit = first["train"]["provenance"]["workflow_commit"] or "unknown (not a git checkout)"
+    lines = [
+        "# loragrid report",
+        "",
+        f"{len(runs)} runs on {first['train']['device']} ({first['train']['compute_dtype']} compute), "
+        f"{base_eval['questions']} held-out questions, template `{base_eval['template']}`.",
+        "",
+        *(line for title, shown in tables
+          for line in (f"## {title}", "", shown.to_markdown(index=False, disable_numparse=True), "")),
+        *(line for note in notes for line in (note, "")),
+        *(line for alt, plot in plots for line in (f"![{alt}]({Path(plot).name})", "")),
+        "## Answers to held-out questions",
+        "",
+        *samples_markdown(samples),
+        "## Provenance",
+        "",
+        f"Workflow commit: `{commit}`. Packages: "
+        + ", ".join(f"{name} {version}" for name, version in versions.items()) + ".",
+        "",
+        "| run | settings sha256 | model sha256 | train split sha256 |",
+        "|:--|:--|:--|:--|",
+        *(f"| {name} | `{files['train']['provenance']['settings_sha256'][:12]}` "
+          f"| `{files['train']['provenance']['input_sha256']['model'][:12]}` "
+          f"| `{files['train']['provenance']['input_sha256']['train_split'][:12]}` |"
+          for name, files in runs.items()),
+        "",
+    ]
+    return lines
+
+
 def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, table_html, markdown, loss_plot,
                  memory_plot, quality_plot, samples_page, runs_dir, sample_count: int = 4, exports=(),
                  benchmarks: dict | None = None, benchmark_plot=None, benchmark_json=None) -> pd.DataFrame:
@@ -420,17 +472,7 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
     bench = read_benchmarks(benchmarks)  # `benchmarks`: {model name: its benchmark folder}; None when off
     table = with_benchmarks(summary_table(runs, base_eval), bench)
     samples = sample_answers(generations, sample_count)
-    tables = [("Memory comparison", _formatted(table[table["run"] != "base"],
-                                               MEMORY_TABLE + benchmark_columns(table, relative=True))),
-              ("Quality and speed", _formatted(table, QUALITY_TABLE))]
-    tables += [("Benchmarks (lm-evaluation-harness)", _formatted(table, ["run", "method",
-                                                                         *benchmark_columns(table, False)]))] * bool(bench)
-    random_weights = any(files["train"].get("model_random_init") for files in runs.values())
-    notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else []) + [BENCH_NOTE] * bool(bench)
-    if summaries:
-        tables.append(("Exported GGUF files", export_table(summaries)))
-        notes.append(EXPORT_NOTE.format(tokens=summaries[0]["check_tokens"]))
-
+    tables, notes = comparison_tables(table, runs, bench, summaries)
     with atomic_file(table_csv) as handle:
         table.to_csv(handle, index=False)
     plot_loss_curves(runs, loss_plot)
@@ -447,40 +489,10 @@ def write_report(run_files: dict[str, dict], base_files: dict, *, table_csv, tab
         for (name, files), (_, row) in zip(runs.items(), table.iloc[1:].iterrows()):
             (staging / f"{name}.html").write_text(run_page(name, files, row, samples), encoding="utf-8")
 
-    first = next(iter(runs.values()))
-    versions = first["train"]["provenance"]["versions"]
-    commit = first["train"]["provenance"]["workflow_commit"] or "unknown (not a git checkout)"
-    lines = [
-        "# loragrid report",
-        "",
-        f"{len(runs)} runs on {first['train']['device']} ({first['train']['compute_dtype']} compute), "
-        f"{base_eval['questions']} held-out questions, template `{base_eval['template']}`.",
-        "",
-        *(line for title, shown in tables
-          for line in (f"## {title}", "", shown.to_markdown(index=False, disable_numparse=True), "")),
-        *(line for note in notes for line in (note, "")),
-        f"![training loss]({Path(loss_plot).name})",
-        "",
-        f"![memory per run]({Path(memory_plot).name})",
-        "",
-        f"![quality against memory]({Path(quality_plot).name})",
-        "",
-        *([f"![benchmarks against the base model]({Path(benchmark_plot).name})", ""] if bench else []),
-        "## Answers to held-out questions",
-        "",
-        *samples_markdown(samples),
-        "## Provenance",
-        "",
-        f"Workflow commit: `{commit}`. Packages: "
-        + ", ".join(f"{name} {version}" for name, version in versions.items()) + ".",
-        "",
-        "| run | settings sha256 | model sha256 | train split sha256 |",
-        "|:--|:--|:--|:--|",
-        *(f"| {name} | `{files['train']['provenance']['settings_sha256'][:12]}` "
-          f"| `{files['train']['provenance']['input_sha256']['model'][:12]}` "
-          f"| `{files['train']['provenance']['input_sha256']['train_split'][:12]}` |" for name, files in runs.items()),
-        "",
-    ]
+    figures = [("training loss", loss_plot), ("memory per run", memory_plot),
+               ("quality against memory", quality_plot)]
+    figures += [("benchmarks against the base model", benchmark_plot)] * bool(bench)
+    lines = report_markdown(runs, base_eval, tables, notes, samples, figures)
     with atomic_file(markdown) as handle:
         handle.write("\n".join(lines))
     log.info("report of %d runs written to %s", len(runs), Path(markdown).parent)
@@ -576,8 +588,10 @@ def plot_benchmark_changes(table: pd.DataFrame, path) -> None:
 
 
 def write_benchmark_files(table: pd.DataFrame, benchmarks: dict[str, dict], plot_path, json_path) -> None:
-    """evaluation_results.json (every model's scores per task, as the pruning guide's file keeps them) and the plot."""
-    write_json(json_path, {name: {task: {key: value for key, value in scores.items() if isinstance(value, (int, float))}
-                                  for task, scores in summary["tasks"].items()}
-                           for name, summary in benchmarks.items()})
+    """evaluation_results.json (every model's scores per task, as the pruning guide's file keeps them) and
+    the plot."""
+    numbers = {name: {task: {key: value for key, value in scores.items() if isinstance(value, (int, float))}
+                      for task, scores in summary["tasks"].items()}
+               for name, summary in benchmarks.items()}
+    write_json(json_path, numbers)
     plot_benchmark_changes(table, plot_path)

@@ -24,9 +24,7 @@ from loragrid.tokenized import tokenization_name, tokenization_settings
 try:
     # Rebuilt from the same files and --config values, merged as loragrid merges them
     # (Snakemake deep-merges a grid into the default one; loragrid replaces it).
-    merged = load_config(
-        workflow.config_settings.configfiles, workflow.config_settings.config
-    )
+    merged = load_config(workflow.config_settings.configfiles, workflow.config_settings.config)
     config.clear()
     config.update(merged)
     RUNS = checked_runs(config, workdir=".")
@@ -39,9 +37,7 @@ DATASET = config["dataset"]["name"]
 # configs never retrains over, or deletes, another experiment's runs. Fetched models and
 # datasets in resources/ are shared by name.
 EXPERIMENT = experiment_name(config)
-config["experiment"] = (
-    EXPERIMENT  # for the report's workflow description (report/workflow.rst)
-)
+config["experiment"] = EXPERIMENT  # for the report's workflow description (report/workflow.rst)
 RESULTS = f"results/{EXPERIMENT}"
 LOGS = f"logs/{EXPERIMENT}"
 MODEL_DIR = f"resources/models/{MODEL}"
@@ -51,9 +47,7 @@ PEFT_RUNS = [name for name, run in RUNS.items() if run["method"] in PEFT_METHODS
 FULL_RUNS = [name for name, run in RUNS.items() if run["method"] == "full"]
 TOKENIZED_DIR = f"{RESULTS}/tokenized/{DATASET}/{MODEL}"
 # One tokenized split per distinct tokenization in the grid, shared by all its runs.
-TOKENIZATIONS = {
-    tokenization_name(run): tokenization_settings(run) for run in RUNS.values()
-}
+TOKENIZATIONS = {tokenization_name(run): tokenization_settings(run) for run in RUNS.values()}
 
 
 def verbatim(value):
@@ -151,6 +145,34 @@ wildcard_constraints:
 BENCHMARK_FILES = task_files(config["benchmarks"])
 
 
+COMPARISON = "1. Comparison"  # the report's first category
+
+
+def report_page(name, caption, category, view):
+    """A report output `results/{exp}/report/NAME`, shown in Snakemake's HTML report under
+    `category` with the caption report/CAPTION.rst and the label `view`."""
+    return report(
+        f"{RESULTS}/report/{name}",
+        caption=f"../report/{caption}.rst",
+        category=category,
+        labels={"view": view},
+    )
+
+
+def report_inputs(wildcards):
+    """What the report reads: every run's train, eval and generations, the base model's, and the
+    exports and benchmarks where they are on."""
+    return {
+        "train": expand(f"{RESULTS}/runs/{{run}}/train.json", run=RUNS),
+        "evaluations": expand(f"{RESULTS}/eval/{{run}}.json", run=RUNS),
+        "generations": expand(f"{RESULTS}/generations/{{run}}.jsonl", run=RUNS),
+        "base_eval": f"{RESULTS}/eval/base.json",
+        "base_generations": f"{RESULTS}/generations/base.jsonl",
+        "exports": expand(f"{RESULTS}/gguf/{{run}}.json", run=EXPORT_RUNS),
+        "benchmarks": benchmark_outputs(),
+    }
+
+
 def benchmark_outputs():
     """Every model's benchmark folder, or none where config key benchmarks.tasks is empty."""
     if not config["benchmarks"]["tasks"]:
@@ -163,16 +185,19 @@ def benchmark_report_outputs():
     if not config["benchmarks"]["tasks"]:
         return {}
     return {
-        "benchmark_plot": report(
-            f"{RESULTS}/report/benchmarks.png",
-            caption="../report/benchmarks.rst",
-            category="1. Comparison",
-            labels={"view": "benchmarks against the base model"},
-        ),
-        "benchmark_json": report(
-            f"{RESULTS}/report/evaluation_results.json",
-            caption="../report/evaluation_results.rst",
-            category="1. Comparison",
-            labels={"view": "benchmark scores (JSON)"},
+        "benchmark_plot": report_page("benchmarks.png", "benchmarks", COMPARISON, "benchmarks against the base model"),
+        "benchmark_json": report_page(
+            "evaluation_results.json", "evaluation_results", COMPARISON, "benchmark scores (JSON)"
         ),
     }
+
+
+def report_run_pages():
+    """The report's page per run (results/{exp}/report/runs/RUN.html), one entry each in the HTML report."""
+    return report(
+        directory(f"{RESULTS}/report/runs"),
+        patterns=["{run}.html"],
+        caption="../report/run.rst",
+        category="4. Runs",
+        labels={"run": "{run}"},
+    )

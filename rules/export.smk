@@ -9,11 +9,7 @@ try:
     CONVERTER_DIR = f"resources/tools/llama.cpp-{LLAMA_CPP_VERSION}"
     # Where the model and the converter are already here, a model the converter cannot read fails
     # now, before any training; otherwise each export job checks it before converting.
-    if (
-        EXPORT_RUNS
-        and Path(CONVERTER_DIR, "source.json").exists()
-        and Path(MODEL_DIR, "config.json").exists()
-    ):
+    if EXPORT_RUNS and Path(CONVERTER_DIR, "source.json").exists() and Path(MODEL_DIR, "config.json").exists():
         gguf_export.check_exportable(MODEL_DIR, CONVERTER_DIR, f"the model {MODEL}")
 except LoragridError as error:
     raise WorkflowError(str(error)) from None
@@ -33,9 +29,7 @@ def export_inputs(wildcards):
 
 def exported(suffix):
     """One file per export type (config key export.types) of a run: {run}-{type}{suffix}."""
-    return expand(
-        f"{GGUF_DIR}/{{run}}-{{t}}{suffix}", t=EXPORT["types"], allow_missing=True
-    )
+    return expand(f"{GGUF_DIR}/{{run}}-{{t}}{suffix}", t=EXPORT["types"], allow_missing=True)
 
 
 rule fetch_converter:

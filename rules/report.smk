@@ -1,63 +1,16 @@
 rule report:
     input:
-        train=expand(f"{RESULTS}/runs/{{run}}/train.json", run=RUNS),
-        evaluations=expand(f"{RESULTS}/eval/{{run}}.json", run=RUNS),
-        generations=expand(f"{RESULTS}/generations/{{run}}.jsonl", run=RUNS),
-        base_eval=f"{RESULTS}/eval/base.json",
-        base_generations=f"{RESULTS}/generations/base.jsonl",
-        exports=expand(f"{GGUF_DIR}/{{run}}.json", run=EXPORT_RUNS),
-        benchmarks=benchmark_outputs(),
+        unpack(report_inputs),
     output:
         **benchmark_report_outputs(),
-        table=report(
-            f"{RESULTS}/report/summary.csv",
-            caption="../report/summary_csv.rst",
-            category="1. Comparison",
-            labels={"view": "table (CSV download)"},
-        ),
-        table_html=report(
-            f"{RESULTS}/report/summary.html",
-            caption="../report/summary.rst",
-            category="1. Comparison",
-            labels={"view": "table"},
-        ),
-        memory_plot=report(
-            f"{RESULTS}/report/memory.png",
-            caption="../report/memory.rst",
-            category="1. Comparison",
-            labels={"view": "memory per run"},
-        ),
-        quality_plot=report(
-            f"{RESULTS}/report/quality_vs_memory.png",
-            caption="../report/quality_vs_memory.rst",
-            category="1. Comparison",
-            labels={"view": "quality against memory"},
-        ),
-        markdown=report(
-            f"{RESULTS}/report/report.md",
-            caption="../report/report_md.rst",
-            category="1. Comparison",
-            labels={"view": "report.md"},
-        ),
-        loss_plot=report(
-            f"{RESULTS}/report/loss_curves.png",
-            caption="../report/loss_curves.rst",
-            category="2. Training",
-            labels={"view": "loss curves"},
-        ),
-        samples=report(
-            f"{RESULTS}/report/samples.html",
-            caption="../report/samples.rst",
-            category="3. Answers",
-            labels={"view": "base vs every run"},
-        ),
-        runs=report(
-            directory(f"{RESULTS}/report/runs"),
-            patterns=["{run}.html"],
-            caption="../report/run.rst",
-            category="4. Runs",
-            labels={"run": "{run}"},
-        ),
+        table=report_page("summary.csv", "summary_csv", COMPARISON, "table (CSV download)"),
+        table_html=report_page("summary.html", "summary", COMPARISON, "table"),
+        memory_plot=report_page("memory.png", "memory", COMPARISON, "memory per run"),
+        quality_plot=report_page("quality_vs_memory.png", "quality_vs_memory", COMPARISON, "quality against memory"),
+        markdown=report_page("report.md", "report_md", COMPARISON, "report.md"),
+        loss_plot=report_page("loss_curves.png", "loss_curves", "2. Training", "loss curves"),
+        samples=report_page("samples.html", "samples", "3. Answers", "base vs every run"),
+        runs=report_run_pages(),
     log:
         f"{LOGS}/report/report.log",
     conda:

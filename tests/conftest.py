@@ -95,7 +95,8 @@ def prepared_dir(tmp_path_factory) -> Path:
 
 TINY_RUN = {
     "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear",
-    "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "warmup_steps": None, "epochs": 1, "max_steps": 3,
+    "learning_rate": 1e-3, "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "warmup_steps": None, "epochs": 1,
+    "max_steps": 3,
     "batch_size": 4, "micro_batch_size": 4, "max_memory_gb": None, "cutoff_len": 128, "train_on_inputs": False,
     "add_eos_token": True, "weight_decay": 0.0, "seed": 0, "group_by_length": True, "packing": False,
     "gradient_checkpointing": False, "optimizer": "adamw_torch", "save_steps": 0, "save_total_limit": 1,

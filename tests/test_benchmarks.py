@@ -45,8 +45,9 @@ def test_the_rule_benchmarks_the_base_model_and_every_run(tiny_workflow):
     results = results_dir(workdir)
     for name in NAMES:
         folder = results / "lm_eval" / name
-        assert {p.name for p in folder.iterdir() if p.name != ".snakemake_timestamp"} == {"manifest.json", "results.json", "summary.json",
-                                                      *(f"samples_{task}.jsonl" for task in TASKS)}
+        written = {p.name for p in folder.iterdir() if p.name != ".snakemake_timestamp"}
+        samples = {f"samples_{task}.jsonl" for task in TASKS}
+        assert written == {"manifest.json", "results.json", "summary.json", *samples}
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["tasks"]["loragrid_sense"]["documents"] == 8
         assert 0 <= summary["tasks"]["loragrid_sense"]["acc"] <= 1
@@ -113,7 +114,8 @@ doc_to_target: answer
                             "lm-eval (local tasks: broken_mc, loragrid_hollow_lane, loragrid_sense; did you mean "
                             "loragrid_sense"),
     (["wikitext"], {"HF_HUB_OFFLINE": "1"}, "config key 'benchmarks.tasks': 'wikitext' is lm-eval's task on a "
-                                            "Hugging Face hub dataset, and the hub (huggingface.co) cannot be reached"),
+                                            "Hugging Face hub dataset, and the hub (huggingface.co) cannot be "
+                                            "reached"),
     (["broken_mc"], {}, "config key 'benchmarks.tasks': task 'broken_mc' (data/benchmarks/broken.yaml) has no "
                         "'doc_to_choice' field"),
 ])

@@ -10,7 +10,8 @@ from conftest import REPO
 def pinned_requirements() -> dict[str, str]:
     """requirements.txt's pins, and requirements-test.txt's (the GGUF export's llama-cpp-python)."""
     pins = {}
-    lines = (REPO / "requirements.txt").read_text().splitlines() + (REPO / "requirements-test.txt").read_text().splitlines()
+    lines = [*(REPO / "requirements.txt").read_text().splitlines(),
+             *(REPO / "requirements-test.txt").read_text().splitlines()]
     for line in lines:
         match = re.match(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", line)
         if match:

@@ -22,7 +22,8 @@ COMMANDS = {
     "snakemake --cores 1 all --configfile my.yaml": "dry-run",
     "snakemake --cores 1 -n all": "dry-run",
     "snakemake --cores 1 all --sdm conda": "dry-run",
-    "snakemake --report results/report.html": "tests/test_report_html.py::test_report_is_self_contained_with_captions_and_labels",
+    "snakemake --report results/report.html":
+        "tests/test_report_html.py::test_report_is_self_contained_with_captions_and_labels",
     "python -m loragrid chat --run lora": "tests/test_chat.py::test_interactive_chat_in_a_terminal",
     "snakemake --cores 1 all --configfile config/config.yaml my.yaml": "dry-run",
     "snakemake --cores 1 all --config 'generate={max_new_tokens: 64}'": "dry-run",

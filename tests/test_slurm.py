@@ -126,7 +126,8 @@ def test_train_job_asks_for_what_its_run_needs(local_and_slurm):
     _, cluster, _ = local_and_slurm
     (run, job_id), = slurm_jobs(cluster)["train_adapter"]
     job = scontrol_job(job_id)
-    settings = json.loads((cluster / f"results/tiny--tiny/runs/{run}/train.json").read_text())["provenance"]["settings"]
+    train = json.loads((cluster / f"results/tiny--tiny/runs/{run}/train.json").read_text())
+    settings = train["provenance"]["settings"]
     # mem_mb from the run's callable (not the profile's default), cpus_per_task from the profile.
     assert job["MinMemoryNode"] == f"{launch.train_mem_mb(settings, cluster / 'resources/models/tiny')}M"
     assert job["MinMemoryNode"] != "4000M"
@@ -139,7 +140,8 @@ def test_results_equal_a_local_run(local_and_slurm):
         path = f"results/tiny--tiny/data/tiny/{prepared}"
         assert (cluster / path).read_bytes() == (local / path).read_bytes()
     for method in METHODS:
-        runs = [json.loads((root / f"results/tiny--tiny/runs/{method}/train.json").read_text()) for root in (local, cluster)]
+        runs = [json.loads((root / f"results/tiny--tiny/runs/{method}/train.json").read_text())
+                for root in (local, cluster)]
         for key in ("parameters", "loss_curve", "steps", "tokens_seen_non_padding", "train_examples"):
             assert runs[0][key] == runs[1][key], (method, key)
         weights = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"

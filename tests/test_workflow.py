@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -14,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import CUSTOM_TEMPLATE, demo_records, results_dir, snakemake, tiny_config
+from loragrid.common import read_json
 
 
 def test_whole_dag_writes_the_report(tiny_workflow):
@@ -24,15 +23,16 @@ def test_whole_dag_writes_the_report(tiny_workflow):
     weights = dict(zip(table["run"], table["weights_gb"]))
     assert weights["qlora4"] < weights["lora"] < weights["full"]
     # gradient_checkpointing: auto (the default) reaches each job resolved per method.
-    checkpointing = {name: json.loads((workdir / f"results/tiny--tiny/runs/{name}/train.json").read_text())["gradient_checkpointing"]
+    checkpointing = {name: read_json(workdir / f"results/tiny--tiny/runs/{name}/train.json")["gradient_checkpointing"]
                      for name in ("full", "lora", "qlora4", "qlora8")}
     assert checkpointing == {"full": False, "lora": False, "qlora4": True, "qlora8": True}
     # The custom template reached training, merge, generation and evaluation as written.
     for name in ("full", "lora"):
         provenance = json.loads((workdir / f"results/tiny--tiny/runs/{name}/train.json").read_text())["provenance"]
         assert provenance["settings"]["template"] == CUSTOM_TEMPLATE
-        assert json.loads((workdir / f"results/tiny--tiny/eval/{name}.json").read_text())["template"] == CUSTOM_TEMPLATE
-    assert json.loads((workdir / "results/tiny--tiny/runs/lora/merge.json").read_text())["max_relative_logit_difference"] < 1e-3
+        assert read_json(workdir / f"results/tiny--tiny/eval/{name}.json")["template"] == CUSTOM_TEMPLATE
+    merged = read_json(workdir / "results/tiny--tiny/runs/lora/merge.json")
+    assert merged["max_relative_logit_difference"] < 1e-3
     report = (workdir / "results/tiny--tiny/report/report.md").read_text()
     assert "training memory (GB)" in report and "qlora8" in report
     for name in ("base", "full", "lora", "qlora4", "qlora8"):
@@ -97,7 +97,8 @@ def test_command_line_config_overrides_work_like_config_files(tiny_workflow):
 
 def test_a_new_grid_value_adds_only_the_new_runs(tiny_workflow):
     workdir, config, _ = tiny_workflow
-    planned = planned_jobs(workdir, config, {"grid": {"method": ["full", "lora", "qlora4", "qlora8"], "lora_r": [4, 8]}})
+    grid = {"method": ["full", "lora", "qlora4", "qlora8"], "lora_r": [4, 8]}
+    planned = planned_jobs(workdir, config, {"grid": grid})
     assert planned == jobs_of("lora-r8") | jobs_of("qlora4-r8") | jobs_of("qlora8-r8") | FINAL
 
 
@@ -145,7 +146,8 @@ def test_malformed_jsonl_fails_prepare_naming_file_and_line(copy_repo, tiny_mode
     output = result.stdout + result.stderr
     assert "tiny.jsonl, line 12: invalid JSON" in output
     assert "logs/tiny--tiny/prepare/tiny.log" in output
-    assert not (copy_repo / "results/tiny--tiny/data/tiny").exists() or not any((copy_repo / "results/tiny--tiny/data/tiny").iterdir())
+    prepared = copy_repo / "results/tiny--tiny/data/tiny"
+    assert not prepared.exists() or not any(prepared.iterdir())
 
 
 def test_skipped_records_are_counted(copy_repo, tiny_model_dir):
