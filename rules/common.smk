@@ -201,3 +201,20 @@ def report_run_pages():
         category="4. Runs",
         labels={"run": "{run}"},
     )
+
+
+# The export's (rules/export.smk defines EXPORT, GGUF_DIR and CONVERTER_DIR).
+def export_inputs(wildcards):
+    """What an export job reads: the run's full or merged model, the converter, the held-out
+    questions and the run's own answers (the transformers side of the check)."""
+    return {
+        "model": model_for(wildcards.run),
+        "converter": CONVERTER_DIR,
+        "heldout": rules.prepare.output.heldout,
+        "generations": f"{RESULTS}/generations/{wildcards.run}.jsonl",
+    }
+
+
+def exported(suffix):
+    """One file per export type (config key export.types) of a run: {run}-{type}{suffix}."""
+    return expand(f"{GGUF_DIR}/{{run}}-{{t}}{suffix}", t=EXPORT["types"], allow_missing=True)

@@ -16,22 +16,6 @@ except LoragridError as error:
 GGUF_DIR = f"{RESULTS}/gguf"
 
 
-def export_inputs(wildcards):
-    """What an export job reads: the run's full or merged model, the converter, the held-out
-    questions and the run's own answers (the transformers side of the check)."""
-    return {
-        "model": model_for(wildcards.run),
-        "converter": CONVERTER_DIR,
-        "heldout": rules.prepare.output.heldout,
-        "generations": f"{RESULTS}/generations/{wildcards.run}.jsonl",
-    }
-
-
-def exported(suffix):
-    """One file per export type (config key export.types) of a run: {run}-{type}{suffix}."""
-    return expand(f"{GGUF_DIR}/{{run}}-{{t}}{suffix}", t=EXPORT["types"], allow_missing=True)
-
-
 rule fetch_converter:
     output:
         directory(CONVERTER_DIR),
