@@ -102,6 +102,7 @@ TINY_RUN = {
     "gradient_checkpointing": False, "optimizer": "adamw_torch", "save_steps": 0, "save_total_limit": 1,
     "lora_bias": "none", "use_rslora": False, "use_dora": False, "bnb_4bit_quant_type": "nf4",
     "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "auto", "report_to": "none", "gpus": 0,
+    "compile_layers": False,
 }
 
 
