@@ -202,7 +202,7 @@ def check_fit(model_dir, max_length: int | None, batch_size: int) -> int:
     elif longest and max_length > longest:
         raise LoragridError(f"config key 'benchmarks.max_length': {max_length} tokens, but the model in {model_dir} "
                             f"takes at most {longest} (its config.json); set benchmarks.max_length to {longest} "
-                            f"or less")
+                            "or less")
     config = read_json(Path(model_dir) / "config.json") if (Path(model_dir) / "config.json").is_file() else {}
     weights = sum(path.stat().st_size for path in Path(model_dir).glob("*.safetensors"))
     logits = 2 * batch_size * max_length * int(config.get("vocab_size") or 0) * 4

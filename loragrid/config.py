@@ -180,7 +180,7 @@ def resolve_runs(config: dict) -> dict[str, dict]:
             raise LoragridError(f"config key 'runs.{name}': '{name}' is reserved for the untuned model")
         if not SAFE_NAME.match(name):
             raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' "
-                                f"and '-'")
+                                "and '-'")
     return runs
 
 
@@ -339,7 +339,7 @@ def read_random_config(path: Path, shown: str | Path | None = None) -> dict:
     if model_type not in CONFIG_MAPPING_NAMES:
         what = f"'{model_type}'" if model_type else "(the file has no \"model_type\")"
         raise LoragridError(f"config key 'model.source': {shown}: unknown architecture {what}; set "
-                            f"\"model_type\" to one "
+                            "\"model_type\" to one "
                             f"that transformers {transformers.__version__} knows, e.g. llama, mistral or qwen2")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise LoragridError(f"config key 'model.source': {shown}: the architecture '{model_type}' has no causal "
@@ -386,7 +386,7 @@ def _check_run_names(config: dict) -> None:
                                 f"characters (it names a folder under results/runs/), got {len(name)}")
         if not SAFE_NAME.match(name) or name in (".", ".."):
             raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' "
-                                f"and '-' "
+                                "and '-' "
                                 "(it names a folder under results/runs/)")
 
 
@@ -483,7 +483,7 @@ def check_keys(config: dict) -> None:
     if experiment is not None and (not isinstance(experiment, str) or not SAFE_NAME.match(experiment)
                                    or len(experiment) > MAX_RUN_NAME):
         raise LoragridError(f"config key 'experiment': {experiment!r} is not a plain folder name under results/; use "
-                            f"letters, digits, '.', '_' and '-', starting with a letter or digit (at most "
+                            "letters, digits, '.', '_' and '-', starting with a letter or digit (at most "
                             f"{MAX_RUN_NAME})")
     for section, folder in (("model", "resources/models"), ("dataset", "resources/datasets")):
         name = (config.get(section) or {}).get("name")
