@@ -38,7 +38,7 @@ def runs_command(args) -> None:
 def memory_command(args) -> None:
     import json
 
-    from .memory import model_sizes, projection, total_parameters
+    from .estimate import model_sizes, projection, total_parameters
 
     try:
         sizes = model_sizes(json.loads(Path(args.model).read_text(encoding="utf-8")))

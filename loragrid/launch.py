@@ -22,11 +22,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import memory, modeling
+# torch is imported only inside the functions that need it: Snakemake imports this module to plan
+# the jobs, and torch's import would add about a second to every `snakemake` call.
+from . import estimate
 from .common import LoragridError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("loragrid.launch")
 
@@ -48,9 +52,9 @@ def gpus_of(settings: dict) -> int:
 
 
 def model_sizes(model_dir) -> dict:
-    """The model's shape and parameter counts, from its config.json (loragrid.memory.model_sizes)."""
+    """The model's shape and parameter counts, from its config.json (loragrid.estimate.model_sizes)."""
     with open(Path(model_dir) / "config.json", encoding="utf-8") as handle:
-        return memory.model_sizes(json.load(handle))
+        return estimate.model_sizes(json.load(handle))
 
 
 def train_mem_mb(settings: dict, model_dir) -> int:
@@ -69,10 +73,10 @@ def train_mem_mb_for(settings: dict, sizes: dict) -> int:
     gpus = gpus_of(settings)
     if gpus:
         per_process = (PROCESS_OVERHEAD_BYTES["gpu"]
-                       + LOAD_BYTES_PER_PARAMETER[settings["method"]] * memory.total_parameters(sizes))
+                       + LOAD_BYTES_PER_PARAMETER[settings["method"]] * estimate.total_parameters(sizes))
     else:
         micro, sequence = settings["micro_batch_size"], settings["cutoff_len"]
-        held = memory.estimate(sizes, settings, micro, sequence, micro * sequence,
+        held = estimate.estimate(sizes, settings, micro, sequence, micro * sequence,
                                accumulation=settings.get("batch_size", micro) // micro)
         per_process = PROCESS_OVERHEAD_BYTES["cpu"] + held["total_bytes"]
     total = SAFETY_MARGIN * per_process * max(gpus, 1)  # DDP: one process, one copy per GPU
@@ -81,6 +85,8 @@ def train_mem_mb_for(settings: dict, sizes: dict) -> int:
 
 def check_gpus(settings: dict, run: str = "") -> int:
     """The run's `gpus`, after checking that this process sees that many CUDA devices."""
+    import torch
+
     gpus = gpus_of(settings)
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > visible:
@@ -95,6 +101,8 @@ def check_gpus(settings: dict, run: str = "") -> int:
 
 def mixed_precision(dtype: torch.dtype) -> str:
     """accelerate's name for the compute dtype the Trainer uses (see modeling.compute_dtype)."""
+    import torch
+
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
@@ -119,6 +127,8 @@ def accelerate_command(gpus: int, call_file, precision: str, port: int, python: 
 def launch_processes(gpus: int, call: dict) -> None:
     """Run train_to_files(**call) in one DDP process per GPU through `accelerate launch`;
     the arguments travel to every process as a JSON file."""
+    from . import modeling
+
     with tempfile.TemporaryDirectory(prefix="loragrid-launch-") as scratch:
         call_file = Path(scratch) / "call.json"
         call_file.write_text(json.dumps(call, default=str))

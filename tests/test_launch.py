@@ -14,7 +14,7 @@ from accelerate.commands.launch import launch_command_parser
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN, copy_workflow, demo_records, write_jsonl
-from loragrid import launch, memory, modeling
+from loragrid import estimate, launch, modeling
 from loragrid.common import LoragridError, read_json
 from loragrid.config import CHECKPOINTING_BY_METHOD
 from loragrid.train import train_run, train_to_files
@@ -30,7 +30,7 @@ DEFAULT_RUN = {"micro_batch_size": 8, "batch_size": 8, "cutoff_len": 256, "gpus"
 
 def request_gb(method, sizes=None, **settings):
     run = {**DEFAULT_RUN, "method": method, "gradient_checkpointing": CHECKPOINTING_BY_METHOD[method], **settings}
-    return launch.train_mem_mb_for(run, sizes or memory.model_sizes(SMOLLM2)) / 1000
+    return launch.train_mem_mb_for(run, sizes or estimate.model_sizes(SMOLLM2)) / 1000
 
 
 @pytest.mark.parametrize("method", sorted(SMOLLM2_MEASURED_RSS_GB))
@@ -47,7 +47,7 @@ def test_memory_request_follows_method_gpus_and_batch():
     assert request_gb("full", gpus=1) < request_gb("full")
     assert request_gb("full", gpus=2) == pytest.approx(2 * request_gb("full", gpus=1), abs=1)
     # A 7B full fine-tune on a CPU needs 16 bytes per parameter before activations.
-    seven_b = memory.model_sizes(json.loads((REPO / "config/models/qwen2.5-7b.json").read_text()))
+    seven_b = estimate.model_sizes(json.loads((REPO / "config/models/qwen2.5-7b.json").read_text()))
     assert request_gb("full", seven_b) > 16 * 7.6
 
 
@@ -56,7 +56,7 @@ def test_memory_request_reads_the_model_folder(tiny_model_dir):
     sizes = launch.model_sizes(tiny_model_dir)
     assert sizes["layers"] == model.config.num_hidden_layers
     # Every parameter is a layer's linear weight, the (tied) embedding or a norm.
-    assert memory.total_parameters(sizes) == model.num_parameters()
+    assert estimate.total_parameters(sizes) == model.num_parameters()
     settings = {**TINY_RUN, "gpus": 0}
     assert launch.train_mem_mb(settings, tiny_model_dir) == launch.train_mem_mb_for(settings, sizes)
 

@@ -1,0 +1,153 @@
+"""The memory estimate: what each method holds while training (weights as held, gradients,
+optimizer state, activations, temporaries), from a model's config.json and the run's settings.
+
+Plain arithmetic without torch, because Snakemake imports it to plan: a training job's `mem_mb`
+is this estimate (loragrid.launch), and importing torch would add a second to every `snakemake`
+call. loragrid.memory measures the same categories while training; docs/memory.md compares both.
+"""
+
+from __future__ import annotations
+
+# Bytes per element: activations and frozen weights in the compute dtype (bf16/fp16), trainable
+# weights, their gradients and AdamW's two moments in fp32 (bitsandbytes' 8-bit AdamW: 1 byte each).
+HALF, SINGLE = 2, 4
+OPTIMIZER_BYTES = {"adamw_bnb_8bit": 2, "paged_adamw_8bit": 2}
+# Per element of the labelled positions' logits: the fp32 log-probabilities stay for the
+# backward pass; at its start the loss's backward holds their fp32 gradient and its bf16 cast.
+LOGITS_KEPT, LOGITS_BACKWARD = 4, 8
+QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}  # per weight, constants included
+# Full fine-tuning keeps more per token and layer than an adapter run, in units of the hidden size:
+# its residual stream is fp32 (fp32 weights), so each norm's trainable weight keeps the fp32
+# normalized input (2 x 4h), and autocast makes a bf16 copy of the fp32 norm output for each of
+# q, k, v and gate, up separately (3 more x 2h than the one shared bf16 input of a frozen base).
+FULL_EXTRA_PER_TOKEN_LAYER = 14
+ADAPTED_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_sizes(config: dict) -> dict:
+    """Shape and parameter counts of a Llama/Qwen2/Mistral-style decoder, from its config.json."""
+    config = config.get("text_config", config)
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    kv_width = kv * config.get("head_dim", h // heads)
+    linear_shapes = {"q_proj": (h, h), "k_proj": (h, kv_width), "v_proj": (h, kv_width), "o_proj": (h, h),
+                     "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    embedding = config["vocab_size"] * h
+    return {"hidden": h, "intermediate": i, "layers": layers, "heads": heads, "vocab": config["vocab_size"],
+            "linear_shapes": linear_shapes,
+            "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
+            "embedding_params": embedding,
+            "lm_head_params": 0 if config.get("tie_word_embeddings", False) else embedding,
+            "other_params": (2 * layers + 1) * h}
+
+
+def total_parameters(sizes: dict) -> int:
+    return sizes["layer_linear_params"] + sizes["embedding_params"] + sizes["lm_head_params"] + sizes["other_params"]
+
+
+def lora_parameters(sizes: dict, settings: dict) -> int:
+    """LoRA's trainable parameters: r x (in + out) for each adapted linear layer of every decoder layer."""
+    names = adapted_modules(settings)
+    return sizes["layers"] * settings["lora_r"] * sum(a + b for name, (a, b) in sizes["linear_shapes"].items()
+                                                      if name in names)
+
+
+def adapted_modules(settings: dict) -> tuple[str, ...]:
+    targets = settings.get("target_modules", "all-linear")
+    if targets in (None, "all-linear"):
+        return ADAPTED_PER_LAYER
+    targets = [targets] if isinstance(targets, str) else targets
+    return tuple(name for name in ADAPTED_PER_LAYER if name in targets)
+
+
+def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
+    """(weights bytes as held, trainable parameters) of a method, from the model's sizes alone."""
+    method = settings["method"]
+    total = total_parameters(sizes)
+    if method == "full":
+        return SINGLE * total, total
+    lora = lora_parameters(sizes, settings)
+    frozen = total - sizes["layer_linear_params"]
+    linear = QUANTIZED_BYTES.get(method, HALF) * sizes["layer_linear_params"]
+    return int(linear + HALF * frozen + SINGLE * lora), lora
+
+
+def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention: str = "eager") -> int:
+    """Bytes one token keeps per decoder layer until the backward pass reaches it.
+
+    Counted from what autograd saves in a Llama/Qwen2 block under bf16 autocast (docs/memory.md):
+    the RMSNorms keep their fp32 inputs (2 x 4h); the linear layers' distinct inputs (attention
+    and MLP inputs, o_proj's and down_proj's: 3h + i at 2 bytes); q and the head-expanded k and v
+    (3h); eager attention its fp32 softmax and bf16 probabilities (6 x heads x sequence; SDPA a
+    logsumexp, 4 x heads); the MLP's gate, its SiLU and up (3i); each adapter its rank-r middle.
+    With gradient checkpointing only each layer's input stays, except what bitsandbytes' 8-bit
+    matmul stores on its autograd context, outside what checkpointing can drop: its input
+    (bitsandbytes/autograd/_functions.py, MatMul8bitFp.forward and MatMul8bitLt.forward).
+    """
+    h, i, heads, method = sizes["hidden"], sizes["intermediate"], sizes["heads"], settings["method"]
+    linear_inputs = HALF * (3 * h + i)
+    if settings["gradient_checkpointing"]:
+        return (SINGLE if method == "full" else HALF) * h + (linear_inputs if method == "qlora8" else 0)
+    attention_bytes = 6 * heads * sequence if attention == "eager" else 4 * heads
+    kept = 2 * SINGLE * h + linear_inputs + HALF * 3 * h + attention_bytes + HALF * 3 * i
+    if method == "full":
+        return kept + FULL_EXTRA_PER_TOKEN_LAYER * h
+    adapted = [sizes["linear_shapes"][name] for name in adapted_modules(settings)]
+    kept += HALF * settings["lora_r"] * len(adapted)
+    if settings.get("lora_dropout"):  # each adapter's dropout keeps its own copy of the input and a mask
+        kept += (HALF + 1) * sum(fan_in for fan_in, _ in adapted)
+    return kept
+
+
+def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: int, *, weights_bytes: int | None = None,
+             trainable: int | None = None, attention: str = "eager", accumulation: int = 1,
+             optimizer_state: bool = True) -> dict:
+    """What training holds at its peak: the start of the backward pass of a micro-batch of `rows` x
+    `sequence` tokens, `labelled` of which have a label (only their logits are computed).
+
+    Gradients count only with gradient accumulation (they outlive a micro-batch); the optimizer's
+    state from the second step on (`optimizer_state`: False for the first step of a run)."""
+    projected_bytes, projected_trainable = projected_weights(sizes, settings)
+    weights = projected_bytes if weights_bytes is None else weights_bytes
+    trainable = projected_trainable if trainable is None else trainable
+    gradients = SINGLE * trainable
+    optimizer = OPTIMIZER_BYTES.get(settings.get("optimizer"), 2 * SINGLE) * trainable if optimizer_state else 0
+    tokens, logits = rows * sequence, labelled * sizes["vocab"]
+    activations = tokens * sizes["layers"] * layer_activation_bytes(sizes, settings, sequence, attention)
+    activations += LOGITS_KEPT * logits
+    if settings["method"] == "full":  # autocast's bf16 copies of the fp32 weights, kept for the backward pass
+        activations += HALF * (sizes["layer_linear_params"] + sizes["embedding_params"] + sizes["lm_head_params"])
+    temporaries = LOGITS_BACKWARD * logits
+    if settings["gradient_checkpointing"]:  # the backward pass recomputes one layer at a time
+        unchecked = {**settings, "gradient_checkpointing": False}
+        temporaries = max(temporaries, tokens * layer_activation_bytes(sizes, unchecked, sequence, attention))
+    parts = {"weights": int(weights), "gradients": gradients if accumulation > 1 else 0, "optimizer": optimizer,
+             "activations": int(activations), "temporaries": int(temporaries)}
+    return {"total_bytes": sum(parts.values()), "breakdown": parts, "rows": rows, "sequence": sequence,
+            "labelled": labelled, "trainable": trainable}
+
+
+METHODS = ("full", "lora", "qlora8", "qlora4")
+
+
+def projection(sizes: dict, settings: dict, sequence: int, labelled_share: float, attention: str,
+               budget_bytes: float | None = None, micro_batches=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+    """Per method, the estimate at `settings['micro_batch_size']` and, with a budget, the largest
+    micro-batch whose estimate fits in it (None when not even 1 does)."""
+    rows = []
+    for method in METHODS:
+        run = {**settings, "method": method}
+        if run.get("gradient_checkpointing", "auto") == "auto":
+            run["gradient_checkpointing"] = method.startswith("qlora")
+
+        def held(micro, run=run):
+            return estimate(sizes, run, micro, sequence, int(labelled_share * micro * sequence), attention=attention)
+
+        row = {"method": method, "gradient_checkpointing": run["gradient_checkpointing"],
+               **held(run["micro_batch_size"])}
+        if budget_bytes is not None:
+            fitting = [micro for micro in micro_batches if held(micro)["total_bytes"] <= budget_bytes]
+            row["largest_micro_batch"] = max(fitting) if fitting else None
+        rows.append(row)
+    return rows
