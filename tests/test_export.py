@@ -47,6 +47,7 @@ def export_config(workdir, **overrides):
         "generate": {"max_new_tokens": 16, "batch_size": 8},
         "export": {"enabled": True, "types": TYPES},
         "torch_threads": 1,
+        "benchmarks": {"tasks": []},
     }
     config.update(overrides)
     path = workdir / "export.yaml"

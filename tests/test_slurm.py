@@ -66,30 +66,42 @@ def write_config(workdir: Path, model_dir: Path) -> Path:
     return path
 
 
-def run_snakemake(workdir: Path, args: list[str]) -> subprocess.CompletedProcess:
+def start_snakemake(workdir: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """snakemake in the background, its output in a file beside `workdir` (a pipe nobody reads could fill up)."""
     command = ["timeout", "-k", "30", str(WORKFLOW_TIMEOUT_S), sys.executable, "-m", "snakemake", *args]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-    return result
+    output = workdir.with_suffix(".out")
+    with output.open("w") as handle:
+        return subprocess.Popen(command, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT), output
+
+
+def finished(started: tuple[subprocess.Popen, Path]) -> str:
+    process, output = started
+    process.wait()
+    text = output.read_text()
+    assert process.returncode == 0, f"exit {process.returncode}\n{text[-8000:]}"
+    return text
 
 
 @pytest.fixture(scope="module")
 def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_cluster):
     root = tmp_path_factory.mktemp("runs")
     local = copy_workflow(root / "local")
-    run_snakemake(local, ["--cores", "2", "all", "--configfile", str(write_config(local, tiny_model_dir))])
+    # The local run goes on while the SLURM run mostly waits between its status polls.
+    local_config = write_config(local, tiny_model_dir)
+    local_run = start_snakemake(local, ["--cores", "1", "all", "--configfile", str(local_config)])
 
     cluster = copy_workflow(root / "slurm")
     config = write_config(cluster, tiny_model_dir)
     started = time.perf_counter()
     # The test cluster has no slurmdbd: job states come from squeue (sacct would wait forever).
-    result = run_snakemake(cluster, [
+    output = finished(start_snakemake(cluster, [
         "--workflow-profile", "profiles/slurm", "all", "--configfile", str(config),
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "2",
-    ])
+    ]))
     print(f"workflow through SLURM: {time.perf_counter() - started:.1f} s")
-    return local, cluster, result.stdout + result.stderr
+    finished(local_run)
+    return local, cluster, output
 
 
 def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
