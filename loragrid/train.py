@@ -349,7 +349,29 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
     )
     collator = data_collator(tokenizer, settings["packing"], takes_logits_mask(model))
     return trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                           processing_class=tokenizer)
+                           processing_class=tokenizer, callbacks=[step_timer()])
+
+
+def step_timer():
+    """A Trainer callback that keeps each optimizer step's wall time (train.json's step_seconds):
+    where a step is slow (the profiled first two, a compiling one) shows there, not only the mean."""
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.started = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(round(time.perf_counter() - self.started, 4))
+
+    return StepTimes()
+
+
+def step_seconds(trainer) -> list[float]:
+    return next(c.seconds for c in trainer.callback_handler.callbacks if hasattr(c, "seconds"))
 
 
 def compile_after_profiling(profile, cache_dir):
@@ -543,6 +565,7 @@ def _progress(trainer, result, wall: float, resume_from: Path | None) -> dict:
                              / result.metrics["train_runtime"],
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
+        "step_seconds": step_seconds(trainer),
     }
 
 

@@ -33,6 +33,7 @@ def test_train_summary(trained, tiny_model_dir):
     for method, (_, summary) in trained.items():
         assert summary["steps"] == 3
         assert len(summary["loss_curve"]) == 3
+        assert len(summary["step_seconds"]) == 3 and all(seconds > 0 for seconds in summary["step_seconds"])
         assert summary["tokens_seen_non_padding"] > 0 and summary["tokens_per_second"] > 0
         assert summary["memory"]["peak_rss_bytes"] > summary["memory"]["weights_bytes"] > 0
         assert summary["compute_dtype"] == "bfloat16"
