@@ -30,7 +30,9 @@ forward and backward), N counting the tied embedding once, as the LM head.
 
 --qlora trains loragrid's lora, qlora4 and qlora8 with their defaults (QLoRA with gradient
 checkpointing, as `gradient_checkpointing: auto` runs it) and TRL's SFTTrainer on the same
-bitsandbytes config (loragrid.modeling.quantization_config) with gradient checkpointing on.
+bitsandbytes config (loragrid.modeling.quantization_config) with gradient checkpointing on, and
+loragrid's LoRA once more with gradient checkpointing on (loragrid-ckpt), which splits QLoRA's
+gap to LoRA into what checkpointing costs and what the bitsandbytes layers cost.
 
 --compile trains loragrid's LoRA eagerly and with compile_layers twice on one fresh inductor
 cache: the first compiled run compiles cold, the second loads what the first wrote (warm). From
@@ -59,6 +61,8 @@ DATA = REPO / "data/emoji_qa.jsonl"
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 CONFIGURATIONS = ("seed", "trl", "loragrid")
 QLORA_CONFIGURATIONS = ("loragrid", "loragrid-qlora4", "loragrid-qlora8", "trl-qlora4", "trl-qlora8")
+# --qlora's extra row: loragrid's LoRA with gradient checkpointing on, as QLoRA trains by default.
+LORA_CHECKPOINTED = "loragrid-ckpt"
 TARGETS = {"seed": 12.0, "trl": 2.5, "qlora_vs_lora": 0.7}
 # loragrid with one setting changed from its defaults, to measure what each lever is worth.
 LEVERS = {
@@ -358,6 +362,11 @@ def print_comparison(table: dict) -> None:
             print(f"\nloragrid {method} / loragrid lora: {rate[f'loragrid-{method}'] / rate['loragrid']:.2f}x "
                   f"(target >= {TARGETS['qlora_vs_lora']:g}x); loragrid {method} / trl {method}: "
                   f"{rate[f'loragrid-{method}'] / rate[f'trl-{method}']:.2f}x")
+    if LORA_CHECKPOINTED in rate:
+        checkpointed = rate[LORA_CHECKPOINTED]
+        print(f"gradient checkpointing alone: LoRA at {checkpointed / rate['loragrid']:.2f}x of its pace; "
+              f"bitsandbytes' layers alone (both checkpointed): qlora4 "
+              f"{rate['loragrid-qlora4'] / checkpointed:.2f}x, qlora8 {rate['loragrid-qlora8'] / checkpointed:.2f}x")
     print(f"final answer loss: {losses}")
 
 
@@ -419,6 +428,8 @@ def measure(args) -> None:
         for repeat in range(max(args.repeats, args.seed_repeats)):
             runs += [spawn(name, "defaults", args) for name in names
                      if repeat < (args.seed_repeats if name == "seed" else args.repeats)]
+            if args.qlora:  # LoRA with QLoRA's gradient checkpointing: what the quantized layers cost alone
+                runs.append({**spawn("loragrid", "gradient_checkpointing", args), "configuration": LORA_CHECKPOINTED})
         print_comparison(summarize(runs, "configuration", flops["bfloat16"]))
     print(f"\nload average at end: {os.getloadavg()}; total {time.perf_counter() - started:.0f} s")
 

@@ -6,6 +6,7 @@ model is built from a config, so unit tests run in seconds.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import subprocess
@@ -157,16 +158,49 @@ CUSTOM_TEMPLATE = "Q: {instruction}\nA: "
 TINY_BENCHMARKS = {"limit": {"loragrid_sense": 8, "loragrid_hollow_lane": 1}}
 
 
+def run_tiny_workflow(root: Path, model_dir: Path) -> tuple[Path, Path, str]:
+    """The whole DAG once on the tiny model: (workflow folder, config file, snakemake's output)."""
+    workdir = copy_workflow(root / "workflow")
+    # A custom template: Snakemake must pass its braces to every job as written (the default
+    # config's chat template runs end to end in test_real_model.py).
+    config = tiny_config(workdir, model_dir, template=CUSTOM_TEMPLATE, benchmarks=TINY_BENCHMARKS)
+    result = snakemake(workdir, "all", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir, config, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_workflows(request, tmp_path_factory, tiny_model_dir):
+    """Workflow runs that later tests check, started in two threads as the session starts.
+
+    The session's own tests leave about a third of the two cores idle (interpreter start-ups,
+    Snakemake's scheduling, single-threaded checks) and the SLURM runs mostly wait on the plugin's
+    status polls: run beside them, they took the session from 17 min to 15 (docs/development.md). Only
+    the runs that the selected tests need are started; each test takes its run's result (or its error).
+    """
+    from test_export import run_export_workflow
+    from test_slurm import run_local_and_slurm, stop_cluster
+
+    items = request.session.items
+    futures = {}
+    slurm_root = tmp_path_factory.mktemp("slurm-runs")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        if any(item.path.name == "test_slurm.py" for item in items):
+            futures["slurm"] = pool.submit(run_local_and_slurm, slurm_root, tiny_model_dir)
+        if any("tiny_workflow" in item.fixturenames for item in items):
+            futures["tiny"] = pool.submit(run_tiny_workflow, tmp_path_factory.mktemp("wf"), tiny_model_dir)
+        if any(item.path.name == "test_export.py" for item in items):
+            futures["export"] = pool.submit(run_export_workflow, tmp_path_factory.mktemp("export"))
+        yield futures
+        concurrent.futures.wait(futures.values())
+    if "slurm" in futures:
+        stop_cluster(slurm_root / "cluster")
+
+
 @pytest.fixture(scope="session")
-def tiny_workflow(tmp_path_factory, tiny_model_dir):
+def tiny_workflow(background_workflows):
     """The whole DAG run once on the tiny model: (workflow folder, config file, snakemake's output).
 
     Shared by every test module that needs finished results; tests must not change them.
     """
-    workdir = copy_workflow(tmp_path_factory.mktemp("wf") / "workflow")
-    # A custom template: Snakemake must pass its braces to every job as written (the default
-    # config's chat template runs end to end in test_real_model.py).
-    config = tiny_config(workdir, tiny_model_dir, template=CUSTOM_TEMPLATE, benchmarks=TINY_BENCHMARKS)
-    result = snakemake(workdir, "all", "--configfile", str(config))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return workdir, config, result.stdout + result.stderr
+    return background_workflows["tiny"].result()

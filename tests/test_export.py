@@ -55,13 +55,18 @@ def export_config(workdir, **overrides):
     return path
 
 
-@pytest.fixture(scope="module")
-def export_workflow(tmp_path_factory):
-    workdir = copy_workflow(tmp_path_factory.mktemp("export") / "workflow")
+def run_export_workflow(root):
+    """The whole DAG with the export on: (workflow folder, config file). conftest starts it with the session."""
+    workdir = copy_workflow(root / "workflow")
     config = export_config(workdir)
     result = snakemake(workdir, "all", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir, config
+
+
+@pytest.fixture(scope="module")
+def export_workflow(background_workflows):
+    return background_workflows["export"].result()
 
 
 def test_every_run_is_exported_and_agrees_with_transformers(export_workflow):

@@ -31,20 +31,21 @@ WORKFLOW_TIMEOUT_S = 1200
 METHODS = ["qlora4"]
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
+def start_cluster(state: Path) -> None:
+    """Start the cluster (stop_cluster stops it); skip where it cannot run here, unless it must."""
     started = time.perf_counter()
     result = subprocess.run(["bash", str(CLUSTER_SCRIPTS / "start.sh"), str(state)],
                             capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
-        subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=120)
+        stop_cluster(state)
         message = f"the SLURM cluster did not start (exit {result.returncode}): {result.stderr.strip()}"
         if result.returncode == 3 and not REQUIRED:
             pytest.skip(message)
         pytest.fail(message + "".join(f"\n--- {log.name}\n{log.read_text()[-2000:]}" for log in state.glob("*.log")))
     print(f"SLURM cluster up in {time.perf_counter() - started:.1f} s")
-    yield
+
+
+def stop_cluster(state: Path) -> None:
     subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=120)
 
 
@@ -82,16 +83,16 @@ def finished(started: tuple[subprocess.Popen, Path]) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_cluster):
-    root = tmp_path_factory.mktemp("runs")
+def run_local_and_slurm(root: Path, model_dir: Path) -> tuple[Path, Path, str]:
+    """Start the cluster, then run the workflow locally and through profiles/slurm at the same time."""
+    start_cluster(root / "cluster")
     local = copy_workflow(root / "local")
     # The local run goes on while the SLURM run mostly waits between its status polls.
-    local_config = write_config(local, tiny_model_dir)
+    local_config = write_config(local, model_dir)
     local_run = start_snakemake(local, ["--cores", "1", "all", "--configfile", str(local_config)])
 
     cluster = copy_workflow(root / "slurm")
-    config = write_config(cluster, tiny_model_dir)
+    config = write_config(cluster, model_dir)
     started = time.perf_counter()
     # The test cluster has no slurmdbd: job states come from squeue (sacct would wait forever).
     output = finished(start_snakemake(cluster, [
@@ -102,6 +103,12 @@ def local_and_slurm(tmp_path_factory, tiny_model_dir, slurm_cluster):
     print(f"workflow through SLURM: {time.perf_counter() - started:.1f} s")
     finished(local_run)
     return local, cluster, output
+
+
+@pytest.fixture(scope="module")
+def local_and_slurm(background_workflows):
+    """What conftest started with the session: (local folder, SLURM folder, output)."""
+    return background_workflows["slurm"].result()
 
 
 def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
