@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -65,3 +66,12 @@ def test_the_compile_summary_reads_the_compiling_step_and_the_steps_after(capsys
     assert "per-step gain after compiling: 0.300 s (30 %)" in printed
     assert "cold cache: the compiling step costs 60.0 s more than an eager one; it pays off after 200 steps" in printed
     assert "warm cache: the compiling step costs 3.0 s more than an eager one; it pays off after 10 steps" in printed
+
+
+def test_the_dequantization_bench_times_every_quantized_layer(tiny_model_dir):
+    command = [sys.executable, "bench/qlora_dequant.py", "--model", str(tiny_model_dir), "--repeats", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The tiny Llama: 2 layers of 7 linear modules each (bitsandbytes keeps the LM head in bf16).
+    for method, how in [("qlora4", "4bit"), ("qlora8", "8bit"), ("qlora8", "8bit fused")]:
+        assert re.search(rf"{method}: 14 layers, 0\.1M weights, dequantized {how} +: +\d+\.\d ms once", result.stdout)
