@@ -183,9 +183,9 @@ def background_workflows(request, tmp_path_factory, tiny_model_dir):
 
     items = request.session.items
     futures = {}
-    slurm_root = tmp_path_factory.mktemp("slurm-runs")
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         if any(item.path.name == "test_slurm.py" for item in items):
+            slurm_root = tmp_path_factory.mktemp("slurm-runs")
             futures["slurm"] = pool.submit(run_local_and_slurm, slurm_root, tiny_model_dir)
         if any("tiny_workflow" in item.fixturenames for item in items):
             futures["tiny"] = pool.submit(run_tiny_workflow, tmp_path_factory.mktemp("wf"), tiny_model_dir)
