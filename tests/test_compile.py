@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def test_compiled_layers_train_through_snakemake_and_fill_the_shared_cache(copy_
     assert any(path.is_file() for path in cache.rglob("*")), "the inductor cache named by compile_cache is empty"
 
 
-def test_a_layer_that_fails_to_compile_trains_eagerly_with_a_warning(tiny_model_dir, prepared_dir, tmp_path):
+def test_without_a_compiler_training_goes_on_eagerly_with_a_warning(tiny_model_dir, prepared_dir, tmp_path):
     # No C++ compiler (as on a machine with Python alone): inductor cannot build the layer's kernels.
     environment = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PYTHONPATH": str(REPO)}
     settings = json.dumps({**TINY_RUN, "compile_layers": True, "max_steps": 3})
@@ -49,4 +50,4 @@ def test_a_layer_that_fails_to_compile_trains_eagerly_with_a_warning(tiny_model_
                             capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final loss" in result.stdout and (tmp_path / "adapter/adapter_model.safetensors").is_file()
-    assert "no-such-compiler" in result.stderr  # dynamo's warning names what failed, then runs the layer eagerly
+    assert re.search(r"compile_layers: training eagerly, nothing compiled: .*no-such-compiler", result.stderr)
