@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import subprocess
 import sys
 
-from conftest import REPO, TINY_RUN, results_dir, snakemake, tiny_config
+from conftest import results_dir, snakemake, tiny_config
 from loragrid.common import read_json
-
-TRAIN_IN_A_FRESH_PROCESS = """
-import json, sys
-from loragrid.train import train_to_files
-model, data, out, cache = sys.argv[1:5]
-settings = json.loads(sys.argv[5])
-summary = train_to_files(model, data, out + "/adapter", out + "/train.json", settings, "chat", compile_cache_dir=cache)
-print("final loss", summary["final_loss"])
-"""
 
 
 def test_compiled_layers_train_through_snakemake_and_fill_the_shared_cache(copy_repo, tiny_model_dir):
@@ -41,13 +31,17 @@ def test_compiled_layers_train_through_snakemake_and_fill_the_shared_cache(copy_
     assert any(path.is_file() for path in cache.rglob("*")), "the inductor cache named by compile_cache is empty"
 
 
-def test_without_a_compiler_training_goes_on_eagerly_with_a_warning(tiny_model_dir, prepared_dir, tmp_path):
-    # No C++ compiler (as on a machine with Python alone): inductor cannot build the layer's kernels.
-    environment = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PYTHONPATH": str(REPO)}
-    settings = json.dumps({**TINY_RUN, "compile_layers": True, "max_steps": 3})
-    result = subprocess.run([sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS, str(tiny_model_dir), str(prepared_dir),
-                             str(tmp_path), str(tmp_path / "cache"), settings],
-                            capture_output=True, text=True, timeout=600, env=environment)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "final loss" in result.stdout and (tmp_path / "adapter/adapter_model.safetensors").is_file()
-    assert re.search(r"compile_layers: training eagerly, nothing compiled: .*no-such-compiler", result.stderr)
+def test_without_a_compiler_the_training_job_goes_on_eagerly_with_a_warning(copy_repo, tiny_model_dir):
+    """The training job through Snakemake on a machine with no C++ compiler (inductor cannot build kernels)."""
+    training = {"max_steps": 3, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96,
+                "compile_layers": True}
+    config = tiny_config(copy_repo, tiny_model_dir, training=training, grid={"method": ["lora"]})
+    train_json = results_dir(copy_repo) / "runs/lora/train.json"
+    environment = {**os.environ, "CXX": str(copy_repo / "no-such-compiler")}
+    command = [sys.executable, "-m", "snakemake", "--cores", "2", str(train_json.relative_to(copy_repo)),
+               "--configfile", str(config)]
+    result = subprocess.run(command, cwd=copy_repo, capture_output=True, text=True, timeout=900, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert math.isfinite(read_json(train_json)["final_loss"])
+    log = (copy_repo / "logs/tiny--tiny/train/lora.log").read_text()
+    assert re.search(r"compile_layers: training eagerly, nothing compiled: .*no-such-compiler", log)
