@@ -40,7 +40,7 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
     for folder in (model_dir, Path(heldout_path).parent):
         verify_folder(folder)
     # Sampling draws from torch's generator alone; transformers.set_seed would import peft and bitsandbytes
-    # (about 1 CPU-second more of a generate job, which on a tiny model is all start-up).
+    # (1.5 of a generate job's 5 CPU-seconds on a tiny model, where it is all start-up).
     torch.manual_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
     model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)
