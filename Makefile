@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 1
+# pytest-xdist workers of `make test` (tests/conftest.py keeps the tests of one shared workflow on one worker)
+TEST_WORKERS ?= 2
 
 .PHONY: run test install install-test browser compiler clean memory-table
 
@@ -39,7 +41,7 @@ compiler:
 	command -v g++ >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 gcc g++; }
 
 test: install-test browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf results logs .snakemake

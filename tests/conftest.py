@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,84 @@ def run_tiny_workflow(root: Path, model_dir: Path) -> tuple[Path, Path, str]:
     return workdir, config, result.stdout + result.stderr
 
 
+def shared_dag_modules() -> set[str]:
+    """The test modules that read the shared tiny DAG (the `tiny_workflow` fixture)."""
+    return {path.name for path in Path(__file__).parent.glob("test_*.py") if "tiny_workflow" in path.read_text()}
+
+
+def xdist_scope(nodeid: str, shared: set[str]) -> str:
+    """Under `pytest -n 2` (the Makefile's) each test module runs whole on one worker, and the modules that read
+    the shared tiny DAG all on the same one, one test after another as without xdist: some of them change that
+    workflow for a while (a second experiment, an edited task file, dry runs with a change file)."""
+    module = Path(nodeid.split("::", 1)[0]).name
+    return "tiny_workflow" if module in shared else module
+
+
+# Modules of few but long tests: under xdist they start first (longest first), so that neither worker is left
+# alone with one at the end; the other modules follow by their number of tests, as xdist orders them.
+LONG_MODULES = ("test_real_model.py", "test_compile.py", "test_seed_keys.py")
+
+
+def pytest_collection_modifyitems(items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # without xdist the tests waiting on the background runs would only wait sooner
+    shared = shared_dag_modules()
+    scopes = [xdist_scope(item.nodeid, shared) for item in items]
+    sizes = {scope: scopes.count(scope) for scope in scopes}
+    first = {scope: index for index, scope in reversed(list(enumerate(scopes)))}
+
+    def rank(scope: str) -> tuple:
+        long = LONG_MODULES.index(scope) if scope in LONG_MODULES else len(LONG_MODULES)
+        return long, -sizes[scope], first[scope]
+
+    order = sorted(range(len(items)), key=lambda index: (rank(scopes[index]), index))
+    items[:] = [items[index] for index in order]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    shared = shared_dag_modules()
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems gave
+
+    class SharedDagScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid, shared)
+
+    return SharedDagScheduling(config, log)
+
+
+def session_folder(tmp_path_factory) -> Path:
+    """A folder that every pytest-xdist worker of this session sees (each worker's own basetemp is inside it)."""
+    basetemp = tmp_path_factory.getbasetemp()
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+
+
+def run_once(folder: Path, name: str, run, *args):
+    """`run(*args)` once a session however many xdist workers ask: the first to take the lock runs it and
+    records its result (paths and text), its skip or its error; the others wait on the lock and read that."""
+    from filelock import FileLock
+
+    record = folder / f"{name}.json"
+    with FileLock(folder / f"{name}.lock"):
+        if not record.exists():
+            try:
+                values = run(*args)
+                saved = {"values": [{"path": str(v)} if isinstance(v, Path) else v for v in values]}
+            except pytest.skip.Exception as skip:
+                saved = {"skip": str(skip)}
+            except BaseException as error:
+                record.write_text(json.dumps({"error": f"{type(error).__name__}: {error}"}))
+                raise
+            record.write_text(json.dumps(saved))
+    saved = json.loads(record.read_text())
+    if "skip" in saved:
+        pytest.skip(saved["skip"])
+    if "error" in saved:
+        pytest.fail(f"the {name} workflow failed (run by another worker): {saved['error']}")
+    return tuple(Path(v["path"]) if isinstance(v, dict) else v for v in saved["values"])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_workflows(request, tmp_path_factory, tiny_model_dir):
     """Workflow runs that later tests check, started in two threads as the session starts.
@@ -176,24 +255,29 @@ def background_workflows(request, tmp_path_factory, tiny_model_dir):
     The session's own tests leave about a third of the two cores idle (interpreter start-ups,
     Snakemake's scheduling, single-threaded checks) and the SLURM runs mostly wait on the plugin's
     status polls: run beside them, they took the session from 17 min to 15 (docs/development.md). Only
-    the runs that the selected tests need are started; each test takes its run's result (or its error).
+    the runs that the selected tests need are started, once however many xdist workers there are; each
+    test takes its run's result (or its error).
     """
     from test_export import run_export_workflow
     from test_slurm import run_local_and_slurm, stop_cluster
 
     items = request.session.items
+    shared = session_folder(tmp_path_factory)
     futures = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         if any(item.path.name == "test_slurm.py" for item in items):
             slurm_root = tmp_path_factory.mktemp("slurm-runs")
-            futures["slurm"] = pool.submit(run_local_and_slurm, slurm_root, tiny_model_dir)
+            futures["slurm"] = pool.submit(run_once, shared, "slurm", run_local_and_slurm, slurm_root,
+                                           tiny_model_dir)
         if any("tiny_workflow" in item.fixturenames for item in items):
-            futures["tiny"] = pool.submit(run_tiny_workflow, tmp_path_factory.mktemp("wf"), tiny_model_dir)
+            futures["tiny"] = pool.submit(run_once, shared, "tiny", run_tiny_workflow,
+                                          tmp_path_factory.mktemp("wf"), tiny_model_dir)
         if any(item.path.name == "test_export.py" for item in items):
-            futures["export"] = pool.submit(run_export_workflow, tmp_path_factory.mktemp("export"))
+            futures["export"] = pool.submit(run_once, shared, "export", run_export_workflow,
+                                            tmp_path_factory.mktemp("export"))
         yield futures
         concurrent.futures.wait(futures.values())
-    if "slurm" in futures:
+    if "slurm" in futures and (slurm_root / "cluster").exists():  # this worker started the cluster
         stop_cluster(slurm_root / "cluster")
 
 
