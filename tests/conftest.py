@@ -204,6 +204,7 @@ def pytest_collection_modifyitems(items):
     items[:] = [items[index] for index in order]
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist runs without it
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
