@@ -20,6 +20,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "emoji_qa.jsonl"
 
+# The tests, their workflow jobs and the background runs share two cores. With torch's default of a
+# thread per core, every parallel region spins waiting for a core that another process holds:
+# test_train_knobs, test_memory and test_train_merge beside one busy core took 44 CPU-s with two
+# threads and 22.5 with one. Workflow jobs take their threads from the config (torch_threads) as ever.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -70,6 +76,23 @@ def build_tiny_model(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def fetched_tiny_model(tmp_path_factory, tiny_model_dir) -> Path:
+    """tiny_model_dir as the fetch_model rule writes it for tiny_config (resources/models/tiny, with source.json)."""
+    from loragrid.fetch import fetch_model
+
+    folder = tmp_path_factory.mktemp("fetched") / "tiny"
+    fetch_model(f"local:{tiny_model_dir}", folder)
+    return folder
+
+
+def with_fetched_model(workdir: Path, fetched: Path) -> None:
+    """The fetched tiny model where fetch_model writes it. Snakemake takes it as done (it is newer than its
+    source and has no metadata to compare), so a test about a later stage runs without a fetch job of its
+    own (4-5 CPU-s each, mostly transformers' imports); the fetch rule has its own tests."""
+    shutil.copytree(fetched, workdir / "resources" / "models" / fetched.name)
 
 
 def write_jsonl(path: Path, records) -> Path:

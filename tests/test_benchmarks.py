@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, results_dir, snakemake, tiny_config
+from conftest import REPO, results_dir, snakemake, tiny_config, with_fetched_model
 from loragrid import modeling
 from loragrid.benchmarks import rolling_loglikelihood, rolling_token_windows
 from loragrid.tokenized import load_tokenizer
@@ -135,8 +135,10 @@ def test_a_bad_task_stops_snakemake_before_any_job(copy_repo, tiny_model_dir, ta
                            "takes at most 512"),
     ({"batch_size": 10**6}, "config key 'benchmarks.batch_size': 1000000 windows of 512 tokens need about"),
 ])
-def test_a_benchmark_the_model_cannot_take_fails_before_it_loads(copy_repo, tiny_model_dir, settings, message):
+def test_a_benchmark_the_model_cannot_take_fails_before_it_loads(copy_repo, tiny_model_dir, fetched_tiny_model,
+                                                                 settings, message):
     config = tiny_config(copy_repo, tiny_model_dir, benchmarks={"limit": 1, **settings})
+    with_fetched_model(copy_repo, fetched_tiny_model)
     result = snakemake(copy_repo, "results/tiny--tiny/lm_eval/base", "--configfile", str(config))
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0

@@ -8,16 +8,18 @@ import re
 import subprocess
 import sys
 
-from conftest import results_dir, snakemake, tiny_config
+from conftest import results_dir, snakemake, tiny_config, with_fetched_model
 from loragrid.common import read_json
 
 
-def test_compiled_layers_train_through_snakemake_and_fill_the_shared_cache(copy_repo, tiny_model_dir):
+def test_compiled_layers_train_through_snakemake_and_fill_the_shared_cache(copy_repo, tiny_model_dir,
+                                                                         fetched_tiny_model):
     # Layers compile after the memory profile's two steps: the third step is the first compiled one.
     training = {"max_steps": 3, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96,
                 "compile_layers": True}
     config = tiny_config(copy_repo, tiny_model_dir, training=training, grid={"method": ["lora"]},
                          compile_cache="cache/torch-compile")
+    with_fetched_model(copy_repo, fetched_tiny_model)
     train_json = results_dir(copy_repo) / "runs/lora/train.json"
     outcome = snakemake(copy_repo, str(train_json.relative_to(copy_repo)), "--configfile", str(config))
     assert outcome.returncode == 0, outcome.stdout[-3000:] + outcome.stderr[-3000:]
@@ -31,11 +33,13 @@ def test_compiled_layers_train_through_snakemake_and_fill_the_shared_cache(copy_
     assert any(path.is_file() for path in cache.rglob("*")), "the inductor cache named by compile_cache is empty"
 
 
-def test_without_a_compiler_the_training_job_goes_on_eagerly_with_a_warning(copy_repo, tiny_model_dir):
+def test_without_a_compiler_the_training_job_goes_on_eagerly_with_a_warning(copy_repo, tiny_model_dir,
+                                                                             fetched_tiny_model):
     """The training job through Snakemake on a machine with no C++ compiler (inductor cannot build kernels)."""
     training = {"max_steps": 3, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96,
                 "compile_layers": True}
     config = tiny_config(copy_repo, tiny_model_dir, training=training, grid={"method": ["lora"]})
+    with_fetched_model(copy_repo, fetched_tiny_model)
     train_json = results_dir(copy_repo) / "runs/lora/train.json"
     environment = {**os.environ, "CXX": str(copy_repo / "no-such-compiler")}
     command = [sys.executable, "-m", "snakemake", "--cores", "2", str(train_json.relative_to(copy_repo)),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, snakemake, tiny_config
+from conftest import REPO, snakemake, tiny_config, with_fetched_model
 
 BIN = Path(sys.executable).parent
 
@@ -103,8 +103,9 @@ def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow)
     assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/tiny--tiny/generate/lora.log").read_text())
 
 
-def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir):
+def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir, fetched_tiny_model):
     config = tiny_config(copy_repo, tiny_model_dir, training={"max_steps": 2, "target_modules": ["no_such_proj"]})
+    with_fetched_model(copy_repo, fetched_tiny_model)
     result = snakemake(copy_repo, "results/tiny--tiny/runs/lora/train.json", "--configfile", str(config))
     output = result.stdout + result.stderr
     assert result.returncode != 0

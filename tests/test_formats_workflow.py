@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import demo_records, snakemake
+from conftest import demo_records, snakemake, with_fetched_model
 from loragrid.common import read_json, read_jsonl
 
 
@@ -43,7 +43,7 @@ def test_a_folder_of_csv_and_parquet_files_prepares_by_snakemake(copy_repo, tiny
     assert "rule fetch_dataset:" in moved.stdout and "rule prepare:" in moved.stdout
 
 
-def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, tiny_model_dir):
+def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, tiny_model_dir, fetched_tiny_model):
     conversations = []
     for r in demo_records(48):
         conversations.append({"system": "Answer with emoji.", "conversations": [
@@ -61,6 +61,7 @@ def test_multi_turn_sharegpt_with_the_alpaca_zh_template_end_to_end(copy_repo, t
         "torch_threads": 1,
     }
     (copy_repo / "c.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    with_fetched_model(copy_repo, fetched_tiny_model)
     result = snakemake(copy_repo, "results/tiny--chats/eval/lora.json", "--configfile", "c.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     heldout = read_jsonl(copy_repo / "results/tiny--chats/data/chats/heldout.jsonl")
@@ -92,13 +93,14 @@ def _template_config(copy_repo, tiny_model_dir, template, data_format="qa"):
 
 @pytest.mark.parametrize("template, data_format, prompt_start",
                          [("plain", "qa", "用户: "), ("alpaca", "alpaca", "Below is an instruction")])
-def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo, tiny_model_dir, template,
-                                                                       data_format, prompt_start):
+def test_named_templates_shape_the_tokenized_prompts_through_snakemake(copy_repo, tiny_model_dir, fetched_tiny_model,
+                                                                       template, data_format, prompt_start):
     """The alpaca case also reads alpaca-format records (instruction / input / output)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     config = _template_config(copy_repo, tiny_model_dir, template, data_format)
+    with_fetched_model(copy_repo, fetched_tiny_model)
     result = snakemake(copy_repo, "all", "--until", "tokenize_split", "--configfile", config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [folder] = (copy_repo / "results/tiny--tiny/tokenized/tiny/tiny").iterdir()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from conftest import TINY_RUN, results_dir, snakemake, tiny_config
+from conftest import TINY_RUN, results_dir, snakemake, tiny_config, with_fetched_model
 from loragrid import modeling
 from loragrid.common import read_json, read_jsonl
 from loragrid.generate import generate, generation_config
@@ -222,7 +222,7 @@ def test_generate_with_beams_answers_alike_in_left_padded_batches_and_alone(tiny
     assert answers[8] == answers[1] and all(answers[1])
 
 
-def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir, wandb_offline):
+def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir, fetched_tiny_model, wandb_offline):
     """One real snakemake run: Snakemake's config merging and params carry every new key to its job."""
     training = {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96,
                 "target_modules": None, "warmup_steps": 1, "report_to": "wandb",
@@ -230,6 +230,7 @@ def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir,
     generate = {"max_new_tokens": 4, "batch_size": 8, "num_beams": 2, "no_repeat_ngram_size": 2,
                 "repetition_penalty": 1.2}
     config = tiny_config(copy_repo, tiny_model_dir, training=training, generate=generate, grid={"method": ["lora"]})
+    with_fetched_model(copy_repo, fetched_tiny_model)
     results = results_dir(copy_repo)
     targets = [results / "runs/lora/train.json", results / "generations/base.json"]
     outcome = snakemake(copy_repo, *(str(t.relative_to(copy_repo)) for t in targets), "--configfile", str(config))

@@ -13,7 +13,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_RUN, copy_workflow
+from conftest import TINY_RUN, copy_workflow, with_fetched_model
 from loragrid.common import read_json
 from loragrid.train import train
 from test_workflow import snakemake, tiny_config
@@ -43,12 +43,13 @@ def complete_checkpoints(workdir):
 
 
 @pytest.fixture
-def resumable_config(tmp_path, tiny_model_dir):
+def resumable_config(tmp_path, tiny_model_dir, fetched_tiny_model):
     workdir = copy_workflow(tmp_path / "workflow")
     config = tiny_config(workdir, tiny_model_dir, grid={"method": ["lora"]},
                          training={"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "save_total_limit": 2,
                                    "batch_size": 4, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8,
                                    "cutoff_len": 96})
+    with_fetched_model(workdir, fetched_tiny_model)
     return workdir, config
 
 
