@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,7 +96,18 @@ def load_adapter(model, adapter_dir, **kwargs):
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         raise LoragridError(f"{adapter_dir}: no adapter_model.safetensors (pickled .bin adapters are not loaded); "
                             f"delete {adapter_dir} and run snakemake again to train it")
-    return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    with without_peft_deprecation_warning():
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def without_peft_deprecation_warning():
+    """peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias whenever it wraps a
+    model. The FutureWarning is about peft's code, which no setting changes, and it filled every PEFT
+    training and merge log; other warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def load_for_training(model_dir, method: str, trust_remote_code: bool = False, settings: dict | None = None):
@@ -179,7 +192,8 @@ def add_lora(model, settings: dict):
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, lora_config)
+        with without_peft_deprecation_warning():
+            model = get_peft_model(model, lora_config)
     except ValueError as error:  # peft names the modules it could not find
         raise LoragridError(
             f"config key 'target_modules': {settings['target_modules']} does not match the model: {error} "

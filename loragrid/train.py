@@ -541,7 +541,7 @@ def _what_trained(model, trainer, settings: dict, parameters: tuple[int, int], m
         # A random: source (loragrid.fetch) has real memory figures and meaningless quality.
         "model_random_init": bool(source.exists() and read_json(source).get("random_init")),
         "optimizer": optimizer_summary(trainer.optimizer),
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": model.is_activation_checkpointing,
         "logits_only_where_labelled": isinstance(trainer.data_collator, LabelledLogitsOnly),
         "quantization": modeling.quantization_summary(model),
         "compute_dtype": str(modeling.compute_dtype()).replace("torch.", ""),

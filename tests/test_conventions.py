@@ -103,6 +103,17 @@ def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow)
     assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/tiny--tiny/generate/lora.log").read_text())
 
 
+def test_no_log_and_no_console_line_warns_of_a_deprecated_api(tiny_workflow):
+    """A deprecation warning is a call on its way out. train.json's gradient_checkpointing (the memory table's
+    checkpointing column) read transformers' deprecated alias, which v6 removes; peft's own such call is
+    silenced where loragrid makes it (modeling.without_peft_deprecation_warning)."""
+    workdir, _, output = tiny_workflow
+    texts = {str(path.relative_to(workdir)): path.read_text() for path in (workdir / "logs").rglob("*.log")}
+    texts["snakemake's output"] = output
+    warned = {name: re.findall(r"\w*(?:Future|Deprecation)Warning: .*", text) for name, text in texts.items()}
+    assert not {name: lines for name, lines in warned.items() if lines}
+    assert len(texts) > 20  # every job's log was read
+
 def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir, fetched_tiny_model):
     config = tiny_config(copy_repo, tiny_model_dir, training={"max_steps": 2, "target_modules": ["no_such_proj"]})
     with_fetched_model(copy_repo, fetched_tiny_model)
