@@ -21,25 +21,30 @@ QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}  # pe
 # normalized input (2 x 4h), and autocast makes a bf16 copy of the fp32 norm output for each of
 # q, k, v and gate, up separately (3 more x 2h than the one shared bf16 input of a frozen base).
 FULL_EXTRA_PER_TOKEN_LAYER = 14
+QK_NORM_MODEL_TYPES = ("qwen3",)
 ADAPTED_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def model_sizes(config: dict) -> dict:
-    """Shape and parameter counts of a Llama/Qwen2/Mistral-style decoder, from its config.json."""
+    """Shape and parameter counts of a Llama/Qwen2/Qwen3/Mistral-style decoder, from its config.json."""
     config = config.get("text_config", config)
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
-    kv_width = kv * config.get("head_dim", h // heads)
-    linear_shapes = {"q_proj": (h, h), "k_proj": (h, kv_width), "v_proj": (h, kv_width), "o_proj": (h, h),
+    # Heads can be wider than hidden_size / heads (Qwen3-0.6B: 16 x 128 over 1024): q and o_proj are not square.
+    head_dim = config.get("head_dim") or h // heads
+    width, kv_width = heads * head_dim, kv * head_dim
+    linear_shapes = {"q_proj": (h, width), "k_proj": (h, kv_width), "v_proj": (h, kv_width), "o_proj": (width, h),
                      "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     embedding = config["vocab_size"] * h
+    # Qwen3 normalises each head's q and k (RMSNorms over head_dim) before RoPE.
+    qk_norm_width = width + kv_width if config.get("model_type") in QK_NORM_MODEL_TYPES else 0
     return {"hidden": h, "intermediate": i, "layers": layers, "heads": heads, "vocab": config["vocab_size"],
-            "linear_shapes": linear_shapes,
+            "attention_width": width, "qk_norm_width": qk_norm_width, "linear_shapes": linear_shapes,
             "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
             "embedding_params": embedding,
             "lm_head_params": 0 if config.get("tie_word_embeddings", False) else embedding,
-            "other_params": (2 * layers + 1) * h}
+            "other_params": (2 * layers + 1) * h + (2 * layers * head_dim if qk_norm_width else 0)}
 
 
 def total_parameters(sizes: dict) -> int:
@@ -76,21 +81,26 @@ def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
 def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention: str = "eager") -> int:
     """Bytes one token keeps per decoder layer until the backward pass reaches it.
 
-    Counted from what autograd saves in a Llama/Qwen2 block under bf16 autocast (docs/memory.md):
-    the RMSNorms keep their fp32 inputs (2 x 4h); the linear layers' distinct inputs (attention
-    and MLP inputs, o_proj's and down_proj's: 3h + i at 2 bytes); q and the head-expanded k and v
-    (3h); eager attention its fp32 softmax and bf16 probabilities (6 x heads x sequence; SDPA a
-    logsumexp, 4 x heads); the MLP's gate, its SiLU and up (3i); each adapter its rank-r middle.
+    Counted from what autograd saves in a Llama/Qwen2/Qwen3 block under bf16 autocast (docs/memory.md),
+    w = heads x head_dim: the RMSNorms keep their fp32 inputs (2 x 4h); the linear layers' distinct
+    inputs (attention and MLP inputs, o_proj's and down_proj's: 2h + w + i at 2 bytes); q and the
+    head-expanded k and v (3w); Qwen3's q and k norms their fp32 inputs; eager attention its fp32
+    softmax and bf16 probabilities (6 x heads x sequence; SDPA a logsumexp, 4 x heads); the MLP's
+    gate, its SiLU and up (3i); each adapter its rank-r middle.
     With gradient checkpointing only each layer's input stays, except what bitsandbytes' 8-bit
     matmul stores on its autograd context, outside what checkpointing can drop: its input
     (bitsandbytes/autograd/_functions.py, MatMul8bitFp.forward and MatMul8bitLt.forward).
     """
     h, i, heads, method = sizes["hidden"], sizes["intermediate"], sizes["heads"], settings["method"]
-    linear_inputs = HALF * (3 * h + i)
+    width = sizes["attention_width"]  # heads x head_dim: h in Llama, Qwen2 and Mistral
+    linear_inputs = HALF * (2 * h + width + i)
     if settings["gradient_checkpointing"]:
         return (SINGLE if method == "full" else HALF) * h + (linear_inputs if method == "qlora8" else 0)
     attention_bytes = 6 * heads * sequence if attention == "eager" else 4 * heads
-    kept = 2 * SINGLE * h + linear_inputs + HALF * 3 * h + attention_bytes + HALF * 3 * i
+    kept = 2 * SINGLE * h + linear_inputs + HALF * 3 * width + attention_bytes + HALF * 3 * i
+    # q and k norms keep their fp32 inputs; where trainable (full), their weight's product keeps the
+    # bf16 normalised q and k too.
+    kept += (SINGLE + (HALF if method == "full" else 0)) * sizes["qk_norm_width"]
     if method == "full":
         return kept + FULL_EXTRA_PER_TOKEN_LAYER * h
     adapted = [sizes["linear_shapes"][name] for name in adapted_modules(settings)]
