@@ -38,7 +38,7 @@ def runs_command(args) -> None:
 def memory_command(args) -> None:
     import json
 
-    from .estimate import model_sizes, projection, total_parameters
+    from .estimate import model_sizes, projection, total_parameters, unchecked_architecture
 
     try:
         sizes = model_sizes(json.loads(Path(args.model).read_text(encoding="utf-8")))
@@ -62,6 +62,8 @@ def memory_command(args) -> None:
         if budget:
             cells.append(str(row["largest_micro_batch"] or f"none fits {args.budget_gb:g} GB"))
         print(" | ".join(cells))
+    if unchecked_architecture(sizes):
+        print(f"warning: {unchecked_architecture(sizes)}", file=sys.stderr)
 
 
 def run_status(results: Path, name: str, settings: dict) -> str:

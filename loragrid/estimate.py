@@ -22,6 +22,12 @@ QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}  # pe
 # q, k, v and gate, up separately (3 more x 2h than the one shared bf16 input of a frozen base).
 FULL_EXTRA_PER_TOKEN_LAYER = 14
 QK_NORM_MODEL_TYPES = ("qwen3",)
+# The architectures whose estimate was checked against loragrid's measurement, every method within 3 %
+# (docs/memory.md). Others may keep more: Gemma 2 and 3 (four norms a layer, softcapping) 11-14 % more for LoRA.
+CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+# transformers' default where config.json leaves tie_word_embeddings out (as older versions wrote a default):
+# the Gemma family ties, the other checked types do not.
+TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text")
 ADAPTED_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -37,14 +43,24 @@ def model_sizes(config: dict) -> dict:
     linear_shapes = {"q_proj": (h, width), "k_proj": (h, kv_width), "v_proj": (h, kv_width), "o_proj": (width, h),
                      "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     embedding = config["vocab_size"] * h
+    model_type = config.get("model_type")
     # Qwen3 normalises each head's q and k (RMSNorms over head_dim) before RoPE.
-    qk_norm_width = width + kv_width if config.get("model_type") in QK_NORM_MODEL_TYPES else 0
-    return {"hidden": h, "intermediate": i, "layers": layers, "heads": heads, "vocab": config["vocab_size"],
+    qk_norm_width = width + kv_width if model_type in QK_NORM_MODEL_TYPES else 0
+    return {"model_type": model_type, "hidden": h, "intermediate": i, "layers": layers, "heads": heads,
+            "vocab": config["vocab_size"],
             "attention_width": width, "qk_norm_width": qk_norm_width, "linear_shapes": linear_shapes,
             "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
             "embedding_params": embedding,
-            "lm_head_params": 0 if config.get("tie_word_embeddings", False) else embedding,
+            "lm_head_params": 0 if config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT) else embedding,
             "other_params": (2 * layers + 1) * h + (2 * layers * head_dim if qk_norm_width else 0)}
+
+
+def unchecked_architecture(sizes: dict) -> str | None:
+    """A warning where the model's architecture is not one the estimate was checked against; else None."""
+    if sizes["model_type"] in CHECKED_MODEL_TYPES:
+        return None
+    return (f"the memory estimate was checked against measurement for model types {', '.join(CHECKED_MODEL_TYPES)} "
+            f"(docs/memory.md), not for {sizes['model_type']!r}: it may be low")
 
 
 def total_parameters(sizes: dict) -> int:
@@ -135,7 +151,7 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     parts = {"weights": int(weights), "gradients": gradients if accumulation > 1 else 0, "optimizer": optimizer,
              "activations": int(activations), "temporaries": int(temporaries)}
     return {"total_bytes": sum(parts.values()), "breakdown": parts, "rows": rows, "sequence": sequence,
-            "labelled": labelled, "trainable": trainable}
+            "labelled": labelled, "trainable": trainable, "unchecked_architecture": unchecked_architecture(sizes)}
 
 
 METHODS = ("full", "lora", "qlora8", "qlora4")

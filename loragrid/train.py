@@ -451,6 +451,8 @@ def _log_estimate(estimate: dict) -> None:
     log.info("estimated training memory %.2f GB (%s; micro-batch %d x %d tokens, %d labelled), process %.2f GB",
              estimate["total_bytes"] / 1e9, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate["breakdown"].items()),
              estimate["rows"], estimate["sequence"], estimate["labelled"], estimate["process_bytes"] / 1e9)
+    if estimate["unchecked_architecture"]:
+        log.warning(estimate["unchecked_architecture"])
 
 
 def _save(model, tokenizer, trainer, out_dir, model_dir, method: str) -> None:

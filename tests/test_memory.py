@@ -1,7 +1,7 @@
 """What training holds (loragrid.memory): exact tensor accounting per category, the estimate beside it,
-the method ordering at a Qwen2 shape, and the projection command.
+the method ordering at Qwen2 and Qwen3 shapes, and the projection command.
 
-Real models (the tiny Llama fixture, a small Qwen2-shaped model from a random: source), real peft and
+Real models (the tiny Llama fixture, small Qwen2- and Qwen3-shaped models from a random: source), real peft and
 bitsandbytes layers, real Trainer runs.
 """
 
@@ -160,13 +160,49 @@ def test_the_breakdown_sums_to_the_peak_and_the_estimate_is_close(qwen_runs, met
 def test_memory_command_projects_a_7b_model_in_the_known_order():
     result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", "config/models/qwen2.5-7b.json",
                              "--budget-gb", "24"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
     rows = {line.split(" | ")[0]: line.split(" | ") for line in result.stdout.splitlines()[2:]}
     totals = {method: float(cells[7]) for method, cells in rows.items()}
     assert totals["full"] > totals["lora"] > totals["qlora8"] > totals["qlora4"]
     # LLaMA-Factory's hardware table for 7B: LoRA 16 GB, QLoRA-8 10 GB, QLoRA-4 6 GB.
     assert 14 < totals["lora"] < 22 and 8 < totals["qlora8"] < 12 and 5 < totals["qlora4"] < 8
     assert rows["full"][8].startswith("none fits") and int(rows["qlora4"][8]) > int(rows["lora"][8]) >= 1
+
+
+def test_an_architecture_the_estimate_was_not_checked_for_is_named(tmp_path):
+    """Gemma 2 keeps more than the estimate's terms (four norms a layer, softcapping; docs/memory.md)."""
+    gemma2 = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+              "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000}
+    (tmp_path / "gemma2.json").write_text(json.dumps(gemma2))
+    result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / "gemma2.json")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "full | off" in result.stdout, result.stderr
+    assert "warning: the memory estimate was checked" in result.stderr and "not for 'gemma2'" in result.stderr
+    # Gemma 2 2B: 2.61 billion parameters, its head tied to the embedding (config.json leaves that to the default).
+    assert estimate.total_parameters(estimate.model_sizes(gemma2)) == pytest.approx(2.614e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("model_type", estimate.CHECKED_MODEL_TYPES)
+def test_a_config_without_tie_word_embeddings_takes_transformers_default(model_type):
+    from transformers import AutoConfig
+
+    shape = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 1000}
+    tied = AutoConfig.for_model(model_type).tie_word_embeddings
+    assert (estimate.model_sizes(shape)["lm_head_params"] == 0) == tied
+
+
+def test_training_logs_that_the_estimate_was_not_checked_for_the_architecture(caplog):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from loragrid.train import _log_estimate
+
+    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=100))
+    held = memory.estimate_for_model(model, {**TINY_RUN, "gradient_checkpointing": False}, 4, 64, 100)
+    with caplog.at_level("WARNING", logger="loragrid.train"):
+        _log_estimate({**held, "process_bytes": held["total_bytes"]})
+    assert "not for 'gemma2': it may be low" in caplog.text
 
 
 def test_memory_command_names_a_bad_model_file(tmp_path):
