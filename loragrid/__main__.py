@@ -124,8 +124,7 @@ def parser() -> argparse.ArgumentParser:
                     "largest micro-batch that fits. Training memory only: add the process's own (~1 GB on a "
                     "CPU, the CUDA context on a GPU).",
     )
-    memory.add_argument("--model", required=True,
-                        help="a Hugging Face config.json of a Llama/Qwen2/Qwen3-style decoder")
+    memory.add_argument("--model", required=True, help="a Hugging Face config.json of a Llama/Qwen/Gemma decoder")
     memory.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (default 1)")
     memory.add_argument("--sequence", type=int, default=512, help="tokens per row (default 512)")
     memory.add_argument("--labelled-share", type=float, default=0.5,

@@ -21,10 +21,12 @@ QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}  # pe
 # normalized input (2 x 4h), and autocast makes a bf16 copy of the fp32 norm output for each of
 # q, k, v and gate, up separately (3 more x 2h than the one shared bf16 input of a frozen base).
 FULL_EXTRA_PER_TOKEN_LAYER = 14
-QK_NORM_MODEL_TYPES = ("qwen3",)
+QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
+# Gemma 2 and 3 also normalise each sublayer's output before the residual add: four RMSNorms a layer, not two.
+SANDWICH_NORM_MODEL_TYPES = ("gemma2", "gemma3_text")
 # The architectures whose estimate was checked against loragrid's measurement, every method within 3 %
-# (docs/memory.md). Others may keep more: Gemma 2 and 3 (four norms a layer, softcapping) 11-14 % more for LoRA.
-CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+# (docs/memory.md). Others may keep more: Gemma 2 (softcapped attention scores and logits) 5-12 % more.
+CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")
 # transformers' default where config.json leaves tie_word_embeddings out (as older versions wrote a default):
 # the Gemma family ties, the other checked types do not.
 TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text")
@@ -32,7 +34,7 @@ ADAPTED_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 
 def model_sizes(config: dict) -> dict:
-    """Shape and parameter counts of a Llama/Qwen2/Qwen3/Mistral-style decoder, from its config.json."""
+    """Shape and parameter counts of a Llama/Mistral/Qwen/Gemma-style decoder, from its config.json."""
     config = config.get("text_config", config)
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
@@ -44,15 +46,16 @@ def model_sizes(config: dict) -> dict:
                      "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     embedding = config["vocab_size"] * h
     model_type = config.get("model_type")
-    # Qwen3 normalises each head's q and k (RMSNorms over head_dim) before RoPE.
+    # Qwen3 and Gemma 3 normalise each head's q and k (RMSNorms over head_dim) before RoPE.
     qk_norm_width = width + kv_width if model_type in QK_NORM_MODEL_TYPES else 0
+    norms = 4 if model_type in SANDWICH_NORM_MODEL_TYPES else 2
     return {"model_type": model_type, "hidden": h, "intermediate": i, "layers": layers, "heads": heads,
             "vocab": config["vocab_size"],
-            "attention_width": width, "qk_norm_width": qk_norm_width, "linear_shapes": linear_shapes,
+            "attention_width": width, "qk_norm_width": qk_norm_width, "norms": norms, "linear_shapes": linear_shapes,
             "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
             "embedding_params": embedding,
             "lm_head_params": 0 if config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT) else embedding,
-            "other_params": (2 * layers + 1) * h + (2 * layers * head_dim if qk_norm_width else 0)}
+            "other_params": (norms * layers + 1) * h + (2 * layers * head_dim if qk_norm_width else 0)}
 
 
 def unchecked_architecture(sizes: dict) -> str | None:
@@ -97,12 +100,12 @@ def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
 def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention: str = "eager") -> int:
     """Bytes one token keeps per decoder layer until the backward pass reaches it.
 
-    Counted from what autograd saves in a Llama/Qwen2/Qwen3 block under bf16 autocast (docs/memory.md),
-    w = heads x head_dim: the RMSNorms keep their fp32 inputs (2 x 4h); the linear layers' distinct
-    inputs (attention and MLP inputs, o_proj's and down_proj's: 2h + w + i at 2 bytes); q and the
-    head-expanded k and v (3w); Qwen3's q and k norms their fp32 inputs; eager attention its fp32
-    softmax and bf16 probabilities (6 x heads x sequence; SDPA a logsumexp, 4 x heads); the MLP's
-    gate, its SiLU and up (3i); each adapter its rank-r middle.
+    Counted from what autograd saves in a Llama/Qwen/Gemma block under bf16 autocast (docs/memory.md),
+    w = heads x head_dim: the RMSNorms keep their fp32 inputs (2 x 4h, Gemma 2 and 3 4 x 4h); the
+    linear layers' distinct inputs (attention and MLP inputs, o_proj's and down_proj's: 2h + w + i at
+    2 bytes); q and the head-expanded k and v (3w); Qwen3's and Gemma 3's q and k norms their fp32
+    inputs; eager attention its fp32 softmax and bf16 probabilities (6 x heads x sequence; SDPA a
+    logsumexp, 4 x heads); the MLP's gate, its activation and up (3i); each adapter its rank-r middle.
     With gradient checkpointing only each layer's input stays, except what bitsandbytes' 8-bit
     matmul stores on its autograd context, outside what checkpointing can drop: its input
     (bitsandbytes/autograd/_functions.py, MatMul8bitFp.forward and MatMul8bitLt.forward).
@@ -117,6 +120,8 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     # q and k norms keep their fp32 inputs; where trainable (full), their weight's product keeps the
     # bf16 normalised q and k too.
     kept += (SINGLE + (HALF if method == "full" else 0)) * sizes["qk_norm_width"]
+    # The sublayer output norms keep their fp32 inputs; where trainable, their fp32 normalised inputs too.
+    kept += (sizes["norms"] - 2) * (2 if method == "full" else 1) * SINGLE * h
     if method == "full":
         return kept + FULL_EXTRA_PER_TOKEN_LAYER * h
     adapted = [sizes["linear_shapes"][name] for name in adapted_modules(settings)]

@@ -84,5 +84,5 @@ def test_the_architecture_bench_compares_estimate_and_measurement():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split(" | ")[0]: line.split(" | ") for line in result.stdout.splitlines()[1:]}
     assert rows["qwen3"][:3] == ["qwen3", "yes", "1.0000"] and 0.97 < float(rows["qwen3"][3]) < 1.03
-    # Gemma 2 keeps more than the estimate's terms: why it is not among the checked types.
-    assert rows["gemma2"][1] == "no" and float(rows["gemma2"][3]) < 0.9
+    # Gemma 2 keeps more than the estimate's terms (softcapping): why it is not among the checked types.
+    assert rows["gemma2"][1] == "no" and float(rows["gemma2"][3]) < 0.95

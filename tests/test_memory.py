@@ -1,8 +1,8 @@
 """What training holds (loragrid.memory): exact tensor accounting per category, the estimate beside it,
-the method ordering at Qwen2 and Qwen3 shapes, and the projection command.
+the method ordering at Qwen2, Qwen3 and Gemma 3 shapes, and the projection command.
 
-Real models (the tiny Llama fixture, small Qwen2- and Qwen3-shaped models from a random: source), real peft and
-bitsandbytes layers, real Trainer runs.
+Real models (the tiny Llama fixture, small Qwen2-, Qwen3- and Gemma 3-shaped models from a random: source),
+real peft and bitsandbytes layers, real Trainer runs.
 """
 
 from __future__ import annotations
@@ -93,10 +93,12 @@ def test_a_freed_tensor_leaves_the_count():
 
 # Small decoders with random weights, through the random: source. Qwen2: GQA, tied head, q/k/v biases.
 # Qwen3: heads wider than hidden_size / heads (4 x 128 over 256: q_proj and o_proj are not square), and RMSNorms on
-# each head's q and k.
+# each head's q and k. Gemma 3: q/k norms too, four RMSNorms a layer, GELU.
 SHAPES = {
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_attention_heads": 8},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_attention_heads": 4, "head_dim": 128},
+    "gemma3": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "num_attention_heads": 4,
+               "head_dim": 64},
 }
 
 
