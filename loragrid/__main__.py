@@ -62,8 +62,9 @@ def memory_command(args) -> None:
         if budget:
             cells.append(str(row["largest_micro_batch"] or f"none fits {args.budget_gb:g} GB"))
         print(" | ".join(cells))
-    if unchecked_architecture(sizes):
-        print(f"warning: {unchecked_architecture(sizes)}", file=sys.stderr)
+    warning = unchecked_architecture(sizes)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def run_status(results: Path, name: str, settings: dict) -> str:

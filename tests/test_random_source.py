@@ -144,3 +144,16 @@ def test_the_fetch_model_rule_builds_a_random_source(copy_repo, tiny_model_dir):
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "reason: Updated input files: tokenizer/tokenizer_config.json" in output
 
+
+
+def test_training_an_architecture_the_estimate_was_not_checked_for_says_so_in_its_log(copy_repo, tiny_model_dir):
+    """Gemma 2 keeps more than the memory estimate's terms (docs/memory.md): its training job's log warns."""
+    gemma2 = {**TINY, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 16}
+    (copy_repo / "gemma2.json").write_text(json.dumps(gemma2))
+    model = {"name": "tiny-gemma2", "source": "random:gemma2.json", "tokenizer": str(tiny_model_dir)}
+    config = tiny_config(copy_repo, tiny_model_dir, model=model, grid={"method": ["lora"]})
+    result = snakemake(copy_repo, "results/tiny-gemma2--tiny/runs/lora/train.json", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (copy_repo / "logs/tiny-gemma2--tiny/train/lora.log").read_text()
+    assert "the memory estimate was checked against measurement for model types llama" in log
+    assert "not for 'gemma2': it may be low" in log
