@@ -4,8 +4,9 @@
 
 The block between README.md's `<!-- results -->` and `<!-- /results -->` markers is replaced with
 the comparison tables of the experiment's report.md (as the current code wrote them), a line
-saying where and with which commit they were measured, and the quality-against-memory plot, which
-is copied to docs/default-run-quality-vs-memory.png. Nothing else in the README changes.
+saying where and with which commit they were measured, and the report's plots: quality against
+memory (copied to docs/default-run-quality-vs-memory.png) and, where benchmarks ran, the benchmark
+changes (docs/default-run-benchmarks.png). Nothing else in the README changes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ TABLES = ("Memory comparison", "Quality and speed")
 # Shown too where the report has them (benchmarks: on in the default config).
 OPTIONAL_TABLES = ("Benchmarks (lm-evaluation-harness)",)
 PLOT = "docs/default-run-quality-vs-memory.png"
+# The report's plots the README shows: (report file, README copy, alt text); a plot the report
+# lacks (benchmarks off) is left out.
+PLOTS = (
+    ("quality_vs_memory.png", PLOT, "Quality against training memory per run, Pareto front in red"),
+    ("benchmarks.png", "docs/default-run-benchmarks.png",
+     "Each run's benchmark change against the base model: accuracy in points, perplexity in percent"),
+)
 
 
 def report_tables(report_md: str) -> dict[str, str]:
@@ -48,11 +56,22 @@ def measured_where(results: Path) -> str:
             f"threads) at commit `{commit[:10]}`; median training time per run {minutes:.1f} min.")
 
 
-def results_block(results: Path, plot_target: Path) -> str:
-    """The README's results block for the experiment in `results`."""
+def copied_plots(results: Path, docs_root: Path) -> str:
+    """Copy the report's plots beside the README; their markdown images, a paragraph each."""
+    if not (results / f"report/{PLOTS[0][0]}").is_file():
+        raise SystemExit(f"{results}/report/{PLOTS[0][0]}: missing: was the report written?")
+    lines = []
+    for name, target, alt in PLOTS:
+        if (results / "report" / name).is_file():
+            shutil.copyfile(results / "report" / name, docs_root / target)
+            lines.append(f"![{alt}]({target})")
+    return "\n\n".join(lines)
+
+
+def results_block(results: Path, docs_root: Path) -> str:
+    """The README's results block for the experiment in `results`; plots copied under docs_root."""
     report_md = (results / "report/report.md").read_text(encoding="utf-8")
     tables = report_tables(report_md)
-    shutil.copyfile(results / "report/quality_vs_memory.png", plot_target)
     return "\n".join([
         BEGIN,
         f"<!-- written by docs/update_readme.py from {results.relative_to(results.parent.parent)}; "
@@ -60,18 +79,18 @@ def results_block(results: Path, plot_target: Path) -> str:
         measured_where(results),
         "",
         *(part for title, table in tables.items() for part in (f"**{title}**", "", table, "")),
-        f"![Quality against training memory per run, Pareto front in red]({PLOT})",
+        copied_plots(results, docs_root),
         END,
     ])
 
 
-def update_readme(readme: Path, results: Path, plot_target: Path) -> None:
+def update_readme(readme: Path, results: Path) -> None:
     text = readme.read_text(encoding="utf-8")
     if text.count(BEGIN) != 1 or text.count(END) != 1:
         raise SystemExit(f"{readme} must hold one {BEGIN} ... {END} block")
     before, rest = text.split(BEGIN)
     _, after = rest.split(END)
-    readme.write_text(before + results_block(results, plot_target) + after, encoding="utf-8")
+    readme.write_text(before + results_block(results, readme.parent) + after, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the experiment's results folder (default: the default config's)")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     arguments = parser.parse_args(argv)
-    update_readme(arguments.readme, arguments.results.resolve(), arguments.readme.parent / PLOT)
+    update_readme(arguments.readme, arguments.results.resolve())
     print(f"{arguments.readme}: results block rewritten from {arguments.results}")
 
 

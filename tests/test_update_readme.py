@@ -41,8 +41,15 @@ def test_the_script_writes_the_reports_tables_and_plot_into_the_block(tiny_workf
     for title, table in tables.items():
         assert f"## {title}" in report and table.strip() in block
     assert "Measured on cpu" in block and "median training time per run" in block
-    assert ((tmp_path / update_readme.PLOT).read_bytes()
-            == (results_dir(workdir) / "report/quality_vs_memory.png").read_bytes())
+    for name, target, _ in update_readme.PLOTS:  # the tiny DAG runs benchmarks: both plots
+        assert (tmp_path / target).read_bytes() == (results_dir(workdir) / "report" / name).read_bytes()
+        assert f"]({target})" in block
+
+
+def test_every_plot_the_readme_shows_is_one_the_script_writes():
+    """A hand-placed plot in the README would go stale: each image must be one update_readme copies."""
+    shown = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (REPO / "README.md").read_text())
+    assert shown and set(shown) <= {target for _, target, _ in update_readme.PLOTS}
 
 
 def test_the_readmes_tables_have_the_current_reports_columns(tiny_workflow):
