@@ -35,6 +35,9 @@ SHAPES = {
     "gemma2": {"architectures": ["Gemma2ForCausalLM"], "head_dim": 64},
     "gemma3_text": {"architectures": ["Gemma3ForCausalLM"], "head_dim": 64},
     "olmo2": {"architectures": ["Olmo2ForCausalLM"]},
+    "granite": {"architectures": ["GraniteForCausalLM"]},
+    # Not checked: experts (4 here, 2 per token) are beyond the estimate's terms.
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 METHODS = ("full", "lora", "qlora4", "qlora8")
 

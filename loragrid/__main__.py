@@ -47,6 +47,8 @@ def memory_command(args) -> None:
     settings = {"micro_batch_size": args.micro_batch, "lora_r": args.lora_r, "target_modules": "all-linear",
                 "lora_dropout": 0.0, "optimizer": "adamw_torch", "gradient_checkpointing": args.gradient_checkpointing}
     budget = args.budget_gb * 1e9 if args.budget_gb else None
+    if args.attention == "auto":  # what transformers runs on a GPU: SDPA cannot softcap attention scores
+        args.attention = "eager" if sizes["attention_softcapping"] else "sdpa"
     rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget)
     parameters = total_parameters(sizes)
     print(f"{args.model}: {parameters / 1e9:.2f}B parameters; "
@@ -134,8 +136,8 @@ def parser() -> argparse.ArgumentParser:
     memory.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                         type=lambda v: {"on": True, "off": False}.get(v, v),
                         help="auto (default): on for QLoRA, off for full and LoRA")
-    memory.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
-                        help="sdpa as on a GPU (default) or eager as loragrid runs on a CPU")
+    memory.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
+                        help="auto (default): as on a GPU, sdpa (eager for Gemma 2); eager as on a CPU")
     memory.add_argument("--budget-gb", type=float, help="find the largest micro-batch that fits this many GB")
     memory.set_defaults(handler=memory_command)
     return main

@@ -354,7 +354,7 @@ def _unknown_key(where: str, key: str, known) -> LoragridError:
     return LoragridError(f"config key '{where}{key}': no such setting; {hint}")
 
 
-# A run's name is a folder under results/runs/ and part of file names inside it (checkpoints,
+# A run's name is a folder under results/{exp}/runs/ and part of file names inside it (checkpoints,
 # logs): well under the 255 bytes most filesystems allow for one name.
 MAX_RUN_NAME = 120
 
@@ -383,11 +383,11 @@ def _check_run_names(config: dict) -> None:
                                 f"{name!r} (quote it in YAML)")
         if len(name) > MAX_RUN_NAME:
             raise LoragridError(f"config key 'runs.{name[:40]}...': a run name may be at most {MAX_RUN_NAME} "
-                                f"characters (it names a folder under results/runs/), got {len(name)}")
+                                f"characters (it names a folder under results/{{exp}}/runs/), got {len(name)}")
         if not SAFE_NAME.match(name) or name in (".", ".."):
             raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' "
                                 "and '-' "
-                                "(it names a folder under results/runs/)")
+                                "(it names a folder under results/{exp}/runs/)")
 
 
 # A real config has a few hundred values; YAML aliases can make a file of a few hundred bytes

@@ -21,16 +21,35 @@ QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}  # pe
 # normalized input (2 x 4h), and autocast makes a bf16 copy of the fp32 norm output for each of
 # q, k, v and gate, up separately (3 more x 2h than the one shared bf16 input of a frozen base).
 FULL_EXTRA_PER_TOKEN_LAYER = 14
-QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text")
+# q and k normalised before RoPE: per head (RMSNorms over head_dim, weights shared by the heads), or
+# over the whole projection (OLMo 2: weights as wide as q and k, and the weight product in fp32).
+QK_NORM_MODEL_TYPES = ("qwen3", "gemma3_text", "olmo2")
+WIDTH_QK_NORM_MODEL_TYPES = ("olmo2",)
 # Gemma 2 and 3 also normalise each sublayer's output before the residual add: four RMSNorms a layer, not two.
 SANDWICH_NORM_MODEL_TYPES = ("gemma2", "gemma3_text")
+# Softcapping (cap x tanh(x / cap)) of the attention scores and of the logits keeps tanh's bf16 output for
+# the backward pass; transformers' defaults where config.json leaves them out (Gemma 2: both on).
+SOFTCAPPING_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
 # The architectures whose estimate was checked against loragrid's measurement, every method within 3 %
-# (docs/memory.md). Others may keep more: Gemma 2 (softcapped attention scores and logits) 5-12 % more.
-CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3")
+# (docs/memory.md, bench/estimate_architectures.py).
+CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                       "granite")
 # transformers' default where config.json leaves tie_word_embeddings out (as older versions wrote a default):
 # the Gemma family ties, the other checked types do not.
 TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text")
 ADAPTED_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What the estimate reads from config.json; GPT-2, OPT, Bloom or Falcon name their shape otherwise.
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def unknown_shape(config: dict) -> str | None:
+    """Why there is no estimate for this config.json (it does not describe a Llama-style decoder); else None."""
+    missing = [key for key in SHAPE_KEYS if config.get("text_config", config).get(key) is None]
+    if not missing:
+        return None
+    return (f"no memory estimate for model type {config.get('model_type')!r}: the estimate models Llama-style "
+            f"decoders, whose config.json has {', '.join(SHAPE_KEYS)}; this one lacks {', '.join(missing)}. "
+            "The measured training memory still holds")
 
 
 def model_sizes(config: dict) -> dict:
@@ -46,16 +65,23 @@ def model_sizes(config: dict) -> dict:
                      "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
     embedding = config["vocab_size"] * h
     model_type = config.get("model_type")
-    # Qwen3 and Gemma 3 normalise each head's q and k (RMSNorms over head_dim) before RoPE.
     qk_norm_width = width + kv_width if model_type in QK_NORM_MODEL_TYPES else 0
+    qk_norm_params = 0
+    if qk_norm_width:
+        qk_norm_params = layers * (qk_norm_width if model_type in WIDTH_QK_NORM_MODEL_TYPES else 2 * head_dim)
     norms = 4 if model_type in SANDWICH_NORM_MODEL_TYPES else 2
+    defaults = SOFTCAPPING_DEFAULTS.get(model_type, {})
+    softcapped = {key: config.get(key, defaults.get(key)) is not None for key in SOFTCAPPING_DEFAULTS["gemma2"]}
     return {"model_type": model_type, "hidden": h, "intermediate": i, "layers": layers, "heads": heads,
             "vocab": config["vocab_size"],
             "attention_width": width, "qk_norm_width": qk_norm_width, "norms": norms, "linear_shapes": linear_shapes,
+            "qk_norm_in_fp32": model_type in WIDTH_QK_NORM_MODEL_TYPES,
+            "attention_softcapping": softcapped["attn_logit_softcapping"],
+            "logit_softcapping": softcapped["final_logit_softcapping"],
             "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
             "embedding_params": embedding,
             "lm_head_params": 0 if config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT) else embedding,
-            "other_params": (norms * layers + 1) * h + (2 * layers * head_dim if qk_norm_width else 0)}
+            "other_params": (norms * layers + 1) * h + qk_norm_params}
 
 
 def unchecked_architecture(sizes: dict) -> str | None:
@@ -103,9 +129,10 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     Counted from what autograd saves in a Llama/Qwen/Gemma block under bf16 autocast (docs/memory.md),
     w = heads x head_dim: the RMSNorms keep their fp32 inputs (2 x 4h, Gemma 2 and 3 4 x 4h); the
     linear layers' distinct inputs (attention and MLP inputs, o_proj's and down_proj's: 2h + w + i at
-    2 bytes); q and the head-expanded k and v (3w); Qwen3's and Gemma 3's q and k norms their fp32
-    inputs; eager attention its fp32 softmax and bf16 probabilities (6 x heads x sequence; SDPA a
-    logsumexp, 4 x heads); the MLP's gate, its activation and up (3i); each adapter its rank-r middle.
+    2 bytes); q and the head-expanded k and v (3w); Qwen3's, Gemma 3's and OLMo 2's q and k norms
+    their fp32 inputs; eager attention its fp32 softmax and bf16 probabilities (6 x heads x sequence,
+    Gemma 2's softcapped scores 2 more; SDPA a logsumexp, 4 x heads); the MLP's gate, its activation
+    and up (3i); each adapter its rank-r middle.
     With gradient checkpointing only each layer's input stays, except what bitsandbytes' 8-bit
     matmul stores on its autograd context, outside what checkpointing can drop: its input
     (bitsandbytes/autograd/_functions.py, MatMul8bitFp.forward and MatMul8bitLt.forward).
@@ -116,10 +143,14 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     if settings["gradient_checkpointing"]:
         return (SINGLE if method == "full" else HALF) * h + (linear_inputs if method == "qlora8" else 0)
     attention_bytes = 6 * heads * sequence if attention == "eager" else 4 * heads
+    if attention == "eager" and sizes["attention_softcapping"]:  # SDPA ignores softcapping
+        attention_bytes += HALF * heads * sequence
     kept = 2 * SINGLE * h + linear_inputs + HALF * 3 * width + attention_bytes + HALF * 3 * i
     # q and k norms keep their fp32 inputs; where trainable (full), their weight's product keeps the
-    # bf16 normalised q and k too.
-    kept += (SINGLE + (HALF if method == "full" else 0)) * sizes["qk_norm_width"]
+    # normalised q and k too (bf16; OLMo 2 multiplies in fp32).
+    if method == "full":
+        kept += (SINGLE if sizes["qk_norm_in_fp32"] else HALF) * sizes["qk_norm_width"]
+    kept += SINGLE * sizes["qk_norm_width"]
     # The sublayer output norms keep their fp32 inputs; where trainable, their fp32 normalised inputs too.
     kept += (sizes["norms"] - 2) * (2 if method == "full" else 1) * SINGLE * h
     if method == "full":
@@ -146,7 +177,7 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     optimizer = OPTIMIZER_BYTES.get(settings.get("optimizer"), 2 * SINGLE) * trainable if optimizer_state else 0
     tokens, logits = rows * sequence, labelled * sizes["vocab"]
     activations = tokens * sizes["layers"] * layer_activation_bytes(sizes, settings, sequence, attention)
-    activations += LOGITS_KEPT * logits
+    activations += (LOGITS_KEPT + (HALF if sizes["logit_softcapping"] else 0)) * logits
     if settings["method"] == "full":  # autocast's bf16 copies of the fp32 weights, kept for the backward pass
         activations += HALF * (sizes["layer_linear_params"] + sizes["embedding_params"] + sizes["lm_head_params"])
     temporaries = LOGITS_BACKWARD * logits

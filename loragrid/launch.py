@@ -40,6 +40,9 @@ log = logging.getLogger("loragrid.launch")
 # every position labelled. With a GPU the host holds the weights only while loading them, in the
 # dtype they load in (fp32 for full fine-tuning, bf16 otherwise).
 LOAD_BYTES_PER_PARAMETER = {"full": 4, "lora": 2, "qlora4": 2, "qlora8": 2}
+# Where no estimate exists, what a CPU job holds per parameter besides activations: full fine-tuning's fp32
+# weights, gradients and AdamW moments and autocast's bf16 copy; the frozen bf16 weights otherwise.
+STATE_BYTES_PER_PARAMETER = {"full": 18, "lora": 2, "qlora4": 2, "qlora8": 2}
 # Python, torch, transformers and the tokenizer; with CUDA its libraries and context come on top.
 PROCESS_OVERHEAD_BYTES = {"cpu": 1.5e9, "gpu": 4e9}
 # The allocator's free lists and fragmentation above the tensors alive: the default run's
@@ -51,10 +54,24 @@ def gpus_of(settings: dict) -> int:
     return int(settings.get("gpus", 0))
 
 
+def model_config(model_dir) -> dict:
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def model_sizes(model_dir) -> dict:
     """The model's shape and parameter counts, from its config.json (loragrid.estimate.model_sizes)."""
-    with open(Path(model_dir) / "config.json", encoding="utf-8") as handle:
-        return estimate.model_sizes(json.load(handle))
+    return estimate.model_sizes(model_config(model_dir))
+
+
+def parameters_on_disk(model_dir) -> int:
+    """The parameters in the folder's safetensors files, counted from their headers (no tensor is read)."""
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return total
 
 
 def train_mem_mb(settings: dict, model_dir) -> int:
@@ -65,19 +82,26 @@ def train_mem_mb(settings: dict, model_dir) -> int:
     """
     if not Path(model_dir).exists():
         raise FileNotFoundError(2, "the model is not fetched yet", str(model_dir))
+    if estimate.unknown_shape(model_config(model_dir)):
+        return train_mem_mb_for(settings, None, parameters_on_disk(model_dir))
     return train_mem_mb_for(settings, model_sizes(model_dir))
 
 
-def train_mem_mb_for(settings: dict, sizes: dict) -> int:
-    """Host memory (MB, rounded up to whole GB) for training a model of these sizes with this run."""
+def train_mem_mb_for(settings: dict, sizes: dict | None, parameters: int | None = None) -> int:
+    """Host memory (MB, rounded up to whole GB) for training a model of these sizes with this run.
+
+    Without sizes (an architecture the estimate cannot describe) a CPU job asks for the weights and
+    the optimizer's state of its `parameters` only: its activations are unknown (docs/slurm-and-gpus.md)."""
     gpus = gpus_of(settings)
+    parameters = estimate.total_parameters(sizes) if sizes is not None else parameters
     if gpus:
-        per_process = (PROCESS_OVERHEAD_BYTES["gpu"]
-                       + LOAD_BYTES_PER_PARAMETER[settings["method"]] * estimate.total_parameters(sizes))
+        per_process = PROCESS_OVERHEAD_BYTES["gpu"] + LOAD_BYTES_PER_PARAMETER[settings["method"]] * parameters
+    elif sizes is None:
+        per_process = PROCESS_OVERHEAD_BYTES["cpu"] + STATE_BYTES_PER_PARAMETER[settings["method"]] * parameters
     else:
         micro, sequence = settings["micro_batch_size"], settings["cutoff_len"]
         held = estimate.estimate(sizes, settings, micro, sequence, micro * sequence,
-                               accumulation=settings.get("batch_size", micro) // micro)
+                                 accumulation=settings.get("batch_size", micro) // micro)
         per_process = PROCESS_OVERHEAD_BYTES["cpu"] + held["total_bytes"]
     total = SAFETY_MARGIN * per_process * max(gpus, 1)  # DDP: one process, one copy per GPU
     return int(math.ceil(total / 1e9) * 1000)

@@ -40,7 +40,7 @@ import torch.optim.optimizer as torch_optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .estimate import estimate, model_sizes
+from .estimate import estimate, model_sizes, unknown_shape
 from .templates import IGNORE_INDEX
 
 log = logging.getLogger("loragrid.memory")
@@ -305,12 +305,13 @@ def memory_profile(steps: int = PROFILED_STEPS):
 
 def estimate_for_model(model, settings: dict, rows: int, sequence: int, labelled: int, accumulation: int = 1,
                        optimizer_state: bool = True) -> dict:
-    """The estimate with the loaded model's exact weights and trainable parameters."""
-    from .modeling import attention_implementation
-
+    """The estimate with the loaded model's exact weights, trainable parameters and attention; None
+    for an architecture the estimate cannot describe (estimate.unknown_shape says why)."""
+    if unknown_shape(model.config.to_dict()):
+        return None
     held = weights_held(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return estimate(model_sizes(model.config.to_dict()), settings, rows, sequence, labelled,
                     weights_bytes=sum(held.values()), trainable=trainable,
-                    attention=attention_implementation(), accumulation=accumulation,
+                    attention=model.config._attn_implementation, accumulation=accumulation,
                     optimizer_state=optimizer_state)

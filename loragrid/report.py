@@ -103,15 +103,21 @@ def training_memory_bytes(memory: dict) -> float:
     return memory.get("cuda_max_allocated_bytes") or memory.get("training_peak_bytes") or float("nan")
 
 
+def estimated_breakdown(train: dict) -> dict:
+    """The estimate at the measured step's shape by category; empty where the architecture has none."""
+    estimate = train["memory_estimate"]
+    return {} if estimate is None else estimate.get("at_measured_step", estimate)["breakdown"]
+
+
 def _memory_columns(train: dict) -> dict:
     memory = train["memory"]
-    estimate = train["memory_estimate"].get("at_measured_step", train["memory_estimate"])
+    estimated = estimated_breakdown(train)
     breakdown = memory.get("breakdown", {})
     return {
         "gradient_checkpointing": "on" if train["gradient_checkpointing"] else "off",
         "training_memory_gb": training_memory_bytes(memory) / 1e9,
         **{column: breakdown.get(column[:-3], float("nan")) / 1e9 for column in BREAKDOWN},
-        "estimated_memory_gb": estimate["total_bytes"] / 1e9,
+        "estimated_memory_gb": sum(estimated.values()) / 1e9 if estimated else float("nan"),
         "process_peak_rss_gb": (memory.get("rss_peak_training_bytes") or memory["peak_rss_bytes"]) / 1e9,
     }
 
@@ -228,8 +234,7 @@ def plot_memory(runs: dict[str, dict], path) -> None:
     plt = _pyplot()
     names = list(runs)
     measured = [runs[n]["memory"].get("breakdown", {}) for n in names]
-    estimated = [runs[n]["memory_estimate"].get("at_measured_step", runs[n]["memory_estimate"])["breakdown"]
-                 for n in names]
+    estimated = [estimated_breakdown(runs[n]) for n in names]
     unit, scale = _readable_unit([sum(m.values()) / 1e9 for m in measured + estimated])
     scale /= 1e9
     figure, axis = plt.subplots(figsize=(max(7, 1.5 * len(names) + 3), 4.5), dpi=110)

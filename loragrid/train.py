@@ -34,6 +34,7 @@ from .common import (
     write_json,
 )
 from .config import accumulation_steps
+from .estimate import unknown_shape
 from .templates import IGNORE_INDEX
 from .tokenized import build_dataset, load_tokenized, load_tokenizer
 
@@ -111,6 +112,8 @@ def choose_micro_batch(model, settings: dict, lengths: list[int], labelled: list
     def estimate(micro):
         rows, sequence, marked = longest_micro_batch(lengths, labelled, micro, settings["packing"])
         held = memory.estimate_for_model(model, settings, rows, sequence, marked, accumulation=batch // micro)
+        if held is None:
+            return None
         return {**held, "micro_batch_size": micro, "runtime_bytes": runtime_bytes,
                 "process_bytes": held["total_bytes"] + runtime_bytes}
 
@@ -133,7 +136,7 @@ def measured_memory(profile, model, weights: int, settings: dict, estimate: dict
     the formula at the measured step's shape (`at_measured_step`), to compare like for like."""
     measured = {**profile.summary(), **peak_memory(), "weights_bytes": int(weights),
                 "weights_held": memory.weights_held(model)}
-    if "peak_micro_batch" in measured:
+    if "peak_micro_batch" in measured and estimate is not None:
         shape = measured["peak_micro_batch"]
         first_step = measured["peak_step"] == 1 and not resumed  # no optimizer state yet
         estimate["at_measured_step"] = memory.estimate_for_model(
@@ -404,10 +407,14 @@ def objects_so_far_frozen():
 
 
 def _check_before_loading(settings: dict, folders, tensorboard_dir, wandb_dir) -> None:
-    """Everything that can fail cheaply fails before the model loads."""
+    """Everything that can fail cheaply fails before the model loads (folders[0]: the model's)."""
     for folder in folders:
         if folder is not None:
             verify_folder(folder)
+    no_estimate = unknown_shape(read_json(Path(folders[0]) / "config.json"))
+    if settings.get("max_memory_gb") is not None and no_estimate:
+        raise LoragridError(f"config key 'max_memory_gb' picks the micro-batch from the memory estimate: "
+                            f"{no_estimate}. Set micro_batch_size instead")
     check_optimizer(settings["optimizer"], modeling.device())
     accumulation_steps(settings)
     check_reporting(settings, tensorboard_dir, wandb_dir)
@@ -447,7 +454,10 @@ def _setup_checkpoints(checkpoint_root, settings: dict, template: str, model_dir
     return checkpoints, resume_from
 
 
-def _log_estimate(estimate: dict) -> None:
+def _log_estimate(estimate: dict | None, model) -> None:
+    if estimate is None:
+        log.warning(unknown_shape(model.config.to_dict()))
+        return
     log.info("estimated training memory %.2f GB (%s; micro-batch %d x %d tokens, %d labelled), process %.2f GB",
              estimate["total_bytes"] / 1e9, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate["breakdown"].items()),
              estimate["rows"], estimate["sequence"], estimate["labelled"], estimate["process_bytes"] / 1e9)
@@ -488,7 +498,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     model, weights, parameters = _setup_model(model_dir, settings, trust_remote_code)
     micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], labelled_counts(dataset),
                                                     runtime_bytes)
-    _log_estimate(estimate)
+    _log_estimate(estimate, model)
     checkpoints, resume_from = _setup_checkpoints(checkpoint_root, settings, template, model_dir, data_dir)
     saving = checkpoints is not None and settings["save_steps"] > 0
     with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch, \

@@ -61,6 +61,19 @@ def test_memory_request_reads_the_model_folder(tiny_model_dir):
     assert launch.train_mem_mb(settings, tiny_model_dir) == launch.train_mem_mb_for(settings, sizes)
 
 
+def test_memory_request_without_an_estimate_counts_the_weights_on_disk(tmp_path):
+    """An architecture the estimate cannot describe (GPT-2's config.json) asks for its weights and optimizer state."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=640, n_positions=128))
+    model.save_pretrained(tmp_path)
+    # The header counts the tied head once, as the model does.
+    assert launch.parameters_on_disk(tmp_path) == model.num_parameters()
+    settings = {**TINY_RUN, "gpus": 0, "method": "full"}
+    expected = launch.train_mem_mb_for(settings, None, model.num_parameters())
+    assert launch.train_mem_mb(settings, tmp_path) == expected == 2000  # 1.25 x (1.5 GB + 18 B x 0.1M), whole GB
+
+
 def test_memory_request_waits_for_the_model(tmp_path):
     # Snakemake takes a FileNotFoundError naming an input as "known once the input exists".
     with pytest.raises(FileNotFoundError) as missing:

@@ -171,17 +171,38 @@ def test_memory_command_projects_a_7b_model_in_the_known_order():
     assert rows["full"][8].startswith("none fits") and int(rows["qlora4"][8]) > int(rows["lora"][8]) >= 1
 
 
+def memory_command(tmp_path, name: str, shape: dict) -> subprocess.CompletedProcess:
+    (tmp_path / f"{name}.json").write_text(json.dumps(shape))
+    return subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / f"{name}.json")],
+                          cwd=REPO, capture_output=True, text=True)
+
+
 def test_an_architecture_the_estimate_was_not_checked_for_is_named(tmp_path):
-    """Gemma 2 keeps more than the estimate's terms (four norms a layer, softcapping; docs/memory.md)."""
+    """Mixtral's experts are beyond the estimate's terms (docs/memory.md)."""
+    mixtral = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "num_local_experts": 8}
+    result = memory_command(tmp_path, "mixtral", mixtral)
+    assert result.returncode == 0 and "full | off" in result.stdout, result.stderr
+    assert "warning: the memory estimate was checked" in result.stderr and "not for 'mixtral'" in result.stderr
+
+
+def test_gemma2_is_estimated_with_the_eager_attention_its_softcapping_needs(tmp_path):
+    """SDPA cannot softcap attention scores: on a GPU transformers runs Gemma 2 eager, and so does the estimate."""
     gemma2 = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
               "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000}
-    (tmp_path / "gemma2.json").write_text(json.dumps(gemma2))
-    result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / "gemma2.json")],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0 and "full | off" in result.stdout, result.stderr
-    assert "warning: the memory estimate was checked" in result.stderr and "not for 'gemma2'" in result.stderr
+    result = memory_command(tmp_path, "gemma2", gemma2)
+    assert result.returncode == 0 and "eager attention (GB)" in result.stdout and not result.stderr, result.stderr
+    assert "sdpa attention (GB)" in memory_command(tmp_path, "gemma2", {**gemma2, "model_type": "gemma"}).stdout
     # Gemma 2 2B: 2.61 billion parameters, its head tied to the embedding (config.json leaves that to the default).
     assert estimate.total_parameters(estimate.model_sizes(gemma2)) == pytest.approx(2.614e9, rel=1e-3)
+
+
+def test_a_config_json_that_is_not_llama_style_gets_no_estimate_and_says_why():
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
+    why = estimate.unknown_shape(gpt2)
+    assert "model type 'gpt2'" in why and "lacks hidden_size, intermediate_size, num_hidden_layers" in why
+    assert estimate.unknown_shape({**gpt2, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                                   "num_attention_heads": 12}) is None
 
 
 @pytest.mark.parametrize("model_type", estimate.CHECKED_MODEL_TYPES)
@@ -195,16 +216,17 @@ def test_a_config_without_tie_word_embeddings_takes_transformers_default(model_t
 
 
 def test_training_logs_that_the_estimate_was_not_checked_for_the_architecture(caplog):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
     from loragrid.train import _log_estimate
 
-    model = Gemma2ForCausalLM(Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=100))
+    model = MixtralForCausalLM(MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=100,
+                                             num_local_experts=2, num_experts_per_tok=1))
     held = memory.estimate_for_model(model, {**TINY_RUN, "gradient_checkpointing": False}, 4, 64, 100)
     with caplog.at_level("WARNING", logger="loragrid.train"):
-        _log_estimate({**held, "process_bytes": held["total_bytes"]})
-    assert "not for 'gemma2': it may be low" in caplog.text
+        _log_estimate({**held, "process_bytes": held["total_bytes"]}, model)
+    assert "not for 'mixtral': it may be low" in caplog.text
 
 
 def test_memory_command_names_a_bad_model_file(tmp_path):
@@ -212,3 +234,26 @@ def test_memory_command_names_a_bad_model_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / "odd.json")],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "--model" in result.stderr and "odd.json" in result.stderr
+
+
+def test_on_a_gpu_transformers_picks_the_attention_and_the_estimate_follows_the_model(tmp_path):
+    """loragrid asked for SDPA on every GPU, which Gemma 2 (softcapped attention scores) refuses to load with;
+    it now leaves the choice to transformers there: SDPA where the architecture supports it, else eager."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert modeling.attention_implementation("cpu") == "eager"
+    on_a_gpu = modeling.attention_implementation("cuda")
+    loaded = {}
+    for model_type, expected in (("gemma2", "eager"), ("llama", "sdpa")):
+        config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=128)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+        loaded[model_type] = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, attn_implementation=on_a_gpu)
+        assert loaded[model_type].config._attn_implementation == expected
+    with pytest.raises(ValueError, match="does not support an attention implementation through torch.nn.functional"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "gemma2", attn_implementation="sdpa")
+    settings = {**TINY_RUN, "gradient_checkpointing": False}
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", attn_implementation="eager")
+    sdpa_bytes, eager_bytes = (memory.estimate_for_model(model, settings, 4, 64, 100)["breakdown"]["activations"]
+                               for model in (loaded["llama"], eager))
+    assert sdpa_bytes < eager_bytes  # SDPA keeps a logsumexp, not the attention probabilities

@@ -146,14 +146,35 @@ def test_the_fetch_model_rule_builds_a_random_source(copy_repo, tiny_model_dir):
 
 
 
-def test_training_an_architecture_the_estimate_was_not_checked_for_says_so_in_its_log(copy_repo, tiny_model_dir):
-    """Gemma 2 keeps more than the memory estimate's terms (docs/memory.md): its training job's log warns."""
-    gemma2 = {**TINY, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 16}
-    (copy_repo / "gemma2.json").write_text(json.dumps(gemma2))
-    model = {"name": "tiny-gemma2", "source": "random:gemma2.json", "tokenizer": str(tiny_model_dir)}
+def train_lora_on(copy_repo, tiny_model_dir, name: str, shape: dict) -> tuple[dict, str]:
+    """(train.json, training log) of a LoRA run through snakemake on a random model of this config.json."""
+    (copy_repo / f"{name}.json").write_text(json.dumps(shape))
+    model = {"name": name, "source": f"random:{name}.json", "tokenizer": str(tiny_model_dir)}
     config = tiny_config(copy_repo, tiny_model_dir, model=model, grid={"method": ["lora"]})
-    result = snakemake(copy_repo, "results/tiny-gemma2--tiny/runs/lora/train.json", "--configfile", str(config))
+    result = snakemake(copy_repo, f"results/{name}--tiny/runs/lora/train.json", "--configfile", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    log = (copy_repo / "logs/tiny-gemma2--tiny/train/lora.log").read_text()
+    return (read_json(copy_repo / f"results/{name}--tiny/runs/lora/train.json"),
+            (copy_repo / f"logs/{name}--tiny/train/lora.log").read_text())
+
+
+def test_training_an_architecture_the_estimate_was_not_checked_for_says_so_in_its_log(copy_repo, tiny_model_dir):
+    """Mixtral's experts are not in the memory estimate's terms (docs/memory.md): its training job's log warns."""
+    mixtral = {**TINY, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 2,
+               "num_experts_per_tok": 1}
+    train, log = train_lora_on(copy_repo, tiny_model_dir, "tiny-mixtral", mixtral)
     assert "the memory estimate was checked against measurement for model types llama" in log
-    assert "not for 'gemma2': it may be low" in log
+    assert "not for 'mixtral': it may be low" in log and train["memory_estimate"] is not None
+
+
+def test_an_architecture_without_an_estimate_trains_and_reports_its_measured_memory(copy_repo, tiny_model_dir):
+    """GPT-2's config.json names its shape n_embd, n_layer, n_head: no estimate, and (before 2026-12-07) a KeyError
+    in the job's memory request and in training. Snakemake sizes the job from the weights' safetensors headers."""
+    from loragrid.report import _memory_columns
+
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+            "vocab_size": 640, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    train, log = train_lora_on(copy_repo, tiny_model_dir, "tiny-gpt2", gpt2)
+    assert "no memory estimate for model type 'gpt2'" in log and "lacks hidden_size" in log
+    assert train["memory_estimate"] is None and train["memory"]["training_peak_bytes"] > 0
+    columns = _memory_columns(train)
+    assert columns["training_memory_gb"] > 0 and columns["estimated_memory_gb"] != columns["estimated_memory_gb"]

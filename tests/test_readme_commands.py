@@ -37,13 +37,12 @@ COMMANDS = {
     'learning_rate: 0.001}], lora_r: [16, 64]}"': "dry-run",
     'snakemake --cores 1 all --config "generate={max_new_tokens: 64}" "methods={lora: {learning_rate: 0.0005}}"':
         "dry-run",
-    "snakemake --cores 1 --forcerun train_adapter all": "dry-run",
-    "snakemake --list-changes params --configfile my.yaml": "dry-run",
+    "snakemake --cores 1 --forcerun train_adapter train_full all": "dry-run",
     "python -m loragrid runs": "dry-run",
 }
 PROGRAMS = ("make ", "snakemake ", "python -m loragrid ")
 # Named in the text, not shown as something to run.
-MENTIONS = {"python -m loragrid chat", "python -m loragrid chat / runs / memory"}
+MENTIONS = {"python -m loragrid chat", "python -m loragrid chat / runs / memory", "snakemake --list-changes params"}
 
 
 def shown_commands() -> set[str]:
@@ -88,6 +87,8 @@ def test_a_shown_command_runs(command, tmp_path):
         assert "Error running conda info" in output and "invalid choice" not in output, output[-2000:]
         return
     assert result.returncode == 0, output[-2000:]
+    if "--forcerun" in command:  # every training rule: the full run trains in train_full
+        assert re.search(r"^train_adapter +\d", output, re.M) and re.search(r"^train_full +\d", output, re.M), output
     if command.startswith("make"):
         target = {"make run": "snakemake --cores 1 all", "make memory-table": "--configfile config/memory-table.yaml"}
         assert target[command] in output
