@@ -169,12 +169,14 @@ def test_training_an_architecture_the_estimate_was_not_checked_for_says_so_in_it
 def test_an_architecture_without_an_estimate_trains_and_reports_its_measured_memory(copy_repo, tiny_model_dir):
     """GPT-2's config.json names its shape n_embd, n_layer, n_head: no estimate, and (before 2026-12-07) a KeyError
     in the job's memory request and in training. Snakemake sizes the job from the weights' safetensors headers."""
-    from loragrid.report import _memory_columns
+    from loragrid.report import _memory_columns, plot_memory
 
     gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
             "vocab_size": 640, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     train, log = train_lora_on(copy_repo, tiny_model_dir, "tiny-gpt2", gpt2)
     assert "no memory estimate for model type 'gpt2'" in log and "lacks hidden_size" in log
     assert train["memory_estimate"] is None and train["memory"]["training_peak_bytes"] > 0
-    columns = _memory_columns(train)
+    columns = _memory_columns(train)  # the report's table: "–" for the NaN estimate
     assert columns["training_memory_gb"] > 0 and columns["estimated_memory_gb"] != columns["estimated_memory_gb"]
+    plot_memory({"lora": train}, copy_repo / "memory.png")  # measured bars only
+    assert (copy_repo / "memory.png").stat().st_size > 0
