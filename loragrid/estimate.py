@@ -48,8 +48,7 @@ def unknown_shape(config: dict) -> str | None:
     if not missing:
         return None
     return (f"no memory estimate for model type {config.get('model_type')!r}: the estimate models Llama-style "
-            f"decoders, whose config.json has {', '.join(SHAPE_KEYS)}; this one lacks {', '.join(missing)}. "
-            "The measured training memory still holds")
+            f"decoders, whose config.json has {', '.join(SHAPE_KEYS)}; this one lacks {', '.join(missing)}")
 
 
 def model_sizes(config: dict) -> dict:

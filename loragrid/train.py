@@ -137,12 +137,22 @@ def measured_memory(profile, model, weights: int, settings: dict, estimate: dict
     measured = {**profile.summary(), **peak_memory(), "weights_bytes": int(weights),
                 "weights_held": memory.weights_held(model)}
     if "peak_micro_batch" in measured and estimate is not None:
-        shape = measured["peak_micro_batch"]
-        first_step = measured["peak_step"] == 1 and not resumed  # no optimizer state yet
-        estimate["at_measured_step"] = memory.estimate_for_model(
-            model, settings, shape["rows"], shape["sequence"], shape["labelled"], accumulation=accumulation,
-            optimizer_state=not first_step)
+        estimate["at_measured_step"] = estimate_at_measured_step(model, settings, measured, accumulation, resumed)
     return measured
+
+
+def estimate_at_measured_step(model, settings: dict, measured: dict, accumulation: int, resumed: bool) -> dict:
+    """The estimate of the step whose peak was measured, as the measurement takes it: the highest over
+    its micro-batches, each at its own shape, gradients held from the second micro-batch on (the
+    first one's backward pass starts before any gradient exists) and optimizer state from the second
+    step on."""
+    step = next(step for step in measured["profiled_steps"] if step["step"] == measured["peak_step"])
+    first_step = measured["peak_step"] == 1 and not resumed
+    candidates = [memory.estimate_for_model(model, settings, shape["rows"], shape["sequence"], shape["labelled"],
+                                            accumulation=accumulation if index else 1,
+                                            optimizer_state=not first_step)
+                  for index, shape in enumerate(step["micro_batches"])]
+    return max(candidates, key=lambda candidate: candidate["total_bytes"])
 
 
 def checkpoint_folder(checkpoint_root, settings: dict, template: str, model_dir, train_path) -> Path:
@@ -456,7 +466,7 @@ def _setup_checkpoints(checkpoint_root, settings: dict, template: str, model_dir
 
 def _log_estimate(estimate: dict | None, model) -> None:
     if estimate is None:
-        log.warning(unknown_shape(model.config.to_dict()))
+        log.warning("%s. The measured training memory still holds", unknown_shape(model.config.to_dict()))
         return
     log.info("estimated training memory %.2f GB (%s; micro-batch %d x %d tokens, %d labelled), process %.2f GB",
              estimate["total_bytes"] / 1e9, ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate["breakdown"].items()),

@@ -234,6 +234,8 @@ def test_memory_command_names_a_bad_model_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / "odd.json")],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "--model" in result.stderr and "odd.json" in result.stderr
+    gpt2 = memory_command(tmp_path, "gpt2", {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257})
+    assert gpt2.returncode == 2 and "gpt2.json: no memory estimate for model type 'gpt2'" in gpt2.stderr, gpt2.stderr
 
 
 def test_on_a_gpu_transformers_picks_the_attention_and_the_estimate_follows_the_model(tmp_path):

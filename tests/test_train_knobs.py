@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN
-from loragrid import tokenized
+from loragrid import modeling, tokenized
 from loragrid import train as training
 from loragrid.common import LoragridError, read_json, read_jsonl
 from loragrid.train import train, train_to_files
@@ -269,6 +269,21 @@ def test_memory_estimate_is_stored_beside_the_measurement(tiny_model_dir, prepar
     assert estimate["breakdown"]["optimizer"] == 8 * trainable  # AdamW: two fp32 moments
     at_step = estimate["at_measured_step"]
     assert 0.85 < at_step["total_bytes"] / summary["memory"]["training_peak_bytes"] < 1.15
+
+
+def test_the_estimate_at_the_measured_step_is_taken_as_the_measurement_is(tiny_model_dir):
+    """The highest over the step's micro-batches, gradients held from the second one on: where the first
+    micro-batch is the longest, its peak comes before any gradient exists (the memory table's steps)."""
+    model = modeling.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16), TINY_RUN)
+    long, short = {"rows": 4, "sequence": 120, "labelled": 200}, {"rows": 4, "sequence": 20, "labelled": 40}
+    measured = {"peak_step": 2, "profiled_steps": [{"step": 1, "micro_batches": [short, short]},
+                                                   {"step": 2, "micro_batches": [long, short]}]}
+    at_step = training.estimate_at_measured_step(model, TINY_RUN, measured, accumulation=2, resumed=False)
+    assert at_step["sequence"] == 120 and at_step["breakdown"]["gradients"] == 0
+    assert at_step["breakdown"]["optimizer"] > 0  # the second step: AdamW's moments exist
+    measured["profiled_steps"][1]["micro_batches"] = [short, long]
+    at_step = training.estimate_at_measured_step(model, TINY_RUN, measured, accumulation=2, resumed=False)
+    assert at_step["sequence"] == 120 and at_step["breakdown"]["gradients"] == 4 * at_step["trainable"]
 
 
 def test_max_memory_gb_picks_the_largest_micro_batch_that_fits(tiny_model_dir, prepared_dir, tmp_path):
