@@ -71,13 +71,13 @@ MEMORY_NOTE = (
     "tensor accounting on a CPU (every live tensor storage, counted once) or CUDA's max allocated memory "
     "on a GPU; the breakdown is taken at that peak: W weights as held (4-bit and 8-bit weights packed), "
     "G gradients, O optimizer state, A activations kept for the backward pass, T temporaries of the "
-    "backward pass and the optimizer step. The estimate is loragrid's formula for the same micro-batch "
-    "(docs/memory.md). Process peak RSS is the training process's resident high-water mark during "
-    "training (libraries, the allocator's free memory and the Python heap included): a secondary "
-    "figure. Relative quality divides a run's held-out loss (lower is better) and emoji share (higher "
-    "is better) by the full fine-tuning run's. Held-out loss is the mean loss per answer token of the "
-    "reference answers; emoji share is the share of generated answers with at least one emoji; chrF "
-    "compares generated answers with the references."
+    "backward pass and the optimizer step. The estimate is loragrid's formula for the same step's "
+    "micro-batches (docs/memory.md; – where the model's config.json is not Llama-style). Process peak "
+    "RSS is the training process's resident high-water mark during training (libraries, the allocator's "
+    "free memory and the Python heap included): a secondary figure. Relative quality divides a run's "
+    "held-out loss (lower is better) and emoji share (higher is better) by the full fine-tuning run's. "
+    "Held-out loss is the mean loss per answer token of the reference answers; emoji share is the share "
+    "of generated answers with at least one emoji; chrF compares generated answers with the references."
 )
 RANDOM_WEIGHTS_NOTE = (
     "The model has random weights (model source random:): the memory columns are real, the quality "
@@ -248,7 +248,8 @@ def plot_memory(runs: dict[str, dict], path) -> None:
                      hatch=hatch, edgecolor="white", label=category if hatch is None else None)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
         for i, total in enumerate(bottoms):
-            axis.annotate(f"{total:.3g}", (i + offset, total), ha="center", va="bottom", fontsize=7)
+            axis.annotate(f"{total:.3g}" if parts[i] else "no estimate", (i + offset, total), ha="center",
+                          va="bottom", fontsize=7)
     axis.set_xticks(range(len(names)), [f"{n}\nmeasured | estimated" for n in names], fontsize=8)
     axis.set_ylabel(unit)
     axis.set_title("What training holds at its peak, by category")
