@@ -70,13 +70,16 @@ def model_sizes(config: dict) -> dict:
         qk_norm_params = layers * (qk_norm_width if model_type in WIDTH_QK_NORM_MODEL_TYPES else 2 * head_dim)
     norms = 4 if model_type in SANDWICH_NORM_MODEL_TYPES else 2
     defaults = SOFTCAPPING_DEFAULTS.get(model_type, {})
-    softcapped = {key: config.get(key, defaults.get(key)) is not None for key in SOFTCAPPING_DEFAULTS["gemma2"]}
+
+    def softcapped(key):
+        return config.get(key, defaults.get(key)) is not None
+
     return {"model_type": model_type, "hidden": h, "intermediate": i, "layers": layers, "heads": heads,
             "vocab": config["vocab_size"],
             "attention_width": width, "qk_norm_width": qk_norm_width, "norms": norms, "linear_shapes": linear_shapes,
             "qk_norm_in_fp32": model_type in WIDTH_QK_NORM_MODEL_TYPES,
-            "attention_softcapping": softcapped["attn_logit_softcapping"],
-            "logit_softcapping": softcapped["final_logit_softcapping"],
+            "attention_softcapping": softcapped("attn_logit_softcapping"),
+            "logit_softcapping": softcapped("final_logit_softcapping"),
             "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
             "embedding_params": embedding,
             "lm_head_params": 0 if config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT) else embedding,

@@ -197,6 +197,21 @@ def test_gemma2_is_estimated_with_the_eager_attention_its_softcapping_needs(tmp_
     assert estimate.total_parameters(estimate.model_sizes(gemma2)) == pytest.approx(2.614e9, rel=1e-3)
 
 
+def test_softcapping_takes_transformers_defaults_and_a_null_turns_it_off():
+    from transformers import AutoConfig
+
+    shape = {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 1000}
+    for model_type in ("gemma2", "gemma3_text", "llama"):
+        default = AutoConfig.for_model(model_type)
+        sizes = estimate.model_sizes({**shape, "model_type": model_type})
+        assert sizes["attention_softcapping"] == (getattr(default, "attn_logit_softcapping", None) is not None)
+        assert sizes["logit_softcapping"] == (getattr(default, "final_logit_softcapping", None) is not None)
+    off = estimate.model_sizes({**shape, "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert not off["attention_softcapping"] and not off["logit_softcapping"]
+    assert estimate.model_sizes(shape)["attention_softcapping"]  # gemma2's default: on
+
+
 def test_a_config_json_that_is_not_llama_style_gets_no_estimate_and_says_why():
     gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257}
     why = estimate.unknown_shape(gpt2)
