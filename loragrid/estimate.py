@@ -188,8 +188,22 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
         temporaries = max(temporaries, tokens * layer_activation_bytes(sizes, unchecked, sequence, attention))
     parts = {"weights": int(weights), "gradients": gradients if accumulation > 1 else 0, "optimizer": optimizer,
              "activations": int(activations), "temporaries": int(temporaries)}
+    if settings["method"] == "full":
+        parts = max(parts, end_of_backward(sizes, int(weights), optimizer, trainable, accumulation),
+                    key=lambda held: sum(held.values()))
     return {"total_bytes": sum(parts.values()), "breakdown": parts, "rows": rows, "sequence": sequence,
             "labelled": labelled, "trainable": trainable, "unchecked_architecture": unchecked_architecture(sizes)}
+
+
+def end_of_backward(sizes: dict, weights: int, optimizer: int, trainable: int, accumulation: int) -> dict:
+    """Full fine-tuning's other peak: the end of the backward pass. The embedding's dense fp32 gradient
+    comes last, when every other gradient is held and the activations are freed; a tied embedding adds
+    it to its LM head's gradient into a third tensor of that size (autograd's input buffer). At Gemma 2
+    2B's widths (tied, 256,000 tokens) that moment, not the backward pass's start, is the step's peak."""
+    embedding = SINGLE * sizes["embedding_params"]
+    held_gradients = SINGLE * trainable - (0 if accumulation > 1 else embedding)
+    return {"weights": weights, "gradients": held_gradients, "optimizer": optimizer, "activations": 0,
+            "temporaries": (3 if sizes["lm_head_params"] == 0 else 1) * embedding}
 
 
 METHODS = ("full", "lora", "qlora8", "qlora4")
