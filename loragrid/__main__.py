@@ -38,7 +38,14 @@ def runs_command(args) -> None:
 def memory_command(args) -> None:
     import json
 
-    from .estimate import model_sizes, projection, total_parameters, unchecked_architecture, unknown_shape
+    from .estimate import (
+        EAGER_ONLY_MODEL_TYPES,
+        model_sizes,
+        projection,
+        total_parameters,
+        unchecked_architecture,
+        unknown_shape,
+    )
 
     try:
         config = json.loads(Path(args.model).read_text(encoding="utf-8"))
@@ -52,7 +59,8 @@ def memory_command(args) -> None:
                 "lora_dropout": 0.0, "optimizer": "adamw_torch", "gradient_checkpointing": args.gradient_checkpointing}
     budget = args.budget_gb * 1e9 if args.budget_gb else None
     if args.attention == "auto":  # what transformers runs on a GPU: SDPA cannot softcap attention scores
-        args.attention = "eager" if sizes["attention_softcapping"] else "sdpa"
+        eager = sizes["model_type"] in EAGER_ONLY_MODEL_TYPES or sizes["attention_softcapping"]
+        args.attention = "eager" if eager else "sdpa"
     rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget)
     parameters = total_parameters(sizes)
     print(f"{args.model}: {parameters / 1e9:.2f}B parameters; "

@@ -30,6 +30,8 @@ SANDWICH_NORM_MODEL_TYPES = ("gemma2", "gemma3_text")
 # Softcapping (cap x tanh(x / cap)) of the attention scores and of the logits keeps tanh's bf16 output for
 # the backward pass; transformers' defaults where config.json leaves them out (Gemma 2: both on).
 SOFTCAPPING_DEFAULTS = {"gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}}
+# transformers runs these eager on a GPU too (their classes have no SDPA: it cannot softcap scores).
+EAGER_ONLY_MODEL_TYPES = ("gemma2",)
 # The architectures whose estimate was checked against loragrid's measurement, every method within 3 %
 # (docs/memory.md, bench/estimate_architectures.py).
 CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",

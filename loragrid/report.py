@@ -248,7 +248,8 @@ def plot_memory(runs: dict[str, dict], path) -> None:
                      hatch=hatch, edgecolor="white", label=category if hatch is None else None)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
         for i, total in enumerate(bottoms):
-            axis.annotate(f"{total:.3g}" if parts[i] else "no estimate", (i + offset, total), ha="center",
+            empty_estimate = hatch is not None and not parts[i]
+            axis.annotate("no estimate" if empty_estimate else f"{total:.3g}", (i + offset, total), ha="center",
                           va="bottom", fontsize=7)
     axis.set_xticks(range(len(names)), [f"{n}\nmeasured | estimated" for n in names], fontsize=8)
     axis.set_ylabel(unit)

@@ -120,6 +120,11 @@ def choose_micro_batch(model, settings: dict, lengths: list[int], labelled: list
     limit = settings.get("max_memory_gb")
     if limit is None:
         return settings["micro_batch_size"], estimate(settings["micro_batch_size"])
+    # Decided on the loaded config: transformers fills in what a config.json leaves to its defaults.
+    no_estimate = unknown_shape(model.config.to_dict())
+    if no_estimate:
+        raise LoragridError(f"config key 'max_memory_gb' picks the micro-batch from the memory estimate: "
+                            f"{no_estimate}. Set micro_batch_size instead")
     for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
         candidate = estimate(micro)
         if candidate["process_bytes"] <= limit * 1e9:
@@ -417,14 +422,10 @@ def objects_so_far_frozen():
 
 
 def _check_before_loading(settings: dict, folders, tensorboard_dir, wandb_dir) -> None:
-    """Everything that can fail cheaply fails before the model loads (folders[0]: the model's)."""
+    """Everything that can fail cheaply fails before the model loads."""
     for folder in folders:
         if folder is not None:
             verify_folder(folder)
-    no_estimate = unknown_shape(read_json(Path(folders[0]) / "config.json"))
-    if settings.get("max_memory_gb") is not None and no_estimate:
-        raise LoragridError(f"config key 'max_memory_gb' picks the micro-batch from the memory estimate: "
-                            f"{no_estimate}. Set micro_batch_size instead")
     check_optimizer(settings["optimizer"], modeling.device())
     accumulation_steps(settings)
     check_reporting(settings, tensorboard_dir, wandb_dir)

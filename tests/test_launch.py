@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -65,13 +67,19 @@ def test_memory_request_without_an_estimate_counts_the_weights_on_disk(tmp_path)
     """An architecture the estimate cannot describe (GPT-2's config.json) asks for its weights and optimizer state."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=640, n_positions=128))
-    model.save_pretrained(tmp_path)
-    # The header counts the tied head once, as the model does.
-    assert launch.parameters_on_disk(tmp_path) == model.num_parameters()
+    model = GPT2LMHeadModel(GPT2Config(n_embd=512, n_layer=1, n_head=4, vocab_size=50257, n_positions=128))
+    model.save_pretrained(tmp_path / "gpt2")
+    # The header counts the tied head once, as the model does: 29 million parameters.
+    assert launch.parameters_on_disk(tmp_path / "gpt2") == model.num_parameters() > 25_000_000
     settings = {**TINY_RUN, "gpus": 0, "method": "full"}
-    expected = launch.train_mem_mb_for(settings, None, model.num_parameters())
-    assert launch.train_mem_mb(settings, tmp_path) == expected == 2000  # 1.25 x (1.5 GB + 18 B x 0.1M), whole GB
+    # 1.25 x (1.5 GB + 18 bytes a parameter: fp32 weights, gradients, AdamW's moments, autocast's copy), whole GB.
+    expected = math.ceil(1.25 * (1.5e9 + 18 * model.num_parameters()) / 1e9) * 1000
+    assert launch.train_mem_mb(settings, tmp_path / "gpt2") == expected == 3000
+    # A pickled model (the torch: source) has no safetensors header: 2 bytes a parameter of the pickle's size.
+    (tmp_path / "pickled").mkdir()
+    shutil.copyfile(tmp_path / "gpt2/config.json", tmp_path / "pickled/config.json")
+    (tmp_path / "pickled/pytorch_model.pickle.bin").write_bytes(bytes(4 * 1000))
+    assert launch.parameters_on_disk(tmp_path / "pickled") == 2000
 
 
 def test_memory_request_waits_for_the_model(tmp_path):

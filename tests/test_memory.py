@@ -196,6 +196,9 @@ def test_gemma2_is_estimated_with_the_eager_attention_its_softcapping_needs(tmp_
     result = memory_command(tmp_path, "gemma2", gemma2)
     assert result.returncode == 0 and "eager attention (GB)" in result.stdout and not result.stderr, result.stderr
     assert "sdpa attention (GB)" in memory_command(tmp_path, "gemma2", {**gemma2, "model_type": "gemma"}).stdout
+    # Softcapping off in the config: still eager (transformers' Gemma 2 class has no SDPA at all).
+    uncapped = memory_command(tmp_path, "gemma2", {**gemma2, "attn_logit_softcapping": None})
+    assert "eager attention (GB)" in uncapped.stdout
     # Gemma 2 2B: 2.61 billion parameters, its head tied to the embedding (config.json leaves that to the default).
     assert estimate.total_parameters(estimate.model_sizes(gemma2)) == pytest.approx(2.614e9, rel=1e-3)
 

@@ -312,12 +312,17 @@ def test_max_memory_gb_too_small_fails_before_training(tiny_model_dir, prepared_
     assert not (tmp_path / "run").exists()
 
 
-def test_max_memory_gb_without_an_estimate_fails_before_loading(prepared_dir, tmp_path):
-    """GPT-2's config.json is not Llama-style: no estimate to pick a micro-batch from, said before the model loads."""
-    (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2/config.json").write_text('{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}')
+def test_max_memory_gb_without_an_estimate_fails_before_training(tiny_model_dir, prepared_dir, tmp_path):
+    """GPT-2's config is not Llama-style: no estimate to pick a micro-batch from. Decided on the loaded config
+    (transformers fills in what a config.json leaves out), before any step."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=640)).save_pretrained(tmp_path / "gpt2")
+    for path in tiny_model_dir.iterdir():  # the tiny model's tokenizer and chat template
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copyfile(path, tmp_path / "gpt2" / path.name)
     with pytest.raises(LoragridError, match="config key 'max_memory_gb'.*no memory estimate for model type 'gpt2'"):
-        run(tmp_path / "gpt2", prepared_dir, tmp_path, max_memory_gb=8)  # a folder with no weights: nothing loads
+        run(tmp_path / "gpt2", prepared_dir, tmp_path, max_memory_gb=8)
     assert not (tmp_path / "run").exists()
 
 
