@@ -50,11 +50,11 @@ def memory_command(args) -> None:
     try:
         config = json.loads(Path(args.model).read_text(encoding="utf-8"))
         no_estimate = unknown_shape(config)
-        sizes = None if no_estimate else model_sizes(config)
-    except (OSError, ValueError, KeyError, AttributeError) as error:
+    except (OSError, ValueError, AttributeError) as error:
         raise LoragridError(f"--model {args.model}: not a readable decoder config.json ({error!r})") from None
     if no_estimate:
         raise LoragridError(f"--model {args.model}: {no_estimate}")
+    sizes = model_sizes(config)
     settings = {"micro_batch_size": args.micro_batch, "lora_r": args.lora_r, "target_modules": "all-linear",
                 "lora_dropout": 0.0, "optimizer": "adamw_torch", "gradient_checkpointing": args.gradient_checkpointing}
     budget = args.budget_gb * 1e9 if args.budget_gb else None

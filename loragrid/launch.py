@@ -87,9 +87,10 @@ def train_mem_mb(settings: dict, model_dir) -> int:
     """
     if not Path(model_dir).exists():
         raise FileNotFoundError(2, "the model is not fetched yet", str(model_dir))
-    if estimate.unknown_shape(model_config(model_dir)):
+    config = model_config(model_dir)
+    if estimate.unknown_shape(config):
         return train_mem_mb_for(settings, None, parameters_on_disk(model_dir))
-    return train_mem_mb_for(settings, model_sizes(model_dir))
+    return train_mem_mb_for(settings, estimate.model_sizes(config))
 
 
 def train_mem_mb_for(settings: dict, sizes: dict | None, parameters: int | None = None) -> int:
