@@ -56,16 +56,17 @@ def memory_command(args) -> None:
         raise LoragridError(f"--model {args.model}: {no_estimate}")
     sizes = model_sizes(config)
     settings = {"micro_batch_size": args.micro_batch, "lora_r": args.lora_r, "target_modules": "all-linear",
-                "lora_dropout": 0.0, "optimizer": "adamw_torch", "gradient_checkpointing": args.gradient_checkpointing}
+                "lora_dropout": 0.0, "optimizer": args.optimizer,
+                "gradient_checkpointing": args.gradient_checkpointing}
     budget = args.budget_gb * 1e9 if args.budget_gb else None
     if args.attention == "auto":  # what transformers runs on a GPU: SDPA cannot softcap attention scores
         eager = sizes["model_type"] in EAGER_ONLY_MODEL_TYPES or sizes["attention_softcapping"]
         args.attention = "eager" if eager else "sdpa"
-    rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget)
+    rows = projection(sizes, settings, args.sequence, args.labelled_share, args.attention, budget, foreach=True)
     parameters = total_parameters(sizes)
     print(f"{args.model}: {parameters / 1e9:.2f}B parameters; "
           f"micro-batch {args.micro_batch} x {args.sequence} tokens, "
-          f"{args.labelled_share:.0%} labelled, LoRA r={args.lora_r} on every linear layer, AdamW, "
+          f"{args.labelled_share:.0%} labelled, LoRA r={args.lora_r} on every linear layer, {args.optimizer}, "
           f"{args.attention} attention (GB):")
     parts = ("weights", "gradients", "optimizer", "activations", "temporaries")
     header = ["method", "checkpointing", *parts, "training memory"] + (["largest micro-batch"] if budget else [])
@@ -131,7 +132,14 @@ def parser() -> argparse.ArgumentParser:
                       help="values merged over the config files, as `snakemake --config` takes them")
     runs.add_argument("--directory", type=Path, default=Path("."), help="the workflow folder (default: .)")
     runs.set_defaults(handler=runs_command)
+    add_memory_command(commands)
+    return main
 
+
+def add_memory_command(commands) -> None:
+    from .config import load_schema
+
+    optimizers = load_schema()["$defs"]["run"]["properties"]["optimizer"]["enum"]
     memory = commands.add_parser(
         "memory", help="project what full, LoRA and QLoRA training hold for a model's config.json",
         description="The memory estimate (checked against measurements, docs/memory.md) for a decoder's "
@@ -150,9 +158,11 @@ def parser() -> argparse.ArgumentParser:
                         help="auto (default): on for QLoRA, off for full and LoRA")
     memory.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
                         help="auto (default): as on a GPU, sdpa (eager for Gemma 2); eager as on a CPU")
+    memory.add_argument("--optimizer", choices=optimizers, default="adamw_torch_fused",
+                        help="training.optimizer (default adamw_torch_fused, the workflow's); adamw_torch as on a "
+                             "GPU, where its step holds a copy of every trainable parameter")
     memory.add_argument("--budget-gb", type=float, help="find the largest micro-batch that fits this many GB")
     memory.set_defaults(handler=memory_command)
-    return main
 
 
 def main(argv=None) -> int:

@@ -9,9 +9,13 @@ call. loragrid.memory measures the same categories while training; docs/memory.m
 from __future__ import annotations
 
 # Bytes per element: activations and frozen weights in the compute dtype (bf16/fp16), trainable
-# weights, their gradients and AdamW's two moments in fp32 (bitsandbytes' 8-bit AdamW: 1 byte each).
+# weights, their gradients and AdamW's two moments in fp32.
 HALF, SINGLE = 2, 4
-OPTIMIZER_BYTES = {"adamw_bnb_8bit": 2, "paged_adamw_8bit": 2}
+# bitsandbytes' 8-bit AdamW: two 1-byte moments and an fp32 absmax per 256-element block of each. Tensors
+# under its min_8bit_size (4096 elements) and the input embedding (transformers' Trainer registers every
+# nn.Embedding for 32-bit state) keep fp32 moments.
+EIGHT_BIT_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit")
+EIGHT_BIT_STATE, MIN_8BIT_SIZE = 2 + 2 * SINGLE / 256, 4096
 # Per element of the labelled positions' logits: the fp32 log-probabilities stay for the
 # backward pass; at its start the loss's backward holds their fp32 gradient and its bf16 cast.
 LOGITS_KEPT, LOGITS_BACKWARD = 4, 8
@@ -67,9 +71,9 @@ def model_sizes(config: dict) -> dict:
     embedding = config["vocab_size"] * h
     model_type = config.get("model_type")
     qk_norm_width = width + kv_width if model_type in QK_NORM_MODEL_TYPES else 0
-    qk_norm_params = 0
+    qk_norm_tensors = []  # per layer: q's and k's norm weights
     if qk_norm_width:
-        qk_norm_params = layers * (qk_norm_width if model_type in WIDTH_QK_NORM_MODEL_TYPES else 2 * head_dim)
+        qk_norm_tensors = [width, kv_width] if model_type in WIDTH_QK_NORM_MODEL_TYPES else [head_dim, head_dim]
     norms = 4 if model_type in SANDWICH_NORM_MODEL_TYPES else 2
     defaults = SOFTCAPPING_DEFAULTS.get(model_type, {})
 
@@ -85,7 +89,8 @@ def model_sizes(config: dict) -> dict:
             "layer_linear_params": layers * sum(a * b for a, b in linear_shapes.values()),
             "embedding_params": embedding,
             "lm_head_params": 0 if config.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT) else embedding,
-            "other_params": (norms * layers + 1) * h + qk_norm_params}
+            "qk_norm_tensors": qk_norm_tensors,
+            "other_params": (norms * layers + 1) * h + layers * sum(qk_norm_tensors)}
 
 
 def unchecked_architecture(sizes: dict) -> str | None:
@@ -167,34 +172,52 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
 
 
 def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: int, *, weights_bytes: int | None = None,
-             trainable: int | None = None, attention: str = "eager", accumulation: int = 1,
-             optimizer_state: bool = True) -> dict:
+             tensors: dict | None = None, attention: str = "eager", accumulation: int = 1,
+             optimizer_state: bool = True, foreach: bool = False) -> dict:
     """What training holds at its peak: the start of the backward pass of a micro-batch of `rows` x
-    `sequence` tokens, `labelled` of which have a label (only their logits are computed).
+    `sequence` tokens, `labelled` of which have a label (only their logits are computed), or where they
+    hold more, full fine-tuning's LM-head gradient and end of the backward pass, and the optimizer step
+    (`foreach`: AdamW's multi-tensor step, torch's default on a GPU).
 
     Gradients count only with gradient accumulation (they outlive a micro-batch); the optimizer's
-    state from the second step on (`optimizer_state`: False for the first step of a run)."""
-    projected_bytes, projected_trainable = projected_weights(sizes, settings)
-    weights = projected_bytes if weights_bytes is None else weights_bytes
-    trainable = projected_trainable if trainable is None else trainable
-    gradients = SINGLE * trainable
-    optimizer = OPTIMIZER_BYTES.get(settings.get("optimizer"), 2 * SINGLE) * trainable if optimizer_state else 0
+    state from the second step on (`optimizer_state`: False for the first step of a run). `tensors`:
+    the trainable tensors as `trainable_tensors` describes them, where the model is at hand."""
+    projected_bytes, _ = projected_weights(sizes, settings)
+    weights = int(projected_bytes if weights_bytes is None else weights_bytes)
+    tensors = trainable_tensors(sizes, settings) if tensors is None else tensors
+    trainable = sum(tensors["numels"])
+    state = optimizer_state_bytes(settings, tensors)
+    optimizer = state if optimizer_state else 0
+    held = {"weights": weights, "gradients": SINGLE * trainable if accumulation > 1 else 0, "optimizer": optimizer}
     tokens, logits = rows * sequence, labelled * sizes["vocab"]
-    activations = tokens * sizes["layers"] * layer_activation_bytes(sizes, settings, sequence, attention)
-    activations += (LOGITS_KEPT + (HALF if sizes["logit_softcapping"] else 0)) * logits
-    if settings["method"] == "full":  # autocast's bf16 copies of the fp32 weights, kept for the backward pass
-        activations += HALF * (sizes["layer_linear_params"] + sizes["embedding_params"] + sizes["lm_head_params"])
+    layers = tokens * sizes["layers"] * layer_activation_bytes(sizes, settings, sequence, attention)
+    logits_kept = (LOGITS_KEPT + (HALF if sizes["logit_softcapping"] else 0)) * logits
     temporaries = LOGITS_BACKWARD * logits
     if settings["gradient_checkpointing"]:  # the backward pass recomputes one layer at a time
         unchecked = {**settings, "gradient_checkpointing": False}
         temporaries = max(temporaries, tokens * layer_activation_bytes(sizes, unchecked, sequence, attention))
-    parts = {"weights": int(weights), "gradients": gradients if accumulation > 1 else 0, "optimizer": optimizer,
-             "activations": int(activations), "temporaries": int(temporaries)}
+    moments = [{**held, "activations": int(layers + logits_kept), "temporaries": int(temporaries)}]
     if settings["method"] == "full":
-        parts = max(parts, end_of_backward(sizes, int(weights), optimizer, trainable, accumulation),
-                    key=lambda held: sum(held.values()))
+        # autocast's bf16 copies of the fp32 weights, kept for the backward pass: every linear layer's
+        # and the LM head's (an embedding lookup is not autocast: a separate embedding has none)
+        layers += HALF * sizes["layer_linear_params"]
+        lm_head_copy = HALF * sizes["embedding_params"]
+        moments = [{**held, "activations": int(layers + logits_kept + lm_head_copy), "temporaries": int(temporaries)},
+                   lm_head_gradient(sizes, held, int(layers)),
+                   end_of_backward(sizes, weights, optimizer, trainable, accumulation)]
+    moments.append({"weights": weights, "gradients": SINGLE * trainable, "optimizer": state, "activations": 0,
+                    "temporaries": optimizer_step_temporaries(settings, tensors, foreach)})
+    parts = max(moments, key=lambda moment: sum(moment.values()))
     return {"total_bytes": sum(parts.values()), "breakdown": parts, "rows": rows, "sequence": sequence,
             "labelled": labelled, "trainable": trainable, "unchecked_architecture": unchecked_architecture(sizes)}
+
+
+def lm_head_gradient(sizes: dict, held: dict, layer_activations: int) -> dict:
+    """Full fine-tuning's LM-head weight gradient: autocast's bf16 gradient and its fp32 cast are held together
+    while the decoder layers' activations still are (the logits' and the LM head's bf16 copy are freed). With
+    few labelled positions per hidden unit it is the step's peak: 0.986 of the measurement at OLMo 2 1B's
+    widths (untied, 100,352 x 2048) without it, where a separate embedding's bf16 copy counted in error hid it."""
+    return {**held, "activations": layer_activations, "temporaries": (HALF + SINGLE) * sizes["embedding_params"]}
 
 
 def end_of_backward(sizes: dict, weights: int, optimizer: int, trainable: int, accumulation: int) -> dict:
@@ -208,11 +231,54 @@ def end_of_backward(sizes: dict, weights: int, optimizer: int, trainable: int, a
             "temporaries": (3 if sizes["lm_head_params"] == 0 else 1) * embedding}
 
 
+def trainable_tensors(sizes: dict, settings: dict) -> dict:
+    """The element counts of the trainable tensors (`numels`), and of the input embedding where it is
+    one of them (`embedding`, else 0): what the optimizer's state and step depend on."""
+    layers = sizes["layers"]
+    if settings["method"] != "full":  # LoRA's A (r x in) and B (out x r) of each adapted layer
+        r, names = settings["lora_r"], adapted_modules(settings)
+        adapters = [n for name, (fan_in, fan_out) in sizes["linear_shapes"].items() if name in names
+                    for n in (r * fan_in, fan_out * r)]
+        return {"numels": adapters * layers, "embedding": 0}
+    h = sizes["hidden"]
+    layer = [a * b for a, b in sizes["linear_shapes"].values()] + [h] * sizes["norms"] + sizes["qk_norm_tensors"]
+    embedding, lm_head = sizes["embedding_params"], [sizes["lm_head_params"]] if sizes["lm_head_params"] else []
+    return {"numels": [embedding, *layer * layers, h, *lm_head], "embedding": embedding}
+
+
+def optimizer_state_bytes(settings: dict, tensors: dict) -> int:
+    """AdamW's two moments; bitsandbytes' 8-bit ones, with fp32 moments for small tensors and the input embedding."""
+    numels = tensors["numels"]
+    if settings.get("optimizer") not in EIGHT_BIT_OPTIMIZERS:
+        return 2 * SINGLE * sum(numels)
+    full_precision = sum(n for n in numels if n < MIN_8BIT_SIZE)
+    if tensors["embedding"] >= MIN_8BIT_SIZE:
+        full_precision += tensors["embedding"]
+    return int(2 * SINGLE * full_precision + EIGHT_BIT_STATE * (sum(numels) - full_precision))
+
+
+def optimizer_step_temporaries(settings: dict, tensors: dict, foreach: bool) -> int:
+    """What `adamw_torch`'s step creates beside the gradients and the state (the fused AdamW and the 8-bit
+    ones update in place). Its multi-tensor (foreach) step holds sqrt(v) of every parameter at once; the
+    single-tensor step (torch's default off a GPU) holds one tensor's sqrt(v) and its quotient by the bias
+    correction beside the previous tensor's denominator, except for the input embedding, stepped first."""
+    if settings.get("optimizer") != "adamw_torch":
+        return 0
+    if foreach:
+        return SINGLE * sum(tensors["numels"])
+    rest = sorted(tensors["numels"], reverse=True)
+    if tensors["embedding"]:
+        rest.remove(tensors["embedding"])
+    rest += [0, 0]
+    return SINGLE * max(2 * tensors["embedding"], 2 * rest[0] + rest[1])
+
+
 METHODS = ("full", "lora", "qlora8", "qlora4")
 
 
 def projection(sizes: dict, settings: dict, sequence: int, labelled_share: float, attention: str,
-               budget_bytes: float | None = None, micro_batches=(1, 2, 4, 8, 16, 32, 64)) -> list[dict]:
+               budget_bytes: float | None = None, micro_batches=(1, 2, 4, 8, 16, 32, 64), foreach: bool = False
+               ) -> list[dict]:
     """Per method, the estimate at `settings['micro_batch_size']` and, with a budget, the largest
     micro-batch whose estimate fits in it (None when not even 1 does)."""
     rows = []
@@ -222,7 +288,8 @@ def projection(sizes: dict, settings: dict, sequence: int, labelled_share: float
             run["gradient_checkpointing"] = method.startswith("qlora")
 
         def held(micro, run=run):
-            return estimate(sizes, run, micro, sequence, int(labelled_share * micro * sequence), attention=attention)
+            return estimate(sizes, run, micro, sequence, int(labelled_share * micro * sequence), attention=attention,
+                            foreach=foreach)
 
         row = {"method": method, "gradient_checkpointing": run["gradient_checkpointing"],
                **held(run["micro_batch_size"])}

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.optim.optimizer as torch_optimizer
+from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -305,13 +306,17 @@ def memory_profile(steps: int = PROFILED_STEPS):
 
 def estimate_for_model(model, settings: dict, rows: int, sequence: int, labelled: int, accumulation: int = 1,
                        optimizer_state: bool = True) -> dict:
-    """The estimate with the loaded model's exact weights, trainable parameters and attention; None
+    """The estimate with the loaded model's exact weights, trainable tensors, attention and device; None
     for an architecture the estimate cannot describe (estimate.unknown_shape says why)."""
     if unknown_shape(model.config.to_dict()):
         return None
     held = weights_held(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = model.get_input_embeddings().weight
+    tensors = {"numels": [p.numel() for p in model.parameters() if p.requires_grad],
+               "embedding": embedding.numel() if embedding.requires_grad else 0}
+    # AdamW steps all tensors at once (foreach) where torch has foreach kernels for the device: CUDA, not a CPU.
+    foreach = model.device.type in _get_foreach_kernels_supported_devices()
     return estimate(model_sizes(model.config.to_dict()), settings, rows, sequence, labelled,
-                    weights_bytes=sum(held.values()), trainable=trainable,
+                    weights_bytes=sum(held.values()), tensors=tensors,
                     attention=model.config._attn_implementation, accumulation=accumulation,
-                    optimizer_state=optimizer_state)
+                    optimizer_state=optimizer_state, foreach=foreach)

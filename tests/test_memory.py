@@ -174,6 +174,23 @@ def test_memory_command_projects_a_7b_model_in_the_known_order():
     assert totals["full"] >= 16 * 7.61 and float(rows["full"][3]) > 0
 
 
+def test_memory_command_counts_what_each_optimizer_holds():
+    """adamw_torch on a GPU steps every tensor at once (a copy of every parameter, 20 bytes a parameter for
+    full fine-tuning); bitsandbytes' 8-bit AdamW keeps one byte a moment, fp32 ones for the embedding."""
+    def full_fine_tuning(optimizer):
+        command = ["-m", "loragrid", "memory", "--model", "config/models/qwen2.5-7b.json", "--optimizer", optimizer]
+        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0 and f"{optimizer}," in result.stdout.splitlines()[0], result.stderr
+        cells = next(line for line in result.stdout.splitlines() if line.startswith("full |")).split(" | ")
+        return {"optimizer": float(cells[4]), "temporaries": float(cells[6]), "total": float(cells[7])}
+
+    fused, foreach, eight_bit = map(full_fine_tuning, ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit"))
+    parameters, embedding = 7.6156, 152064 * 3584 / 1e9
+    assert foreach["total"] == pytest.approx(20 * parameters, rel=0.01) and fused["total"] < 17 * parameters
+    assert foreach["temporaries"] == pytest.approx(4 * parameters, rel=0.01)
+    assert eight_bit["optimizer"] == pytest.approx(8 * embedding + 2.03 * (parameters - embedding), rel=0.01)
+
+
 def memory_command(tmp_path, name: str, shape: dict) -> subprocess.CompletedProcess:
     (tmp_path / f"{name}.json").write_text(json.dumps(shape))
     return subprocess.run([sys.executable, "-m", "loragrid", "memory", "--model", str(tmp_path / f"{name}.json")],
@@ -303,3 +320,43 @@ def test_full_fine_tuning_of_a_tied_embedding_can_peak_at_the_end_of_the_backwar
     assert measured["breakdown"]["temporaries"] == pytest.approx(3 * embedding, rel=0.02)
     assert estimated["breakdown"]["temporaries"] == 3 * embedding and estimated["breakdown"]["activations"] == 0
     assert 0.98 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.02
+
+
+@pytest.mark.parametrize("optimizer, foreach, batch", [("adamw_torch", False, 1), ("adamw_torch", True, 1),
+                                                       ("adamw_bnb_8bit", False, 1), ("adamw_torch_fused", False, 2)])
+def test_untied_full_fine_tuning_peaks_where_the_estimate_says(tmp_path, tiny_model_dir, prepared_dir, monkeypatch,
+                                                               optimizer, foreach, batch):
+    """With an untied LM head and few labelled tokens per hidden unit, the peak comes after the backward
+    pass's start. adamw_torch's single-tensor step (torch's default on a CPU) holds two LM-head-sized
+    tensors and the previous tensor's denominator; its foreach step (the default on a GPU, forced here
+    through torch's own switch) a copy of every parameter. bitsandbytes' 8-bit AdamW keeps fp32 moments
+    for the input embedding (transformers' Trainer asks it to). With accumulation, the LM head's weight
+    gradient is held in bf16 and fp32 at once, beside the layers' activations. The estimate was 0.80-0.82
+    of the first three, and counted a bf16 copy of the (separate) embedding that autocast never makes."""
+    vocabulary, hidden, intermediate = 32768, 256, 512
+    shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+             "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": vocabulary, "max_position_embeddings": 1024,
+             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    (tmp_path / "shape.json").write_text(json.dumps(shape))
+    fetch_model(f"random:{tmp_path / 'shape.json'}", tmp_path / "model", tokenizer=str(tiny_model_dir), seed=0)
+    if foreach:
+        import torch.optim.adam as adam_module
+
+        monkeypatch.setattr(adam_module, "_default_to_fused_or_foreach", lambda *args, **kwargs: (False, True))
+        monkeypatch.setattr(memory, "_get_foreach_kernels_supported_devices", lambda: ["cpu"])
+    settings = {**TINY_RUN, "method": "full", "max_steps": 2, "batch_size": batch, "micro_batch_size": 1,
+                "cutoff_len": 32, "optimizer": optimizer}
+    summary = train_to_files(tmp_path / "model", prepared_dir, tmp_path / "full", tmp_path / "full.json", settings,
+                             "chat")
+    measured, estimated = summary["memory"], summary["memory_estimate"]["at_measured_step"]
+    trainable, embedding = summary["parameters"]["trainable"], vocabulary * hidden
+    if optimizer != "adamw_bnb_8bit":
+        temporaries = {"adamw_torch": 4 * trainable if foreach else 4 * (2 * embedding + hidden * intermediate),
+                       "adamw_torch_fused": (2 + 4) * embedding}[optimizer]
+        assert estimated["breakdown"]["temporaries"] == temporaries
+        assert measured["breakdown"]["temporaries"] == pytest.approx(temporaries, rel=0.01)
+    else:  # fp32 moments for the embedding, one byte each (and absmax) for the rest
+        assert 8 * embedding < estimated["breakdown"]["optimizer"] < 8 * embedding + 2.1 * (trainable - embedding)
+        assert measured["breakdown"]["optimizer"] == pytest.approx(estimated["breakdown"]["optimizer"], rel=0.01)
+    assert 0.99 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.01
