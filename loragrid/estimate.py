@@ -106,10 +106,9 @@ def total_parameters(sizes: dict) -> int:
 
 
 def lora_parameters(sizes: dict, settings: dict) -> int:
-    """LoRA's trainable parameters: r x (in + out) for each adapted linear layer of every decoder layer."""
-    names = adapted_modules(settings)
-    return sizes["layers"] * settings["lora_r"] * sum(a + b for name, (a, b) in sizes["linear_shapes"].items()
-                                                      if name in names)
+    """LoRA's trainable parameters: r x (in + out) for each adapted linear layer of every decoder layer
+    (DoRA: and a magnitude per output feature)."""
+    return sum(trainable_tensors(sizes, {**settings, "method": "lora"})["numels"])
 
 
 def adapted_modules(settings: dict) -> tuple[str, ...]:
@@ -168,6 +167,8 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     kept += HALF * settings["lora_r"] * len(adapted)
     if settings.get("lora_dropout"):  # each adapter's dropout keeps its own copy of the input and a mask
         kept += (HALF + 1) * sum(fan_in for fan_in, _ in adapted)
+    if settings.get("use_dora"):  # DoRA keeps the base layer's and the adapter's bf16 outputs for its magnitude
+        kept += 2 * HALF * sum(fan_out for _, fan_out in adapted)
     return kept
 
 
@@ -235,10 +236,12 @@ def trainable_tensors(sizes: dict, settings: dict) -> dict:
     """The element counts of the trainable tensors (`numels`), and of the input embedding where it is
     one of them (`embedding`, else 0): what the optimizer's state and step depend on."""
     layers = sizes["layers"]
-    if settings["method"] != "full":  # LoRA's A (r x in) and B (out x r) of each adapted layer
+    if settings["method"] != "full":  # LoRA's A (r x in) and B (out x r) of each adapted layer, DoRA's magnitude
         r, names = settings["lora_r"], adapted_modules(settings)
-        adapters = [n for name, (fan_in, fan_out) in sizes["linear_shapes"].items() if name in names
-                    for n in (r * fan_in, fan_out * r)]
+        shapes = [shape for name, shape in sizes["linear_shapes"].items() if name in names]
+        adapters = [n for fan_in, fan_out in shapes for n in (r * fan_in, fan_out * r)]
+        if settings.get("use_dora"):
+            adapters += [fan_out for _, fan_out in shapes]
         return {"numels": adapters * layers, "embedding": 0}
     h = sizes["hidden"]
     layer = [a * b for a, b in sizes["linear_shapes"].values()] + [h] * sizes["norms"] + sizes["qk_norm_tensors"]

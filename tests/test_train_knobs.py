@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_RUN
-from loragrid import modeling, tokenized
+from loragrid import estimate, modeling, tokenized
 from loragrid import train as training
 from loragrid.common import LoragridError, read_json, read_jsonl
 from loragrid.train import train, train_to_files
@@ -227,12 +227,29 @@ def test_use_rslora_scales_by_the_square_root_of_r(tiny_model_dir, prepared_dir,
     assert layer.scaling["default"] == pytest.approx(TINY_RUN["lora_alpha"] / math.sqrt(TINY_RUN["lora_r"]))
 
 
-def test_use_dora_trains_magnitude_vectors(tiny_model_dir, prepared_dir, tmp_path):
+def test_use_dora_trains_magnitude_vectors_and_the_estimate_counts_what_it_keeps(tiny_model_dir, prepared_dir,
+                                                                                 tmp_path):
+    """DoRA keeps each adapted layer's base and adapter outputs for its magnitude's gradient: the estimate
+    was 0.75 of the measurement without them (docs/memory.md)."""
     plain = run(tiny_model_dir, prepared_dir, tmp_path, "lora")
     dora = run(tiny_model_dir, prepared_dir, tmp_path, "dora", use_dora=True)
     assert dora["parameters"]["trainable"] > plain["parameters"]["trainable"]
     with safe_open(tmp_path / "dora/adapter_model.safetensors", "pt") as handle:
         assert any("lora_magnitude_vector" in key for key in handle.keys())
+    sizes = estimate.model_sizes(read_json(tiny_model_dir / "config.json"))
+    assert estimate.lora_parameters(sizes, {**TINY_RUN, "use_dora": True}) == dora["parameters"]["trainable"]
+    measured, estimated = dora["memory"], dora["memory_estimate"]["at_measured_step"]
+    assert measured["breakdown"]["activations"] > 1.2 * plain["memory"]["breakdown"]["activations"]
+    assert 0.97 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.03
+
+
+def test_dora_on_8bit_layers_is_refused_where_the_libraries_cannot_train_it(tiny_model_dir, prepared_dir, tmp_path):
+    """peft 0.21.2 with bitsandbytes 0.50.2 loses an 8-bit layer's scales under DoRA on a CPU: the probe of two
+    passes through one such layer says so before the model loads, not a traceback from inside the first step."""
+    with pytest.raises(LoragridError, match="config key 'use_dora': DoRA does not train on qlora8's 8-bit layers on "
+                                            "cpu with peft .* use it with lora or qlora4"):
+        run(tiny_model_dir, prepared_dir, tmp_path, method="qlora8", use_dora=True)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("quant_type, double_quant, compute_dtype", [
