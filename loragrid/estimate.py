@@ -131,6 +131,16 @@ def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
     return int(linear + HALF * frozen + SINGLE * lora), lora
 
 
+def adapted_inputs(sizes: dict, settings: dict) -> int:
+    """The bf16 inputs that an adapter run's linear layers keep: only an adapted layer's (its lora_A needs
+    it for its gradient; a frozen layer needs its weight only), each distinct input once (q, k and v share
+    the attention input, gate and up the MLP input). bitsandbytes' 8-bit layers keep theirs regardless."""
+    adapted = set(adapted_modules(settings))
+    inputs = {("q_proj", "k_proj", "v_proj"): sizes["hidden"], ("o_proj",): sizes["attention_width"],
+              ("gate_proj", "up_proj"): sizes["hidden"], ("down_proj",): sizes["intermediate"]}
+    return HALF * sum(width for names, width in inputs.items() if adapted.intersection(names))
+
+
 def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention: str = "eager") -> int:
     """Bytes one token keeps per decoder layer until the backward pass reaches it.
 
@@ -147,9 +157,10 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     """
     h, i, heads, method = sizes["hidden"], sizes["intermediate"], sizes["heads"], settings["method"]
     width = sizes["attention_width"]  # heads x head_dim: h in Llama, Qwen2 and Mistral
-    linear_inputs = HALF * (2 * h + width + i)
+    all_inputs = HALF * (2 * h + width + i)
     if settings["gradient_checkpointing"]:
-        return (SINGLE if method == "full" else HALF) * h + (linear_inputs if method == "qlora8" else 0)
+        return (SINGLE if method == "full" else HALF) * h + (all_inputs if method == "qlora8" else 0)
+    linear_inputs = all_inputs if method in ("full", "qlora8") else adapted_inputs(sizes, settings)
     attention_bytes = 6 * heads * sequence if attention == "eager" else 4 * heads
     if attention == "eager" and sizes["attention_softcapping"]:  # SDPA ignores softcapping
         attention_bytes += HALF * heads * sequence
