@@ -44,6 +44,7 @@ CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", 
 # the Gemma family ties, the other checked types do not.
 TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3_text")
 ADAPTED_PER_LAYER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # What the estimate reads from config.json; GPT-2, OPT, Bloom or Falcon name their shape otherwise.
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -112,11 +113,14 @@ def lora_parameters(sizes: dict, settings: dict) -> int:
 
 
 def adapted_modules(settings: dict) -> tuple[str, ...]:
+    """The projections (in ADAPTED_PER_LAYER's names) that target_modules adapts; Phi-3's fused qkv_proj and
+    gate_up_proj stand for the projections they hold."""
     targets = settings.get("target_modules", "all-linear")
     if targets in (None, "all-linear"):
         return ADAPTED_PER_LAYER
     targets = [targets] if isinstance(targets, str) else targets
-    return tuple(name for name in ADAPTED_PER_LAYER if name in targets)
+    named = {part for target in targets for part in FUSED_PROJECTIONS.get(target, (target,))}
+    return tuple(name for name in ADAPTED_PER_LAYER if name in named)
 
 
 def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
