@@ -180,3 +180,10 @@ def test_an_architecture_without_an_estimate_trains_and_reports_its_measured_mem
     assert columns["training_memory_gb"] > 0 and columns["estimated_memory_gb"] != columns["estimated_memory_gb"]
     plot_memory({"lora": train}, copy_repo / "memory.png")  # measured bars only
     assert (copy_repo / "memory.png").stat().st_size > 0
+
+    # max_memory_gb picks the micro-batch from the estimate: refused for this model, before the first step.
+    target = "results/tiny-gpt2--tiny/runs/lora/train.json"
+    result = snakemake(copy_repo, target, "--configfile", "tiny.yaml", "--config", "training={max_memory_gb: 8}")
+    log = (copy_repo / "logs/tiny-gpt2--tiny/train/lora.log").read_text()
+    assert result.returncode != 0 and not (copy_repo / target).exists()
+    assert "config key 'max_memory_gb' picks the micro-batch from the memory estimate: no memory estimate" in log

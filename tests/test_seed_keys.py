@@ -224,8 +224,9 @@ def test_generate_with_beams_answers_alike_in_left_padded_batches_and_alone(tiny
 
 def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir, fetched_tiny_model, wandb_offline):
     """One real snakemake run: Snakemake's config merging and params carry every new key to its job."""
-    training = {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96,
-                "target_modules": None, "warmup_steps": 1, "report_to": "wandb",
+    # max_memory_gb: room for any micro-batch, so the largest divisor of batch_size 8 replaces micro_batch_size 2.
+    training = {"max_steps": 2, "micro_batch_size": 2, "max_memory_gb": 1000, "lora_r": 4, "lora_alpha": 8,
+                "cutoff_len": 96, "target_modules": None, "warmup_steps": 1, "report_to": "wandb",
                 "lr_scheduler_type": "constant_with_warmup"}
     generate = {"max_new_tokens": 4, "batch_size": 8, "num_beams": 2, "no_repeat_ngram_size": 2,
                 "repetition_penalty": 1.2}
@@ -239,6 +240,8 @@ def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir,
     summary = read_json(results / "runs/lora/train.json")
     settings = summary["provenance"]["settings"]
     assert (settings["warmup_steps"], settings["report_to"]) == (1, "wandb")
+    chosen = (settings["max_memory_gb"], summary["micro_batch_size"], summary["gradient_accumulation_steps"])
+    assert chosen == (1000, 8, 1)
     adapter = results / "runs/lora/adapter"
     targets = read_json(adapter / "adapter_config.json")["target_modules"]
     assert {name.rpartition(".")[2] for name in targets} == ALL_LINEAR
