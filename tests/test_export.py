@@ -99,6 +99,29 @@ def test_every_run_is_exported_and_agrees_with_transformers(export_workflow):
                           "general.file_type": {"f16": 1, "q8_0": 7, "q4_k_m": 15}[gguf_type]}
 
 
+def test_a_gguf_source_fetches_through_snakemake_as_safetensors(export_workflow, tmp_path):
+    """The gguf: source through Snakemake's fetch_model rule, as a user's config reaches it, on the full run's
+    q8_0 export (transformers dequantizes it; the embedded model's Q4_1 GGUF takes the same path through the
+    pypi: source in tests/test_real_model.py)."""
+    from transformers import AutoModelForCausalLM
+
+    exported, _ = export_workflow
+    gguf = results_dir(exported, EXPERIMENT) / "gguf/full-q8_0.gguf"
+    workdir = copy_workflow(tmp_path / "workflow")
+    (workdir / "gguf.yaml").write_text(yaml.safe_dump({"model": {"name": "smol", "source": f"gguf:{gguf}"}}))
+    result = snakemake(workdir, "resources/models/smol", "--configfile", "gguf.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    model_dir = workdir / "resources/models/smol"
+    provenance = json.loads((model_dir / "source.json").read_text())
+    assert "quantization_config" not in json.loads((model_dir / "config.json").read_text())
+    assert list(model_dir.glob("*.safetensors"))
+    assert provenance["files"]["config.json"] and provenance["gguf_sha256"]
+    assert provenance["source"] == f"gguf:{gguf}"
+    exported_model = AutoModelForCausalLM.from_pretrained(results_dir(exported, EXPERIMENT) / "runs/full/model")
+    fetched = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert sum(p.numel() for p in fetched.parameters()) == sum(p.numel() for p in exported_model.parameters())
+
+
 def test_modelfile_carries_the_chat_template(export_workflow):
     workdir, _ = export_workflow
     text = (results_dir(workdir, EXPERIMENT) / "gguf" / "lora-q8_0.Modelfile").read_text()

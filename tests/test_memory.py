@@ -174,14 +174,16 @@ def test_memory_command_projects_a_7b_model_in_the_known_order():
     assert totals["full"] >= 16 * 7.61 and float(rows["full"][3]) > 0
 
 
-def test_memory_command_counts_what_each_optimizer_holds():
+def test_memory_command_counts_what_each_optimizer_holds(capsys):
     """adamw_torch on a GPU steps every tensor at once (a copy of every parameter, 20 bytes a parameter for
     full fine-tuning); bitsandbytes' 8-bit AdamW keeps one byte a moment, fp32 ones for the embedding."""
+    from loragrid.__main__ import main
+
     def full_fine_tuning(optimizer):
-        command = ["-m", "loragrid", "memory", "--model", "config/models/qwen2.5-7b.json", "--optimizer", optimizer]
-        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True)
-        assert result.returncode == 0 and f"{optimizer}," in result.stdout.splitlines()[0], result.stderr
-        cells = next(line for line in result.stdout.splitlines() if line.startswith("full |")).split(" | ")
+        assert main(["memory", "--model", str(REPO / "config/models/qwen2.5-7b.json"), "--optimizer", optimizer]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f"{optimizer}," in lines[0]
+        cells = next(line for line in lines if line.startswith("full |")).split(" | ")
         return {"optimizer": float(cells[4]), "temporaries": float(cells[6]), "total": float(cells[7])}
 
     fused, foreach, eight_bit = map(full_fine_tuning, ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit"))
