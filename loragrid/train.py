@@ -88,7 +88,7 @@ def check_dora(settings: dict, device: str) -> None:
     import peft
 
     layer = bitsandbytes.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
-    layer.weight = bitsandbytes.nn.Int8Params(torch.randn(64, 64), requires_grad=False, has_fp16_weights=False)
+    layer.weight = bitsandbytes.nn.Int8Params(torch.ones(64, 64), requires_grad=False, has_fp16_weights=False)
     probe = peft.get_peft_model(torch.nn.Sequential(layer).to(device),
                                 peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
     try:
