@@ -57,7 +57,7 @@ def memory_command(args) -> None:
     sizes = model_sizes(config)
     settings = {"micro_batch_size": args.micro_batch, "lora_r": args.lora_r, "target_modules": "all-linear",
                 "lora_dropout": 0.0, "optimizer": args.optimizer,
-                "gradient_checkpointing": args.gradient_checkpointing}
+                "gradient_checkpointing": {"on": True, "off": False}.get(args.gradient_checkpointing, "auto")}
     budget = args.budget_gb * 1e9 if args.budget_gb else None
     if args.attention == "auto":  # what transformers runs on a GPU: SDPA cannot softcap attention scores
         eager = sizes["model_type"] in EAGER_ONLY_MODEL_TYPES or sizes["attention_softcapping"]
@@ -154,7 +154,6 @@ def add_memory_command(commands) -> None:
                         help="share of positions with a label, i.e. answer tokens (default 0.5)")
     memory.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
     memory.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
-                        type=lambda v: {"on": True, "off": False}.get(v, v),
                         help="auto (default): on for QLoRA, off for full and LoRA")
     memory.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
                         help="auto (default): as on a GPU, sdpa (eager for Gemma 2); eager as on a CPU")

@@ -151,10 +151,12 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     Counted from what autograd saves in a Llama/Qwen/Gemma block under bf16 autocast (docs/memory.md),
     w = heads x head_dim: the RMSNorms keep their fp32 inputs (2 x 4h, Gemma 2 and 3 4 x 4h); the
     linear layers' distinct inputs (attention and MLP inputs, o_proj's and down_proj's: 2h + w + i at
-    2 bytes); q and the head-expanded k and v (3w); Qwen3's, Gemma 3's and OLMo 2's q and k norms
-    their fp32 inputs; eager attention its fp32 softmax and bf16 probabilities (6 x heads x sequence,
-    Gemma 2's softcapped scores 2 more; SDPA a logsumexp, 4 x heads); the MLP's gate, its activation
-    and up (3i); each adapter its rank-r middle.
+    2 bytes; in an adapter run the adapted layers' only, `adapted_inputs`); q and the head-expanded k
+    and v (3w); Qwen3's, Gemma 3's and OLMo 2's q and k norms their fp32 inputs; eager attention its
+    fp32 softmax and bf16 probabilities (6 x heads x sequence, Gemma 2's softcapped scores 2 more; SDPA
+    a logsumexp, 4 x heads, and its output, o_proj's input); the MLP's gate, its activation
+    and up (3i); each adapter its rank-r middle (with dropout its own input copy and mask; DoRA the base
+    layer's and the adapter's outputs).
     With gradient checkpointing only each layer's input stays, except what bitsandbytes' 8-bit
     matmul stores on its autograd context, outside what checkpointing can drop: its input
     (bitsandbytes/autograd/_functions.py, MatMul8bitFp.forward and MatMul8bitLt.forward).
@@ -164,7 +166,11 @@ def layer_activation_bytes(sizes: dict, settings: dict, sequence: int, attention
     all_inputs = HALF * (2 * h + width + i)
     if settings["gradient_checkpointing"]:
         return (SINGLE if method == "full" else HALF) * h + (all_inputs if method == "qlora8" else 0)
-    linear_inputs = all_inputs if method in ("full", "qlora8") else adapted_inputs(sizes, settings)
+    linear_inputs = all_inputs
+    if method in ("lora", "qlora4"):
+        linear_inputs = adapted_inputs(sizes, settings)
+        if attention != "eager" and "o_proj" not in adapted_modules(settings):
+            linear_inputs += HALF * width  # SDPA keeps its output, o_proj's input, for its own backward pass
     attention_bytes = 6 * heads * sequence if attention == "eager" else 4 * heads
     if attention == "eager" and sizes["attention_softcapping"]:  # SDPA ignores softcapping
         attention_bytes += HALF * heads * sequence
@@ -209,10 +215,13 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     layers = tokens * sizes["layers"] * layer_activation_bytes(sizes, settings, sequence, attention)
     logits_kept = (LOGITS_KEPT + (HALF if sizes["logit_softcapping"] else 0)) * logits
     temporaries = LOGITS_BACKWARD * logits
+    dora = dora_weight_norm_bytes(sizes, settings)
     if settings["gradient_checkpointing"]:  # the backward pass recomputes one layer at a time
         unchecked = {**settings, "gradient_checkpointing": False}
-        temporaries = max(temporaries, tokens * layer_activation_bytes(sizes, unchecked, sequence, attention))
+        temporaries = max(temporaries, tokens * layer_activation_bytes(sizes, unchecked, sequence, attention) + dora)
     moments = [{**held, "activations": int(layers + logits_kept), "temporaries": int(temporaries)}]
+    if dora and not settings["gradient_checkpointing"]:  # the last layer's forward pass, every layer's activations
+        moments.append({**held, "activations": int(layers), "temporaries": dora})
     if settings["method"] == "full":
         # autocast's bf16 copies of the fp32 weights, kept for the backward pass: every linear layer's
         # and the LM head's (an embedding lookup is not autocast: a separate embedding has none)
@@ -226,6 +235,17 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     parts = max(moments, key=lambda moment: sum(moment.values()))
     return {"total_bytes": sum(parts.values()), "breakdown": parts, "rows": rows, "sequence": sequence,
             "labelled": labelled, "trainable": trainable, "unchecked_architecture": unchecked_architecture(sizes)}
+
+
+def dora_weight_norm_bytes(sizes: dict, settings: dict) -> int:
+    """DoRA recomputes its weight's norm in each forward pass of an adapted layer (peft 0.21.2): an identity
+    matrix as wide as the layer's input (bf16) and weight-sized products, 2 x in^2 + 16 x in x out bytes at
+    once, fitted to measurements at 1024 x 1024, 1024 x 2816 and 2816 x 1024 (LoRA and QLoRA-4 alike); the
+    widest adapted layer's. 0 without DoRA."""
+    if not settings.get("use_dora") or settings["method"] == "full":
+        return 0
+    shapes = [sizes["linear_shapes"][name] for name in adapted_modules(settings)]
+    return max((2 * fan_in * fan_in + 16 * fan_in * fan_out for fan_in, fan_out in shapes), default=0)
 
 
 def lm_head_gradient(sizes: dict, held: dict, layer_activations: int) -> dict:

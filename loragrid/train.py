@@ -78,23 +78,26 @@ def check_optimizer(optimizer: str, device: str) -> None:
         log.warning("optimizer %s: paging needs CUDA; on a CPU bitsandbytes runs it as adamw_bnb_8bit", optimizer)
 
 
-def check_dora(settings: dict, device: str) -> None:
+def check_dora(settings: dict) -> None:
     """Fail before loading where peft's DoRA does not train on bitsandbytes' 8-bit layers on this device. With
     peft 0.21.2 and bitsandbytes 0.50.2 on a CPU, the second pass through such a layer finds its int8 scales
-    gone (an AttributeError inside bitsandbytes' matmul): two passes through a 64 x 64 layer tell."""
+    gone (an AttributeError inside bitsandbytes' matmul): two passes through a 64 x 64 layer, built and run
+    as training builds and runs them (transformers' outlier threshold 6.0, autocast), tell."""
     if not (settings.get("use_dora") and settings["method"] == "qlora8"):
         return
     import bitsandbytes
     import peft
 
-    layer = bitsandbytes.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+    device = f"cuda:{modeling.process_gpu()}" if modeling.device() == "cuda" else "cpu"
+    layer = bitsandbytes.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False, threshold=6.0)
     layer.weight = bitsandbytes.nn.Int8Params(torch.ones(64, 64), requires_grad=False, has_fp16_weights=False)
     probe = peft.get_peft_model(torch.nn.Sequential(layer).to(device),
                                 peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
     try:
-        for _ in range(2):
-            probe(torch.ones(2, 64, device=device, dtype=torch.bfloat16)).sum().backward()
-    except Exception as error:  # whatever the libraries raise mid-matmul
+        with torch.autocast(device.partition(":")[0], dtype=modeling.compute_dtype()):
+            for _ in range(2):
+                probe(torch.ones(2, 64, device=device)).sum().backward()
+    except AttributeError as error:  # the lost scales: `'NoneType' object has no attribute 'unsqueeze'`
         raise LoragridError(f"config key 'use_dora': DoRA does not train on qlora8's 8-bit layers on {device} with "
                             f"peft {peft.__version__} and bitsandbytes {bitsandbytes.__version__} "
                             f"({type(error).__name__}: {error}); use it with lora or qlora4") from error
@@ -449,7 +452,7 @@ def _check_before_loading(settings: dict, folders, tensorboard_dir, wandb_dir) -
         if folder is not None:
             verify_folder(folder)
     check_optimizer(settings["optimizer"], modeling.device())
-    check_dora(settings, modeling.device())
+    check_dora(settings)
     accumulation_steps(settings)
     check_reporting(settings, tensorboard_dir, wandb_dir)
 

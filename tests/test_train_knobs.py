@@ -258,7 +258,7 @@ def test_dora_on_8bit_layers_is_refused_where_the_libraries_cannot_train_it(tiny
     """peft 0.21.2 with bitsandbytes 0.50.2 loses an 8-bit layer's scales under DoRA on a CPU: the probe of two
     passes through one such layer says so before the model loads, not a traceback from inside the first step."""
     with pytest.raises(LoragridError, match="config key 'use_dora': DoRA does not train on qlora8's 8-bit layers on "
-                                            "cpu with peft .* use it with lora or qlora4"):
+                                            "cpu with peft .*AttributeError.* use it with lora or qlora4"):
         run(tiny_model_dir, prepared_dir, tmp_path, method="qlora8", use_dora=True)
     assert not (tmp_path / "run").exists()
 
