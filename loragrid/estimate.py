@@ -219,17 +219,17 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     if settings["gradient_checkpointing"]:  # the backward pass recomputes one layer at a time
         unchecked = {**settings, "gradient_checkpointing": False}
         temporaries = max(temporaries, tokens * layer_activation_bytes(sizes, unchecked, sequence, attention) + dora)
-    moments = [{**held, "activations": int(layers + logits_kept), "temporaries": int(temporaries)}]
+    full = settings["method"] == "full"
+    # Full fine-tuning: autocast's bf16 copies of the fp32 weights, kept for the backward pass: every linear
+    # layer's and the LM head's (an embedding lookup is not autocast: a separate embedding has none).
+    layers += HALF * sizes["layer_linear_params"] if full else 0
+    lm_head_copy = HALF * sizes["embedding_params"] if full else 0
+    moments = [{**held, "activations": int(layers + logits_kept + lm_head_copy), "temporaries": int(temporaries)}]
     if dora and not settings["gradient_checkpointing"]:  # the last layer's forward pass, every layer's activations
         moments.append({**held, "activations": int(layers), "temporaries": dora})
-    if settings["method"] == "full":
-        # autocast's bf16 copies of the fp32 weights, kept for the backward pass: every linear layer's
-        # and the LM head's (an embedding lookup is not autocast: a separate embedding has none)
-        layers += HALF * sizes["layer_linear_params"]
-        lm_head_copy = HALF * sizes["embedding_params"]
-        moments = [{**held, "activations": int(layers + logits_kept + lm_head_copy), "temporaries": int(temporaries)},
-                   lm_head_gradient(sizes, held, int(layers)),
-                   end_of_backward(sizes, weights, optimizer, trainable, accumulation)]
+    if full:
+        moments += [lm_head_gradient(sizes, held, int(layers)),
+                    end_of_backward(sizes, weights, optimizer, trainable, accumulation)]
     moments.append({"weights": weights, "gradients": SINGLE * trainable, "optimizer": state, "activations": 0,
                     "temporaries": optimizer_step_temporaries(settings, tensors, foreach)})
     parts = max(moments, key=lambda moment: sum(moment.values()))
