@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,20 +385,42 @@ def test_phi3s_fused_projections_count_as_the_projections_they_hold(tmp_path, ti
     assert 0.98 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.02
 
 
-def test_doras_weight_norm_is_counted_where_it_dominates(tmp_path, tiny_model_dir, prepared_dir):
-    """Each DoRA forward pass builds an identity as wide as the layer's input and weight-sized products to
-    take its weight's norm: 62 MB at once for a 2816 x 1024 layer. With few tokens that is the step's peak:
-    the estimate was 0.61 of the measurement here without it; it is an upper bound now (docs/memory.md)."""
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tiny_model_dir) -> Path:
+    """Two decoder layers as wide as a 1B model's (1024, MLP 2816): with few tokens a step's peak is where one
+    layer's weight-sized transient is."""
+    folder = tmp_path_factory.mktemp("wide-llama")
     shape = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
              "intermediate_size": 2816, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
              "vocab_size": 4096, "max_position_embeddings": 1024, "bos_token_id": 1, "eos_token_id": 2,
              "pad_token_id": 2}
-    (tmp_path / "shape.json").write_text(json.dumps(shape))
-    fetch_model(f"random:{tmp_path / 'shape.json'}", tmp_path / "model", tokenizer=str(tiny_model_dir), seed=0)
+    (folder / "shape.json").write_text(json.dumps(shape))
+    fetch_model(f"random:{folder / 'shape.json'}", folder / "model", tokenizer=str(tiny_model_dir), seed=0)
+    return folder / "model"
+
+
+def test_doras_weight_norm_is_counted_where_it_dominates(tmp_path, wide_llama, prepared_dir):
+    """Each DoRA forward pass builds an identity as wide as the layer's input and weight-sized products to
+    take its weight's norm: 62 MB at once for a 2816 x 1024 layer. With few tokens that is the step's peak:
+    the estimate was 0.61 of the measurement here without it; it is an upper bound now (docs/memory.md)."""
     settings = {**TINY_RUN, "method": "lora", "max_steps": 2, "batch_size": 1, "micro_batch_size": 1, "lora_r": 16,
                 "cutoff_len": 64, "use_dora": True}
-    summary = train_to_files(tmp_path / "model", prepared_dir, tmp_path / "dora", tmp_path / "dora.json", settings,
-                             "chat")
+    summary = train_to_files(wide_llama, prepared_dir, tmp_path / "dora", tmp_path / "dora.json", settings, "chat")
     measured, estimated = summary["memory"], summary["memory_estimate"]["at_measured_step"]
     assert estimated["breakdown"]["temporaries"] == 2 * 2816**2 + 16 * 2816 * 1024
     assert 1.0 <= estimated["total_bytes"] / measured["training_peak_bytes"] < 1.1
+
+
+@pytest.mark.parametrize("method", ["qlora4", "qlora8"])
+def test_quantized_weights_dequantized_in_the_backward_pass_are_counted(tmp_path, wide_llama, prepared_dir, method):
+    """bitsandbytes dequantizes a quantized layer's weight to bf16 for its input's gradient, one layer at a time:
+    5.8 MB for a 2816 x 1024 layer. With few tokens that is the step's peak (here under QLoRA's gradient
+    checkpointing, in the recomputed layer): the estimate was 0.76 (QLoRA-4) of the measurement without it."""
+    settings = {**TINY_RUN, "method": method, "max_steps": 2, "batch_size": 1, "micro_batch_size": 1, "lora_r": 8,
+                "cutoff_len": 64, "gradient_checkpointing": True}
+    summary = train_to_files(wide_llama, prepared_dir, tmp_path / method, tmp_path / f"{method}.json", settings,
+                             "chat")
+    measured, estimated = summary["memory"], summary["memory_estimate"]["at_measured_step"]
+    assert measured["breakdown"]["temporaries"] > 2 * 2816 * 1024
+    assert estimated["breakdown"]["temporaries"] > 2 * 2816 * 1024
+    assert 0.97 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.03
