@@ -198,8 +198,8 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
              optimizer_state: bool = True, foreach: bool = False) -> dict:
     """What training holds at its peak: the start of the backward pass of a micro-batch of `rows` x
     `sequence` tokens, `labelled` of which have a label (only their logits are computed), or where they
-    hold more, full fine-tuning's LM-head gradient and end of the backward pass, a quantized layer's backward
-    pass, and the optimizer step (`foreach`: AdamW's multi-tensor step, torch's default on a GPU).
+    hold more, full fine-tuning's LM-head gradient and end of the backward pass, an adapter run's layer in the
+    backward pass, and the optimizer step (`foreach`: AdamW's multi-tensor step, torch's default on a GPU).
 
     Gradients count only with gradient accumulation (they outlive a micro-batch); the optimizer's
     state from the second step on (`optimizer_state`: False for the first step of a run). `tensors`:
@@ -229,10 +229,9 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     moments = [{**held, "activations": int(layers + logits_kept + lm_head_copy), "temporaries": int(temporaries)}]
     if dora and not settings["gradient_checkpointing"]:  # the last layer's forward pass, every layer's activations
         moments.append({**held, "activations": int(layers), "temporaries": dora})
-    dequantized = dequantized_weight_bytes(sizes, settings, tokens)
-    if dequantized:
-        moments += quantized_backward(sizes, settings, held, int(layers), int(recomputed + dequantized), trainable,
-                                      tokens)
+    if not full:
+        moments += layer_backward(sizes, settings, held, int(layers), int(recomputed + linear_backward_bytes(
+            sizes, settings, tokens)), trainable, tokens)
     if full:
         moments += [lm_head_gradient(sizes, held, int(layers)),
                     end_of_backward(sizes, weights, optimizer, trainable, accumulation)]
@@ -254,23 +253,23 @@ def dora_weight_norm_bytes(sizes: dict, settings: dict) -> int:
     return max((2 * fan_in * fan_in + 16 * fan_in * fan_out for fan_in, fan_out in shapes), default=0)
 
 
-def dequantized_weight_bytes(sizes: dict, settings: dict, tokens: int) -> int:
-    """QLoRA's frozen weights are dequantized to the compute dtype for each matmul's input gradient (bitsandbytes
-    0.50: MatMul4Bit's and both 8-bit matmuls' backward), one layer at a time: a weight in bf16 beside its input's
-    gradient and the adapter path's, which are summed; the largest such layer's. 0 for lora and full."""
-    if settings["method"] not in QUANTIZED_BYTES:
-        return 0
-    return max(HALF * fan_in * (fan_out + 2 * tokens) for fan_in, fan_out in sizes["linear_shapes"].values())
+def linear_backward_bytes(sizes: dict, settings: dict, tokens: int) -> int:
+    """What an adapted linear layer's backward pass creates, the largest layer's: its input's gradient through the
+    frozen weight and through the adapter (2 x 2 bytes per input feature and token), and QLoRA's frozen weight,
+    which bitsandbytes 0.50 dequantizes to bf16 for that gradient (MatMul4Bit's and both 8-bit matmuls' backward)."""
+    quantized = settings["method"] in QUANTIZED_BYTES
+    return max(HALF * fan_in * ((fan_out if quantized else 0) + 2 * tokens)
+               for fan_in, fan_out in sizes["linear_shapes"].values())
 
 
-def quantized_backward(sizes: dict, settings: dict, held: dict, layers: int, temporaries: int, trainable: int,
-                       tokens: int) -> list[dict]:
-    """QLoRA's dequantized weight in the backward pass (`temporaries`, with a recomputed layer under gradient
-    checkpointing), where it holds most: in the first layer the backward pass reaches, beside every layer's
-    activations; under gradient checkpointing also in the last, where the other layers' checkpointed inputs
-    are freed (not the inputs 8-bit layers keep) and their adapters have their gradients. It matters with few
-    tokens per step: at Mistral 7B's widths (2 layers, micro-batch 1 x 235 tokens), QLoRA-4 with checkpointing
-    was 0.85 of the measurement without it."""
+def layer_backward(sizes: dict, settings: dict, held: dict, layers: int, temporaries: int, trainable: int,
+                   tokens: int) -> list[dict]:
+    """An adapter run's decoder layer in the backward pass (`temporaries`: a linear layer's backward and, under
+    gradient checkpointing, the recomputed layer), where it holds most: the first layer the backward pass
+    reaches, beside every layer's activations; under gradient checkpointing also the last, where the other
+    layers' checkpointed inputs are freed (not the inputs 8-bit layers keep) and their adapters' gradients are
+    held. It matters with few tokens per step or a small vocabulary: at Mistral 7B's widths (2 layers, micro-batch
+    1 x 235 tokens), QLoRA-4 with checkpointing was 0.85 of the measurement without it."""
     moments = [{**held, "activations": layers, "temporaries": temporaries}]
     if settings["gradient_checkpointing"] and not held["gradients"]:
         passed = sizes["layers"] - 1

@@ -411,16 +411,22 @@ def test_doras_weight_norm_is_counted_where_it_dominates(tmp_path, wide_llama, p
     assert 1.0 <= estimated["total_bytes"] / measured["training_peak_bytes"] < 1.1
 
 
-@pytest.mark.parametrize("method", ["qlora4", "qlora8"])
-def test_quantized_weights_dequantized_in_the_backward_pass_are_counted(tmp_path, wide_llama, prepared_dir, method):
-    """bitsandbytes dequantizes a quantized layer's weight to bf16 for its input's gradient, one layer at a time:
-    5.8 MB for a 2816 x 1024 layer. With few tokens that is the step's peak (here under QLoRA's gradient
-    checkpointing, in the recomputed layer): the estimate was 0.76 (QLoRA-4) of the measurement without it."""
+@pytest.mark.parametrize("method", ["lora", "qlora4", "qlora8"])
+def test_a_layers_backward_pass_is_counted_where_it_dominates(tmp_path, wide_llama, prepared_dir, method):
+    """A linear layer's backward pass creates its input's gradient through the frozen weight and through the
+    adapter; bitsandbytes also dequantizes a quantized weight to bf16 for it (5.8 MB for a 2816 x 1024 layer).
+    With few tokens and gradient checkpointing the recomputed layer's backward pass is the step's peak. Without
+    the term the estimate was 0.985 (LoRA), 0.85 (QLoRA-4) and 0.88 (QLoRA-8) of the measurement here, and 0.77,
+    0.37 and 0.45 of what the step holds beyond the weights and the optimizer's state."""
     settings = {**TINY_RUN, "method": method, "max_steps": 2, "batch_size": 1, "micro_batch_size": 1, "lora_r": 8,
                 "cutoff_len": 64, "gradient_checkpointing": True}
     summary = train_to_files(wide_llama, prepared_dir, tmp_path / method, tmp_path / f"{method}.json", settings,
                              "chat")
     measured, estimated = summary["memory"], summary["memory_estimate"]["at_measured_step"]
-    assert measured["breakdown"]["temporaries"] > 2 * 2816 * 1024
-    assert estimated["breakdown"]["temporaries"] > 2 * 2816 * 1024
-    assert 0.97 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.03
+    if method != "lora":
+        assert measured["breakdown"]["temporaries"] > 2 * 2816 * 1024
+        assert estimated["breakdown"]["temporaries"] > 2 * 2816 * 1024
+    transient = [sum(parts["breakdown"][key] for key in ("gradients", "activations", "temporaries"))
+                 for parts in (estimated, measured)]
+    assert 0.85 < transient[0] / transient[1] < 1.1
+    assert 0.98 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.02
