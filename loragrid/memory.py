@@ -89,6 +89,12 @@ def _weight_tensors(model):
                 yield constant, "quantized_bytes"
         else:
             yield parameter, "trainable_bytes" if parameter.requires_grad else "frozen_bytes"
+    for module in model.modules():
+        # bitsandbytes' 8-bit layers move their row scales from the weight to the layer's state on the first
+        # forward pass (Linear8bitLt.init_8bit_state): counted there from then on.
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scales, torch.Tensor):
+            yield scales, "quantized_bytes"
     for buffer in model.buffers():
         yield buffer, "frozen_bytes"
 
@@ -99,11 +105,14 @@ class StepMemory(TorchDispatchMode):
     def __init__(self, model, optimizer):
         super().__init__()
         self.model, self.optimizer = model, optimizer
-        self.live: dict[int, list] = {}  # storage id -> [category, bytes, weak reference]
+        self.live: dict[int, list] = {}  # storage id -> [category, bytes, weak reference, operation that made it]
         self.current = dict.fromkeys(CATEGORIES, 0)
         self.peak = dict(self.current)
         self.peak_bytes = 0
+        self.operations = self.peak_operation = 0
         self.in_optimizer = False
+        self.optimizer_began = None  # (operation, peak bytes, breakdown) when the step's optimizer step began
+        self.state_at_start = 0
         self.in_forward = False  # set by MemoryProfile around each forward pass
         self.bookkeeping_seconds = 0.0
         self.hooks = []
@@ -118,13 +127,17 @@ class StepMemory(TorchDispatchMode):
             if category in ("gradients", "optimizer") and entry[0] != category:
                 self.current[entry[0]] -= entry[1]  # a step's new tensor that became a .grad or state
                 self.current[category] += entry[1]
+                if self.optimizer_began and entry[3] <= self.peak_operation and category == "optimizer" \
+                        and self.peak_operation > self.optimizer_began[0]:
+                    self.peak[entry[0]] -= entry[1]  # state the step created before a peak within its optimizer step
+                    self.peak[category] += entry[1]
                 entry[0] = category
             return
         try:
             reference = weakref.ref(storage, lambda _, key=key: self._freed(key))
         except TypeError:  # storages without weak references cannot be followed: not counted
             return
-        self.live[key] = [category, storage.nbytes(), reference]
+        self.live[key] = [category, storage.nbytes(), reference, self.operations]
         self.current[category] += storage.nbytes()
 
     def _freed(self, key) -> None:
@@ -143,6 +156,7 @@ class StepMemory(TorchDispatchMode):
         for parameter in self.model.parameters():
             self.count(parameter.grad, "gradients")
         self._count_state()
+        self.state_at_start = self.current["optimizer"]
         self.hooks = [p.register_post_accumulate_grad_hook(lambda p: self.count(p.grad, "gradients"))
                       for p in self.model.parameters() if p.requires_grad]
         self.hooks += [torch_optimizer.register_optimizer_step_pre_hook(self._optimizer_begins),
@@ -157,6 +171,7 @@ class StepMemory(TorchDispatchMode):
 
     def _optimizer_begins(self, *_):
         self.in_optimizer = True
+        self.optimizer_began = self.optimizer_began or (self.operations, self.peak_bytes, dict(self.peak))
 
     def _optimizer_ends(self, *_):
         self.in_optimizer = False
@@ -165,11 +180,23 @@ class StepMemory(TorchDispatchMode):
     def _note_peak(self) -> None:
         total = sum(self.current.values())
         if total > self.peak_bytes:
-            self.peak_bytes, self.peak = total, dict(self.current)
+            self.peak_bytes, self.peak, self.peak_operation = total, dict(self.current), self.operations
+
+    def with_later_state(self) -> dict | None:
+        """A run's first step has the longest micro-batch (length-grouped batches) but no optimizer state yet:
+        its forward and backward passes' peak plus the state this step created, as every later step holds
+        it beside a micro-batch that long. None where the step began with the state (or never stepped)."""
+        if self.state_at_start or not self.optimizer_began or not self.current["optimizer"]:
+            return None
+        _, peak_bytes, breakdown = self.optimizer_began
+        state = self.current["optimizer"]
+        return {"peak_bytes": peak_bytes + state,
+                "breakdown": {**breakdown, "optimizer": breakdown["optimizer"] + state}}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         started = time.perf_counter()
+        self.operations += 1
         if self.in_optimizer or torch._C._current_graph_task_id() != -1:  # optimizer step, backward pass
             category = "temporaries"
         elif self.in_forward:
@@ -273,6 +300,7 @@ def _profile_callback_class():
                 hook.remove()
             self.profiled.append({"step": state.global_step, "peak_bytes": self.tracker.peak_bytes,
                                   "breakdown": self.tracker.peak, "micro_batches": self.shapes,
+                                  "with_later_state": self.tracker.with_later_state(),
                                   "seconds": seconds, "bookkeeping_seconds": self.tracker.bookkeeping_seconds})
             self.tracker = None
 
@@ -287,16 +315,20 @@ def _profile_callback_class():
 
 
 def profile_summary(profiled: list[dict], record: dict) -> dict:
-    """train.json's `memory.measured`: the highest profiled step's peak and its breakdown, beside
-    the resident and CUDA figures in `record`."""
+    """train.json's `memory.measured`: the highest profiled step's peak and its breakdown (the first step's
+    with the optimizer state added where that is higher: `with_later_state`), beside the resident and CUDA
+    figures in `record`."""
     if not profiled:
         return dict(record)
-    highest = max(profiled, key=lambda step: step["peak_bytes"])
+    candidates = [{**step, "with_later_state": False} for step in profiled]
+    candidates += [{**step, **step["with_later_state"], "with_later_state": True}
+                   for step in profiled if step.get("with_later_state")]
+    highest = max(candidates, key=lambda step: step["peak_bytes"])
     bookkeeping = sum(step["bookkeeping_seconds"] for step in profiled)
     largest = max(highest["micro_batches"], key=lambda shape: (shape["rows"] * shape["sequence"], shape["labelled"]))
     return {"training_peak_bytes": highest["peak_bytes"], "breakdown": highest["breakdown"],
-            "peak_step": highest["step"], "peak_micro_batch": largest, "profiled_steps": profiled,
-            "profiling_seconds": bookkeeping, **record}
+            "peak_step": highest["step"], "peak_with_later_state": highest["with_later_state"],
+            "peak_micro_batch": largest, "profiled_steps": profiled, "profiling_seconds": bookkeeping, **record}
 
 
 def memory_profile(steps: int = PROFILED_STEPS):

@@ -67,9 +67,10 @@ QUALITY_MEASURES = (
 )
 
 MEMORY_NOTE = (
-    "Training memory is the peak of what training holds during its first steps, measured by exact "
-    "tensor accounting on a CPU (every live tensor storage, counted once) or CUDA's max allocated memory "
-    "on a GPU; the breakdown is taken at that peak: W weights as held (4-bit and 8-bit weights packed), "
+    "Training memory is the peak of what training holds at its longest micro-batch with the optimizer state "
+    "of later steps, measured by exact tensor accounting on a CPU (every live tensor storage, counted once) "
+    "over the first two steps, or CUDA's max allocated memory over the whole run on a GPU; the breakdown is "
+    "the tensor accounting's at its peak: W weights as held (4-bit and 8-bit weights packed), "
     "G gradients, O optimizer state, A activations kept for the backward pass, T temporaries of the "
     "backward pass and the optimizer step. The estimate is loragrid's formula for the same step's "
     "micro-batches (docs/memory.md; – where the model's config.json is not Llama-style). Process peak "

@@ -177,7 +177,7 @@ def estimate_at_measured_step(model, settings: dict, measured: dict, accumulatio
     first one's backward pass starts before any gradient exists) and optimizer state from the second
     step on."""
     step = next(step for step in measured["profiled_steps"] if step["step"] == measured["peak_step"])
-    first_step = measured["peak_step"] == 1 and not resumed
+    first_step = measured["peak_step"] == 1 and not resumed and not measured.get("peak_with_later_state")
     candidates = [memory.estimate_for_model(model, settings, shape["rows"], shape["sequence"], shape["labelled"],
                                             accumulation=accumulation if index else 1,
                                             optimizer_state=not first_step)
