@@ -275,6 +275,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
                                 "steps, or -1 to train for `epochs`")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
+        _check_ignored_settings(name, settings)
         accumulation_steps(settings, f"runs.{name}")
 
     check_template(config["template"])
@@ -301,6 +302,20 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
 
         check_benchmarks(config["benchmarks"], workdir, config.get("offline", False))
     return runs
+
+
+def _check_ignored_settings(name: str, settings: dict) -> None:
+    """Settings the Trainer would silently ignore: runs that differ only there would train identically."""
+    if settings["max_steps"] > 0 and settings["epochs"] != 1:
+        raise LoragridError(f"config key 'runs.{name}.epochs': {settings['epochs']} has no effect while max_steps is "
+                            f"{settings['max_steps']} (max_steps decides how long training runs); set max_steps: -1 "
+                            "to train for epochs")
+    warmup = {key: settings[key] for key in ("warmup_ratio", "warmup_steps") if settings.get(key)}
+    if settings["lr_scheduler_type"] == "constant" and warmup:
+        key, value = next(iter(warmup.items()))
+        off = "null" if key == "warmup_steps" else 0
+        raise LoragridError(f"config key 'runs.{name}.lr_scheduler_type': constant has no warmup, so {key} {value} "
+                            f"changes nothing; use constant_with_warmup, or set {key}: {off}")
 
 
 def check_tokenizer_folder(folder: str | None, workdir: str | Path = ".") -> Path:

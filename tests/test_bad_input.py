@@ -187,6 +187,12 @@ CONFIG_CASES = [
      r"config key 'grid\.weight_decay\[1\]': inf is not a finite number"),
     ("max_steps 0", {"training": {"max_steps": 0}},
      r"config key 'runs\.full\.max_steps': 0 trains nothing; set a number of optimizer steps, or -1"),
+    ("epochs while max_steps decides", {"grid": {"method": ["lora"], "epochs": [1, 3]}},
+     r"config key 'runs\.lora-ep3\.epochs': 3 has no effect while max_steps is 30 \(max_steps decides how long "
+     r"training runs\); set max_steps: -1 to train for epochs"),
+    ("warmup under a constant schedule", {"training": {"lr_scheduler_type": "constant"}},
+     r"config key 'runs\.full\.lr_scheduler_type': constant has no warmup, so warmup_ratio 0\.05 changes nothing; "
+     r"use constant_with_warmup, or set warmup_ratio: 0"),
     ("a run name that is not text", {"runs": {12: {"method": "lora"}}},
      r"config key 'runs\.12': a run name must be text, got int 12 \(quote it in YAML\)"),
     ("a run name too long for a folder", {"runs": {"r" * 300: {"method": "lora"}}},
