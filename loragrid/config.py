@@ -158,7 +158,8 @@ def resolve_runs(config: dict) -> dict[str, dict]:
     # `_` holds linked settings (as axolotl's sweeps do): each entry is a dict of values that
     # change together, e.g. {method: qlora4, learning_rate: 0.001}; it joins the product as one axis.
     grid = {key: value if isinstance(value, list) else [value] for key, value in config["grid"].items()}
-    for values in itertools.product(*grid.values()):
+    # An empty grid names no runs (`grid: {}` beside `runs:` trains the named runs only), not the product of no axes.
+    for values in itertools.product(*grid.values()) if grid else ():
         overrides = {}
         for key, value in zip(grid.keys(), values):
             overrides.update(value if key == LINKED else {key: value})

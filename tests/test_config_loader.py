@@ -75,6 +75,13 @@ def test_a_grid_replaces_the_default_grid_and_runs_only_add(tmp_path):
     config = load_config([first, second])
     assert config["grid"] == {"lora_dropout": [0.1]}
     assert config["training"]["lora_r"] == 4 and config["training"]["seed"] == 1
+    # An empty grid names no runs (it named the default run, 'lora', beside the named ones): a real snakemake
+    # plans the named run only; with no named runs either there is nothing to train.
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump({"grid": {}, "runs": {"mine": {"method": "qlora4", "lora_r": 8}}}))
+    assert planned_runs("--configfile", str(named), *FRESH) == ["mine"]
+    with pytest.raises(LoragridError, match="config keys 'grid' and 'runs' are both empty: there is nothing to"):
+        runs_of(tmp_path, {"grid": {}})
 
 
 def test_yaml_exponents_load_as_numbers_in_the_cli_as_in_snakemake(tmp_path):
