@@ -302,7 +302,22 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         from .benchmarks import check_benchmarks
 
         check_benchmarks(config["benchmarks"], workdir, config.get("offline", False))
+    _check_renamed_sources(config)
     return runs
+
+
+def _check_renamed_sources(config: dict) -> None:
+    """A new model or dataset source under the default's name would fetch over the default's folder in resources/
+    and train over its runs in results/ (the experiment folder is named after both names)."""
+    from snakemake.common.configfile import load_configfile
+
+    default = load_configfile(schema_path().parent / "config.yaml")
+    for section in ("model", "dataset"):
+        source, name = config[section]["source"], config[section]["name"]
+        if source != default[section]["source"] and name == default[section]["name"]:
+            raise LoragridError(f"config key '{section}.name': {section}.source is {source!r}, but {section}.name is "
+                                f"still the default's {name!r}; name the {section}: the name picks its folders under "
+                                f"resources/ and results/, where the default {section}'s would be overwritten")
 
 
 def _check_ignored_settings(name: str, settings: dict) -> None:

@@ -187,6 +187,9 @@ CONFIG_CASES = [
      r"config key 'grid\.weight_decay\[1\]': inf is not a finite number"),
     ("max_steps 0", {"training": {"max_steps": 0}},
      r"config key 'runs\.full\.max_steps': 0 trains nothing; set a number of optimizer steps, or -1"),
+    ("a new model source under the default model's name", {"model": {"source": "local:data"}},
+     r"config key 'model\.name': model\.source is 'local:data', but model\.name is still the default's "
+     r"'smollm2-135m-instruct'; name the model: the name picks its folders under resources/ and results/"),
     ("epochs while max_steps decides", {"grid": {"method": ["lora"], "epochs": [1, 3]}},
      r"config key 'runs\.lora-ep3\.epochs': 3 has no effect while max_steps is 30 \(max_steps decides how long "
      r"training runs\); set max_steps: -1 to train for epochs"),
