@@ -136,6 +136,28 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def above_zero(kind: type):
+    """An argparse type: a number of `kind` above 0."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            whole = "whole " if kind is int else ""
+            raise argparse.ArgumentTypeError(f"expected a {whole}number above 0, got {text!r}")
+        return value
+    return parse
+
+
+def share(text: str) -> float:
+    """An argparse type: a share above 0, at most 1."""
+    value = above_zero(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a share above 0 and at most 1, got {text!r}")
+    return value
+
+
 def add_memory_command(commands) -> None:
     from .config import load_schema
 
@@ -148,11 +170,11 @@ def add_memory_command(commands) -> None:
                     "CPU, the CUDA context on a GPU).",
     )
     memory.add_argument("--model", required=True, help="a Hugging Face config.json of a Llama/Qwen/Gemma decoder")
-    memory.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (default 1)")
-    memory.add_argument("--sequence", type=int, default=512, help="tokens per row (default 512)")
-    memory.add_argument("--labelled-share", type=float, default=0.5,
+    memory.add_argument("--micro-batch", type=above_zero(int), default=1, help="rows per micro-batch (default 1)")
+    memory.add_argument("--sequence", type=above_zero(int), default=512, help="tokens per row (default 512)")
+    memory.add_argument("--labelled-share", type=share, default=0.5,
                         help="share of positions with a label, i.e. answer tokens (default 0.5)")
-    memory.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    memory.add_argument("--lora-r", type=above_zero(int), default=16, help="LoRA rank (default 16)")
     memory.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="auto (default): on for QLoRA, off for full and LoRA")
     memory.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
@@ -160,7 +182,8 @@ def add_memory_command(commands) -> None:
     memory.add_argument("--optimizer", choices=optimizers, default="adamw_torch_fused",
                         help="training.optimizer (default adamw_torch_fused, the workflow's); adamw_torch as on a "
                              "GPU, where its step holds a copy of every trainable parameter")
-    memory.add_argument("--budget-gb", type=float, help="find the largest micro-batch that fits this many GB")
+    memory.add_argument("--budget-gb", type=above_zero(float),
+                        help="find the largest micro-batch that fits this many GB")
     memory.set_defaults(handler=memory_command)
 
 

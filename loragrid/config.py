@@ -221,14 +221,26 @@ def load_config(configfiles=(), command_line: dict | None = None) -> dict:
 
     The Snakefile and `python -m loragrid runs` both build their config here.
     """
-    from snakemake.common.configfile import load_configfile
-
     config: dict = {}
-    for layer in [load_configfile(schema_path().parent / "config.yaml"), *map(load_configfile, configfiles),
+    for layer in [_config_file(schema_path().parent / "config.yaml"), *map(_config_file, configfiles),
                   dict(command_line or {})]:
         check_config_size(layer)
         config = overlay(config, layer, replaced=("grid",))
     return config
+
+
+def _config_file(path) -> dict:
+    """A config file as Snakemake loads it; a missing or malformed one named, with YAML's line and column."""
+    import yaml
+    from snakemake.common.configfile import load_configfile
+    from snakemake.exceptions import WorkflowError
+
+    try:
+        return load_configfile(path)
+    except (OSError, WorkflowError) as error:
+        cause = error.__context__ if isinstance(error.__context__, yaml.YAMLError) else error
+        reason = " ".join(str(getattr(cause, "strerror", None) or cause).split())
+        raise LoragridError(f"config file {path}: {reason}") from None
 
 
 def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:

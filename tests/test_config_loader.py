@@ -143,3 +143,15 @@ def test_null_on_the_command_line_is_null():
     config = load_config(command_line=parse_config(["training={target_modules: null, warmup_steps: null}"]))
     runs = checked_runs(config, workdir=REPO)
     assert runs["lora"]["target_modules"] == "all-linear" and runs["lora"]["warmup_steps"] is None
+
+
+def test_the_cli_names_a_missing_or_malformed_config_file(tmp_path, capsys):
+    from loragrid.__main__ import main
+
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("training: [1,\n")
+    assert main(["runs", "--configfile", str(tmp_path / "none.yaml")]) == 2
+    assert main(["runs", "--configfile", str(malformed)]) == 2
+    errors = capsys.readouterr().err
+    assert f"loragrid runs: config file {tmp_path / 'none.yaml'}: No such file or directory" in errors
+    assert re.search(rf"loragrid runs: config file {re.escape(str(malformed))}: .* line 2, column 1", errors)

@@ -458,3 +458,16 @@ def test_the_longest_micro_batch_is_measured_with_the_state_later_steps_hold(tin
     estimated = summary["memory_estimate"]["at_measured_step"]
     assert estimated["breakdown"]["optimizer"] > 0  # the estimate of that step counts the state too
     assert 0.95 < estimated["total_bytes"] / measured["training_peak_bytes"] < 1.05
+
+
+@pytest.mark.parametrize("argument, value, expected", [("--micro-batch", "0", "a whole number above 0"),
+                                                       ("--labelled-share", "2", "a share above 0 and at most 1"),
+                                                       ("--budget-gb", "0", "a number above 0")])
+def test_memory_command_refuses_values_out_of_range(capsys, argument, value, expected):
+    """It printed a projection for a micro-batch of 0 rows or a 200 % labelled share, and dropped a budget of 0."""
+    from loragrid.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["memory", "--model", str(REPO / "config/models/qwen2.5-7b.json"), argument, value])
+    assert stopped.value.code == 2
+    assert f"argument {argument}: expected {expected}, got '{value}'" in capsys.readouterr().err
