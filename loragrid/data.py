@@ -318,7 +318,7 @@ def _messages(raw: dict) -> list[dict]:
     turns = raw[field]
     if not isinstance(turns, list) or not turns:
         raise BadRecord(f"field '{field}' should be a non-empty list of turns")
-    messages = _system(raw) + [_turn(turn, field, number) for number, turn in enumerate(turns, start=1)]
+    messages = _system(raw) + [_turn(turn, field, number) for number, turn in enumerate(turns)]  # JSON indexes from 0
     system = 1 if messages[0]["role"] == "system" else 0
     for index, message in enumerate(messages[system:], start=system):
         expected = "user" if (index - system) % 2 == 0 else "assistant"

@@ -43,14 +43,15 @@ RECORD_CASES = [
     ("alpaca record without output", "alpaca", '{"instruction": "Do it", "input": ""}', r"missing field 'output' \(the answer\)"),
     ("alpaca input that is not text", "alpaca", '{"instruction": "Do", "input": [1], "output": "ok"}', "field 'input' should be text, got list"),
     ("chat record without messages", "messages", '{"text": "hi"}', r"missing field 'messages' \(OpenAI role/content\) or 'conversations'"),
-    ("unknown role", "messages", '{"messages": [{"role": "robot", "content": "x"}]}', r"messages\[1\]: unknown role 'robot'"),
+    ("unknown role", "messages", '{"messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}',
+     r"messages\[1\]: unknown role 'robot'"),
     ("two user turns in a row", "messages",
      '{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}',
      "turn 2 is from the user; expected the assistant"),
     ("conversation without a final answer", "messages", '{"messages": [{"role": "user", "content": "a"}]}',
      r"the conversation should end with an assistant turn \(the answer to learn\)"),
     ("empty turn", "messages", '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}',
-     r"messages\[1\]: 'content' should be non-empty text"),
+     r"messages\[0\]: 'content' should be non-empty text"),
 ]
 
 

@@ -222,7 +222,7 @@ UNREADABLE_LINES = [
     ("surrogate in alpaca input", "alpaca", r'{"instruction": "Do", "input": "\udc00", "output": "ok"}',
      r"field 'input' holds an unpaired surrogate"),
     ("surrogate in a turn", "messages", r'{"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", '
-     r'"content": "y"}]}', r"messages\[1\]: 'content' holds an unpaired surrogate \(\\ud800\)"),
+     r'"content": "y"}]}', r"messages\[0\]: 'content' holds an unpaired surrogate \(\\ud800\)"),
     ("nesting too deep", "qa", '{"question": "q?", "answer_en": "x", "extra": ' + DEEP + "}",
      "arrays or objects nested too deeply to read"),
     ("integer too long", "qa", '{"question": "q?", "answer_en": ' + "9" * 5000 + "}",
@@ -237,14 +237,14 @@ UNREADABLE_LINES = [
     ("NUL in question", "qa", r'{"question": "q\u0000?", "answer_en": "x"}',
      r"field 'question' holds a NUL character \(\\u0000\), which is not text \(a binary or UTF-16 file\?\)"),
     ("number as role", "messages", '{"messages": [{"role": 7, ' + TWO_TURNS,
-     r"messages\[1\]: 'role' should be text, got int"),
+     r"messages\[0\]: 'role' should be text, got int"),
     ("null role", "messages", '{"messages": [{"role": null, ' + TWO_TURNS,
-     r"messages\[1\]: missing 'role' \(OpenAI\) or 'from' \(sharegpt\)"),
+     r"messages\[0\]: missing 'role' \(OpenAI\) or 'from' \(sharegpt\)"),
     ("list as role", "messages",
      '{"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]}',
-     r"conversations\[1\]: 'from' should be text, got list"),
+     r"conversations\[0\]: 'from' should be text, got list"),
     ("huge unknown role", "messages", '{"messages": [{"role": "' + "r" * 10_000 + '", ' + TWO_TURNS,
-     r"messages\[1\]: unknown role 'r{10,30}\.\.\.r*' \(expected one of"),
+     r"messages\[0\]: unknown role 'r{10,30}\.\.\.r*' \(expected one of"),
 ]
 
 
