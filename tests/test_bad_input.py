@@ -33,10 +33,14 @@ GOOD = {
 RECORD_CASES = [
     ("malformed JSON line", "qa", '{"question": "q", "answer_en": ', r"invalid JSON \(Expecting value at column 32\)"),
     ("a line that is not an object", "qa", '["a", "list"]', "expected a JSON object, got list"),
-    ("missing field", "qa", '{"answer_en": "no question"}', r"missing field 'question' \(the question\)"),
+    ("missing field", "qa", '{"prompt": "q?", "answer_en": "x"}',
+     r"missing field 'question' \(the question: config key dataset\.question_field; the record has \['answer_en', "
+     r"'prompt'\]\)"),
     ("empty question", "qa", '{"question": "  ", "answer_en": "x"}', "field 'question' is empty"),
     ("empty string answer", "qa", '{"question": "q?", "answer_en": ""}', r"answer field 'answer_en' is empty \(an empty answer teaches the model to say nothing\)"),
-    ("no answer field at all", "qa", '{"question": "q?"}', r"none of the answer fields \['answer_en', 'answer_zh'\] is present"),
+    ("no answer field at all", "qa", '{"question": "q?", "reply": "x"}',
+     r"none of the answer fields \['answer_en', 'answer_zh'\] is present \(config key dataset\.answer_fields; the "
+     r"record has \['question', 'reply'\]\)"),
     ("answer that is not text", "qa", '{"question": "q?", "answer_en": 42}', "answer field 'answer_en' should be text, got int"),
     ("non-UTF-8 bytes", "qa", b'{"question": "caf\xe9", "answer_en": "x"}', r"not valid UTF-8 \(byte 0xe9 at column 18\)"),
     ("duplicate record", "qa", GOOD["qa"][2], r"duplicate of .*bad\.jsonl, line 3 \(same conversation\)"),
