@@ -210,7 +210,10 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     trainable = sum(tensors["numels"])
     state = optimizer_state_bytes(settings, tensors)
     optimizer = state if optimizer_state else 0
-    held = {"weights": weights, "gradients": SINGLE * trainable if accumulation > 1 else 0, "optimizer": optimizer}
+    # DDP (gpus > 1) keeps a copy of every gradient in its all-reduce buckets, from the first backward pass on.
+    buckets = SINGLE * trainable if settings.get("gpus", 0) > 1 else 0
+    held = {"weights": weights, "gradients": (SINGLE * trainable if accumulation > 1 else 0) + buckets,
+            "optimizer": optimizer}
     tokens, logits = rows * sequence, labelled * sizes["vocab"]
     layers = tokens * sizes["layers"] * layer_activation_bytes(sizes, settings, sequence, attention)
     logits_kept = (LOGITS_KEPT + (HALF if sizes["logit_softcapping"] else 0)) * logits
@@ -234,9 +237,9 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
             sizes, settings, tokens)), trainable, tokens)
     if full:
         moments += [lm_head_gradient(sizes, held, int(layers)),
-                    end_of_backward(sizes, weights, optimizer, trainable, accumulation)]
-    moments.append({"weights": weights, "gradients": SINGLE * trainable, "optimizer": state, "activations": 0,
-                    "temporaries": optimizer_step_temporaries(settings, tensors, foreach)})
+                    end_of_backward(sizes, weights, optimizer, trainable, accumulation, buckets)]
+    moments.append({"weights": weights, "gradients": SINGLE * trainable + buckets, "optimizer": state,
+                    "activations": 0, "temporaries": optimizer_step_temporaries(settings, tensors, foreach)})
     parts = max(moments, key=lambda moment: sum(moment.values()))
     return {"total_bytes": sum(parts.values()), "breakdown": parts, "rows": rows, "sequence": sequence,
             "labelled": labelled, "trainable": trainable, "unchecked_architecture": unchecked_architecture(sizes)}
@@ -286,13 +289,14 @@ def lm_head_gradient(sizes: dict, held: dict, layer_activations: int) -> dict:
     return {**held, "activations": layer_activations, "temporaries": (HALF + SINGLE) * sizes["embedding_params"]}
 
 
-def end_of_backward(sizes: dict, weights: int, optimizer: int, trainable: int, accumulation: int) -> dict:
+def end_of_backward(sizes: dict, weights: int, optimizer: int, trainable: int, accumulation: int,
+                    buckets: int = 0) -> dict:
     """Full fine-tuning's other peak: the end of the backward pass. The embedding's dense fp32 gradient
     comes last, when every other gradient is held and the activations are freed; a tied embedding adds
     it to its LM head's gradient into a third tensor of that size (autograd's input buffer). At Gemma 2
     2B's widths (tied, 256,000 tokens) that moment, not the backward pass's start, is the step's peak."""
     embedding = SINGLE * sizes["embedding_params"]
-    held_gradients = SINGLE * trainable - (0 if accumulation > 1 else embedding)
+    held_gradients = SINGLE * trainable - (0 if accumulation > 1 else embedding) + buckets
     return {"weights": weights, "gradients": held_gradients, "optimizer": optimizer, "activations": 0,
             "temporaries": (3 if sizes["lm_head_params"] == 0 else 1) * embedding}
 

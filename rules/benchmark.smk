@@ -15,6 +15,5 @@ rule benchmark:
     params:
         settings=canonical(config["benchmarks"]),
         trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     script:
         "../scripts/benchmark.py"

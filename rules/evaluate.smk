@@ -17,6 +17,5 @@ rule evaluate:
         settings=canonical(config["evaluate"]),
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     script:
         "../scripts/evaluate.py"

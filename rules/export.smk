@@ -50,6 +50,5 @@ rule export:
         generate=canonical(config["generate"]),
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     script:
         "../scripts/export.py"

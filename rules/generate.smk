@@ -15,6 +15,5 @@ rule generate:
         settings=canonical(config["generate"]),
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     script:
         "../scripts/generate.py"

@@ -20,6 +20,5 @@ rule merge:
         template=TEMPLATE,
         check=canonical(config["merge"]),
         trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
     script:
         "../scripts/merge.py"

@@ -19,7 +19,6 @@ rule train_adapter:
         settings=lambda wildcards: RUNS[wildcards.run],
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
-        torch_threads=config["torch_threads"],
         folders=run_folders,
     script:
         "../scripts/train.py"

@@ -2,7 +2,7 @@ from loragrid.common import logging_to, use_threads
 from loragrid.evaluate import evaluate_to_file
 
 with logging_to(snakemake.log[0]):
-    use_threads(snakemake.params.torch_threads)
+    use_threads(snakemake.config["torch_threads"])
     evaluate_to_file(
         snakemake.output[0],
         model_dir=snakemake.input.model,

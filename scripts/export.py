@@ -2,7 +2,7 @@ from loragrid.common import logging_to, use_threads
 from loragrid.export import export_run, export_settings
 
 with logging_to(snakemake.log[0]):
-    threads = use_threads(snakemake.params.torch_threads)
+    threads = use_threads(snakemake.config["torch_threads"])
     export_run(
         snakemake.input.model,
         snakemake.input.converter,

@@ -2,7 +2,7 @@ from loragrid.common import logging_to, use_threads
 from loragrid.merge import merge_to_files
 
 with logging_to(snakemake.log[0]):
-    use_threads(snakemake.params.torch_threads)
+    use_threads(snakemake.config["torch_threads"])
     merge_to_files(
         snakemake.input.model,
         snakemake.input.adapter,

@@ -4,7 +4,7 @@ from loragrid.common import logging_to, use_threads
 from loragrid.train import train_run
 
 with logging_to(snakemake.log[0]):
-    use_threads(snakemake.params.torch_threads)
+    use_threads(snakemake.config["torch_threads"])
     train_run(
         snakemake.params.settings,
         run=snakemake.wildcards.run,

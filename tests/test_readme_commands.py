@@ -29,7 +29,7 @@ COMMANDS = {
     "snakemake --cores 1 all --config 'generate={max_new_tokens: 64}'": "dry-run",
     "python -m loragrid runs --configfile my.yaml": "dry-run",
     # the export itself runs through Snakemake in tests/test_export.py (a config file that sets the same keys)
-    "snakemake --cores 2 all --config 'export={enabled: true}'": "dry-run",
+    "snakemake --cores 1 all --config 'export={enabled: true}'": "dry-run",
     # docs/config.md
     "snakemake -n": "dry-run",
     "snakemake --cores 1 -n all --configfile my.yaml": "dry-run",

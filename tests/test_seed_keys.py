@@ -230,7 +230,9 @@ def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir,
                 "lr_scheduler_type": "constant_with_warmup"}
     generate = {"max_new_tokens": 4, "batch_size": 8, "num_beams": 2, "no_repeat_ngram_size": 2,
                 "repetition_penalty": 1.2}
-    config = tiny_config(copy_repo, tiny_model_dir, training=training, generate=generate, grid={"method": ["lora"]})
+    # torch_threads reaches the jobs from the config, not a param (a change re-runs nothing: test_workflow.py).
+    config = tiny_config(copy_repo, tiny_model_dir, training=training, generate=generate, grid={"method": ["lora"]},
+                         torch_threads=2)
     with_fetched_model(copy_repo, fetched_tiny_model)
     results = results_dir(copy_repo)
     targets = [results / "runs/lora/train.json", results / "generations/base.json"]
@@ -238,6 +240,7 @@ def test_seed_keys_reach_their_jobs_through_snakemake(copy_repo, tiny_model_dir,
     assert outcome.returncode == 0, outcome.stdout[-3000:] + outcome.stderr[-3000:]
 
     summary = read_json(results / "runs/lora/train.json")
+    assert summary["threads"] == 2  # the tests' OMP_NUM_THREADS is 1
     settings = summary["provenance"]["settings"]
     assert (settings["warmup_steps"], settings["report_to"]) == (1, "wandb")
     chosen = (settings["max_memory_gb"], summary["micro_batch_size"], summary["gradient_accumulation_steps"])

@@ -102,6 +102,11 @@ def test_a_new_grid_value_adds_only_the_new_runs(tiny_workflow):
     assert planned == jobs_of("lora-r8") | jobs_of("qlora4-r8") | jobs_of("qlora8-r8") | FINAL
 
 
+def test_a_thread_count_change_reruns_nothing(tiny_workflow):
+    workdir, config, _ = tiny_workflow
+    assert planned_jobs(workdir, config, {"torch_threads": 2}) == set()
+
+
 def test_generation_change_reruns_generation_not_training(tiny_workflow):
     workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, {"generate": {"max_new_tokens": 5}})
