@@ -321,9 +321,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
 def _check_renamed_sources(config: dict) -> None:
     """A new model or dataset source under the default's name would fetch over the default's folder in resources/
     and train over its runs in results/ (the experiment folder is named after both names)."""
-    from snakemake.common.configfile import load_configfile
-
-    default = load_configfile(schema_path().parent / "config.yaml")
+    default = _config_file(schema_path().parent / "config.yaml")
     for section in ("model", "dataset"):
         source, name = config[section]["source"], config[section]["name"]
         if source != default[section]["source"] and name == default[section]["name"]:

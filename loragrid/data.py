@@ -265,15 +265,21 @@ def _system(raw: dict) -> list[dict]:
     return [{"role": "system", "content": value}] if value else []
 
 
+def _fields_of(raw: dict) -> str:
+    return f"the record has {reprlib.repr(sorted(map(str, raw)))}"
+
+
 def _qa(raw: dict, question_field: str, answer_fields: list[str]) -> list[dict]:
     # A dataset whose fields are named otherwise fails on every record: say which keys name them.
-    fields = f"the record has {reprlib.repr(sorted(map(str, raw)))}"
-    question = _text(raw, question_field, f"the question: config key dataset.question_field; {fields}")
+    if raw.get(question_field) is None:
+        raise BadRecord(f"missing field '{question_field}' (the question: config key dataset.question_field; "
+                        f"{_fields_of(raw)})")
+    question = _text(raw, question_field)
     # A column that a Parquet file leaves empty, or a CSV row cut short, arrives as None: present, but empty.
     present = [field for field in answer_fields if field in raw]
     if not present:
         raise BadRecord(f"none of the answer fields {answer_fields} is present (config key dataset.answer_fields; "
-                        f"{fields})")
+                        f"{_fields_of(raw)})")
     chosen = next((f for f in present if isinstance(raw[f], str) and raw[f].strip()), None)
     wrong_type = next((f for f in present if raw[f] is not None and not isinstance(raw[f], str)), None)
     if chosen is None and wrong_type:

@@ -232,12 +232,12 @@ def estimate(sizes: dict, settings: dict, rows: int, sequence: int, labelled: in
     moments = [{**held, "activations": int(layers + logits_kept + lm_head_copy), "temporaries": int(temporaries)}]
     if dora and not settings["gradient_checkpointing"]:  # the last layer's forward pass, every layer's activations
         moments.append({**held, "activations": int(layers), "temporaries": dora})
-    if not full:
-        moments += layer_backward(sizes, settings, held, int(layers), int(recomputed + linear_backward_bytes(
-            sizes, settings, tokens)), trainable, tokens)
     if full:
         moments += [lm_head_gradient(sizes, held, int(layers)),
                     end_of_backward(sizes, weights, optimizer, trainable, accumulation, buckets)]
+    else:
+        backward = int(recomputed + linear_backward_bytes(sizes, settings, tokens))
+        moments += layer_backward(sizes, settings, held, int(layers), backward, trainable, tokens, accumulation)
     moments.append({"weights": weights, "gradients": SINGLE * trainable + buckets, "optimizer": state,
                     "activations": 0, "temporaries": optimizer_step_temporaries(settings, tensors, foreach)})
     parts = max(moments, key=lambda moment: sum(moment.values()))
@@ -266,7 +266,7 @@ def linear_backward_bytes(sizes: dict, settings: dict, tokens: int) -> int:
 
 
 def layer_backward(sizes: dict, settings: dict, held: dict, layers: int, temporaries: int, trainable: int,
-                   tokens: int) -> list[dict]:
+                   tokens: int, accumulation: int) -> list[dict]:
     """An adapter run's decoder layer in the backward pass (`temporaries`: a linear layer's backward and, under
     gradient checkpointing, the recomputed layer), where it holds most: the first layer the backward pass
     reaches, beside every layer's activations; under gradient checkpointing also the last, where the other
@@ -274,9 +274,9 @@ def layer_backward(sizes: dict, settings: dict, held: dict, layers: int, tempora
     held. It matters with few tokens per step or a small vocabulary: at Mistral 7B's widths (2 layers, micro-batch
     1 x 235 tokens), QLoRA-4 with checkpointing was 0.85 of the measurement without it."""
     moments = [{**held, "activations": layers, "temporaries": temporaries}]
-    if settings["gradient_checkpointing"] and not held["gradients"]:
+    if settings["gradient_checkpointing"] and accumulation == 1:  # with accumulation `held` has every gradient
         passed = sizes["layers"] - 1
-        moments.append({**held, "gradients": SINGLE * trainable * passed // sizes["layers"],
+        moments.append({**held, "gradients": held["gradients"] + SINGLE * trainable * passed // sizes["layers"],
                         "activations": layers - tokens * passed * HALF * sizes["hidden"], "temporaries": temporaries})
     return moments
 

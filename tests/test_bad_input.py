@@ -378,6 +378,13 @@ def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
     )
     assert result.returncode != 0
     assert "config key 'template': unknown template 'vicuna'" in result.stdout + result.stderr
+    # A grid given on the command line, merged by Snakemake: runs that would train identically are refused.
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--config", "grid={method: [lora], epochs: [1, 3]}"],
+        cwd=copy_repo, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "config key 'runs.lora-ep3.epochs': 3 has no effect while max_steps is 30" in result.stdout + result.stderr
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
 
 
