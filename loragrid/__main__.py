@@ -26,13 +26,15 @@ def runs_command(args) -> None:
 
     from .config import checked_runs, experiment_name, load_config
 
-    # The Snakefile's own loader, with the values parsed as `snakemake --config` parses them.
+    # The Snakefile's own loader, with the values parsed as `snakemake --config` parses them: a bad config is
+    # named here, before Snakemake builds its plan.
     config = load_config(args.configfile, parse_config(args.config))
     runs = checked_runs(config, workdir=args.directory)
-    results = Path(args.directory) / "results" / experiment_name(config)
+    results = f"results/{experiment_name(config)}"
+    plan = snakemake_plan(args.directory, args.configfile, args.config)
     print(f"experiment {experiment_name(config)} ({results})")
     for name, settings in runs.items():
-        print(f"{name:24} {settings['method']:7} {run_status(results, name, settings)}")
+        print(f"{name:24} {settings['method']:7} {run_status(plan, results, name)}")
 
 
 def memory_command(args) -> None:
@@ -82,17 +84,31 @@ def memory_command(args) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def run_status(results: Path, name: str, settings: dict) -> str:
-    """How far a run got, judged by its train.json's recorded settings and its evaluation."""
-    from .common import read_json
+def snakemake_plan(directory: Path, configfiles: list[str], config: list[str]) -> dict[str, tuple[str, str]]:
+    """Snakemake's own view of each output of the workflow, {path: (status, plan)}, from `snakemake --summary`:
+    whatever it would redo (a changed setting, template, split, model or code) shows as it would in a dry run."""
+    import subprocess
 
-    train_json = results / "runs" / name / "train.json"
-    if not train_json.exists():
+    command = [sys.executable, "-m", "snakemake", "--summary", "--cores", "1"]
+    command += ["--configfile", *configfiles] if configfiles else []
+    command += ["--config", *config] if config else []
+    result = subprocess.run(command, cwd=directory, capture_output=True, text=True)
+    if result.returncode:
+        raise LoragridError(f"`snakemake --summary` in {directory} failed: {result.stderr.strip()[-2000:]}")
+    rows = [line.split("\t") for line in result.stdout.splitlines() if line.count("\t") == 5]
+    return {path: (status, plan) for path, _, _, _, status, plan in rows[1:]}
+
+
+def run_status(plan: dict[str, tuple[str, str]], results: str, name: str) -> str:
+    """How far a run got, and whether Snakemake would train it again (and why)."""
+    trained = plan.get(f"{results}/runs/{name}/train.json", ("missing", ""))
+    evaluated = plan.get(f"{results}/eval/{name}.json", ("missing", ""))
+    if trained[0] == "missing":
         return "not trained"
-    trained_with = read_json(train_json)["provenance"]["settings"]
-    if any(trained_with.get(key) != value for key, value in settings.items()):
-        return "trained with other settings (snakemake re-runs it)"
-    return "evaluated" if (results / "eval" / f"{name}.json").exists() else "trained"
+    if trained[1] != "no update":
+        why = "an input it reads is made again" if trained[0] == "ok" else trained[0]
+        return f"trained; snakemake trains it again ({why})"
+    return "evaluated" if evaluated[0] != "missing" and evaluated[1] == "no update" else "trained"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
     runs = commands.add_parser(
         "runs", help="list the runs a config resolves to and how far each got",
         description="List the runs that the config's grid: and runs: resolve to, and how far each got "
-                    "(not trained, trained with other settings, trained, evaluated).",
+                    "(not trained; trained, and trained again by the next snakemake run, with the reason; trained; "
+                    "evaluated), as Snakemake's own plan (`snakemake --summary`) has it.",
     )
     runs.add_argument("--configfile", nargs="+", default=[],
                       help="config files merged over config/config.yaml, later ones over earlier ones")

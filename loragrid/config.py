@@ -185,12 +185,13 @@ def resolve_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
-def accumulation_steps(settings: dict, where: str = "training", micro_batch_size: int | None = None) -> int:
+def accumulation_steps(settings: dict, where: str = "'training.batch_size'",
+                       micro_batch_size: int | None = None) -> int:
     """Gradient accumulation steps: batch_size over the micro-batch, which must divide it."""
     batch = settings["batch_size"]
     micro = micro_batch_size or settings["micro_batch_size"]
     if batch % micro:
-        raise LoragridError(f"config key '{where}.batch_size': {batch} is not a multiple of micro_batch_size "
+        raise LoragridError(f"config key {where}: batch_size {batch} is not a multiple of micro_batch_size "
                             f"{micro} (gradient accumulation is their ratio)")
     return batch // micro
 
@@ -258,8 +259,22 @@ def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     try:
         validate(config, str(schema_path()))
     except WorkflowError as error:
-        raise LoragridError(str(error)) from None
+        raise LoragridError(_schema_violation(config) or str(error)) from None
     return check_config(config, workdir)
+
+
+def _schema_violation(config: dict) -> str | None:
+    """The config's most telling schema violation, named by its key (Snakemake's message prints the whole schema)."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(_schema()).iter_errors(config))
+    return error and f"config key '{config_key(error.absolute_path) or '(top level)'}': {error.message}"
+
+
+def config_key(path) -> str:
+    """A path into the config as a user writes it: ('export', 'types', 0) is export.types[0]."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
 
 
 def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
@@ -272,24 +287,22 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             if key == LINKED and not isinstance(value, dict):
                 raise LoragridError(f"config key 'grid._[{index}]': expected a mapping of linked settings, got "
                                     f"{value!r}")
-            where = f"grid._[{index}]" if key == LINKED else f"grid.{key}"
+            prefix = ("grid", LINKED, index) if key == LINKED else ("grid",)
             for error in validator.iter_errors(value if key == LINKED else {key: value}):
-                field = ".".join(str(p) for p in error.path)
-                raise LoragridError(f"config key '{where}{'.' + field if key == LINKED and field else ''}': "
-                                    f"{error.message}")
+                raise LoragridError(f"config key '{config_key([*prefix, *error.path])}': {error.message}")
     _check_exclusive(config)
     runs = resolve_runs(config)
     for name, settings in runs.items():
+        where = functools.partial(setting_origin, config, name, settings)  # where('batch_size'): the key to name
         for error in validator.iter_errors(settings):
-            where = ".".join(str(p) for p in error.path)
-            raise LoragridError(f"config key 'runs.{name}.{where}': {error.message}")
+            raise LoragridError(f"config key {where(*list(error.path)[:1])}: {error.message}")
         if settings["max_steps"] == 0:
-            raise LoragridError(f"config key 'runs.{name}.max_steps': 0 trains nothing; set a number of optimizer "
+            raise LoragridError(f"config key {where('max_steps')}: 0 trains nothing; set a number of optimizer "
                                 "steps, or -1 to train for `epochs`")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
-            raise LoragridError(f"config key 'runs.{name}': set epochs > 0 or max_steps > 0")
-        _check_ignored_settings(name, settings)
-        accumulation_steps(settings, f"runs.{name}")
+            raise LoragridError(f"config key {where('epochs', 'max_steps')}: set epochs > 0 or max_steps > 0")
+        _check_ignored_settings(settings, where)
+        accumulation_steps(settings, where("batch_size", "micro_batch_size"))
 
     check_template(config["template"])
     scheme, _, location = config["dataset"]["source"].partition(":")
@@ -330,18 +343,45 @@ def _check_renamed_sources(config: dict) -> None:
                                 f"resources/ and results/, where the default {section}'s would be overwritten")
 
 
-def _check_ignored_settings(name: str, settings: dict) -> None:
+def _check_ignored_settings(settings: dict, where) -> None:
     """Settings the Trainer would silently ignore: runs that differ only there would train identically."""
     if settings["max_steps"] > 0 and settings["epochs"] != 1:
-        raise LoragridError(f"config key 'runs.{name}.epochs': {settings['epochs']} has no effect while max_steps is "
+        raise LoragridError(f"config key {where('epochs')}: {settings['epochs']} has no effect while max_steps is "
                             f"{settings['max_steps']} (max_steps decides how long training runs); set max_steps: -1 "
                             "to train for epochs")
     warmup = {key: settings[key] for key in ("warmup_ratio", "warmup_steps") if settings.get(key)}
     if settings["lr_scheduler_type"] == "constant" and warmup:
         key, value = next(iter(warmup.items()))
         off = "null" if key == "warmup_steps" else 0
-        raise LoragridError(f"config key 'runs.{name}.lr_scheduler_type': constant has no warmup, so {key} {value} "
+        raise LoragridError(f"config key {where('lr_scheduler_type', key)}: constant has no warmup, so {key} {value} "
                             f"changes nothing; use constant_with_warmup, or set {key}: {off}")
+
+
+def setting_origin(config: dict, name: str, settings: dict, *keys: str) -> str:
+    """Where run `name` got a setting, quoted as the user wrote it: 'grid.lora_r' (run lora-r8), 'runs.x.lora_r'.
+
+    Of several keys that a check reads together, the one set closest to the run (runs: or grid:, then methods:)
+    is named; a value from `training:` names the run it reached.
+    """
+    method, overrides = settings["method"], config["runs"].get(name)
+    linked = [] if overrides is not None else config["grid"].get(LINKED) or []
+    # The linked group this grid run took: the one whose every value the run has.
+    group = next((index for index, values in enumerate(linked)
+                  if all(settings.get(key) == canonical(value) for key, value in values.items())), None)
+
+    def origin(key) -> tuple[int, str]:
+        if overrides is not None and key in overrides:
+            return 0, f"runs.{name}.{key}"
+        if group is not None and key in linked[group]:
+            return 0, f"grid._[{group}].{key}"
+        if overrides is None and key in config["grid"] and key != LINKED:
+            return 0, f"grid.{key}"
+        if key in (config["methods"].get(method) or {}):
+            return 1, f"methods.{method}.{key}"
+        return 2, f"training.{key}"
+
+    _, key = min((origin(key) for key in keys), key=lambda pair: pair[0]) if keys else (2, "training")
+    return f"'{key}'" if key.startswith(f"runs.{name}.") else f"'{key}' (run {name})"
 
 
 def check_tokenizer_folder(folder: str | None, workdir: str | Path = ".") -> Path:

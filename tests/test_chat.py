@@ -98,8 +98,13 @@ def test_runs_lists_what_a_config_resolves_to(tiny_workflow, tmp_path):
     # Another learning rate for full: the same run name with other settings.
     changed = loragrid(workdir, "runs", "--configfile", str(config), "--config",
                        "methods={full: {learning_rate: 0.001}}")
-    assert changed.stdout.splitlines()[1].split(maxsplit=2) == ["full", "full",
-                                                                "trained with other settings (snakemake re-runs it)"]
+    assert changed.stdout.splitlines()[1].split(maxsplit=2) == [
+        "full", "full", "trained; snakemake trains it again (params changed)"]
+    assert changed.stdout.splitlines()[2].split(maxsplit=2) == ["lora", "lora", "evaluated"]
+    # Another split: no run setting changed, yet every run trains on the new split (as a dry run would plan).
+    resplit = loragrid(workdir, "runs", "--configfile", str(config), "--config", "split={seed: 7}")
+    assert {line.split(maxsplit=2)[2] for line in resplit.stdout.splitlines()[1:]} == {
+        "trained; snakemake trains it again (an input it reads is made again)"}, resplit.stdout
     # The default config is another experiment (another model and dataset): nothing of it is trained here.
     default = loragrid(workdir, "runs")
     assert default.stdout.splitlines()[0].startswith("experiment smollm2-135m-instruct--emoji_qa")

@@ -30,9 +30,10 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
         "merge": {"check_prompts": 1},
         "generate": {"max_new_tokens": 8},
         "torch_threads": 1,
-        # The benchmark rule on the real model, kept small: 8 sentences (the perplexity text is checked
-        # against loragrid's own computation on the tiny model, tests/test_benchmarks.py).
-        "benchmarks": {"tasks": ["loragrid_sense"], "limit": 8},
+        # No benchmark jobs: five lm-eval start-ups were about a sixth of this test's CPU time. The benchmark rule
+        # runs through Snakemake on the tiny model (tests/test_benchmarks.py); the held-out loss below shows the
+        # dequantized weights are the real model's.
+        "benchmarks": {"tasks": []},
     }))
     # Two jobs at a time with a thread each: fetching, merging and start-up overlap with training.
     command = [sys.executable, "-m", "snakemake", "--cores", "2", "all", "--configfile", str(few_steps)]
@@ -55,8 +56,9 @@ def test_default_workflow_on_the_embedded_model(tmp_path):
     assert ratios.between(0.85, 1.15).all(), ratios
     trainable = dict(zip(table["run"], table["trainable_params"]))
     assert trainable["full"] == 134_515_008 and trainable["lora"] == trainable["qlora4"] == 4_884_480
-    # SmolLM2 completes most everyday sentences (0.84 of the first 50, untuned); random weights would get 1 in 4.
-    assert table.loc[table["run"] == "base", "bench.loragrid_sense.acc"].item() >= 0.5
+    # The untuned SmolLM2 predicts the held-out answers at a loss of about 3.3 (perplexity 27); weights that
+    # dequantized wrongly would be near random: ln(49,152) = 10.8.
+    assert table.loc[table["run"] == "base", "heldout_loss"].item() < 5
     prepared = json.loads((workdir / "results/smollm2-135m-instruct--emoji_qa/data/emoji_qa/prepare.json").read_text())
     assert 8 <= prepared["heldout"] <= 12 and prepared["rejected_count"] == 0
     rerun = subprocess.run([*command, "--dry-run"], cwd=workdir, capture_output=True, text=True)
