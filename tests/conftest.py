@@ -283,7 +283,7 @@ def background_workflows(request, tmp_path_factory, tiny_model_dir):
     test takes its run's result (or its error).
     """
     from test_export import run_export_workflow
-    from test_slurm import run_local_and_slurm, stop_cluster
+    from test_slurm import run_slurm, stop_cluster
 
     items = request.session.items
     shared = session_folder(tmp_path_factory)
@@ -291,7 +291,7 @@ def background_workflows(request, tmp_path_factory, tiny_model_dir):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         if any(item.path.name == "test_slurm.py" for item in items):
             slurm_root = tmp_path_factory.mktemp("slurm-runs")
-            futures["slurm"] = pool.submit(run_once, shared, "slurm", run_local_and_slurm, slurm_root,
+            futures["slurm"] = pool.submit(run_once, shared, "slurm", run_slurm, slurm_root,
                                            tiny_model_dir)
         if any("tiny_workflow" in item.fixturenames for item in items):
             futures["tiny"] = pool.submit(run_once, shared, "tiny", run_tiny_workflow,

@@ -1,4 +1,4 @@
-"""The workflow through profiles/slurm on a real single-node SLURM cluster, against a local run.
+"""The workflow through profiles/slurm on a real single-node SLURM cluster, against a local run (the shared tiny DAG).
 
 tests/slurm/start.sh installs Debian's slurmctld, slurmd, slurm-client and munge when they are
 missing and starts the daemons; the module's teardown stops exactly those daemons by PID. Without
@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import REPO, copy_workflow, demo_records, write_jsonl
+from conftest import CUSTOM_TEMPLATE, REPO, copy_workflow, tiny_config
 from loragrid import launch
 
 CLUSTER_SCRIPTS = REPO / "tests" / "slurm"
@@ -49,24 +48,6 @@ def stop_cluster(state: Path) -> None:
     subprocess.run(["bash", str(CLUSTER_SCRIPTS / "stop.sh"), str(state)], timeout=120)
 
 
-def write_config(workdir: Path, model_dir: Path) -> Path:
-    data = write_jsonl(workdir / "tiny.jsonl", demo_records(48))
-    config = {
-        "model": {"name": "tiny", "source": f"local:{model_dir}"},
-        "dataset": {"name": "tiny", "source": f"local:{data.name}"},
-        "split": {"heldout_min": 8},
-        # One thread: the same arithmetic, so the same bytes, whatever CPUs a job gets.
-        "torch_threads": 1,
-        "training": {"max_steps": 2, "micro_batch_size": 4, "lora_r": 4, "lora_alpha": 8, "cutoff_len": 96},
-        "grid": {"method": METHODS},
-        "generate": {"max_new_tokens": 4, "batch_size": 8},
-        "benchmarks": {"tasks": []},
-    }
-    path = workdir / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def start_snakemake(workdir: Path, args: list[str]) -> tuple[subprocess.Popen, Path]:
     """snakemake in the background, its output in a file beside `workdir` (a pipe nobody reads could fill up)."""
     command = ["timeout", "-k", "30", str(WORKFLOW_TIMEOUT_S), sys.executable, "-m", "snakemake", *args]
@@ -83,16 +64,12 @@ def finished(started: tuple[subprocess.Popen, Path]) -> str:
     return text
 
 
-def run_local_and_slurm(root: Path, model_dir: Path) -> tuple[Path, Path, str]:
-    """Start the cluster, then run the workflow locally and through profiles/slurm at the same time."""
+def run_slurm(root: Path, model_dir: Path) -> tuple[Path, str]:
+    """Start the cluster, then run the workflow through profiles/slurm: the shared tiny DAG's config (the local run
+    it is compared with), its quantized run only."""
     start_cluster(root / "cluster")
-    local = copy_workflow(root / "local")
-    # The local run goes on while the SLURM run mostly waits between its status polls.
-    local_config = write_config(local, model_dir)
-    local_run = start_snakemake(local, ["--cores", "1", "all", "--configfile", str(local_config)])
-
     cluster = copy_workflow(root / "slurm")
-    config = write_config(cluster, model_dir)
+    config = tiny_config(cluster, model_dir, template=CUSTOM_TEMPLATE, grid={"method": METHODS})
     started = time.perf_counter()
     # The test cluster has no slurmdbd: job states come from squeue (sacct would wait forever).
     output = finished(start_snakemake(cluster, [
@@ -101,14 +78,16 @@ def run_local_and_slurm(root: Path, model_dir: Path) -> tuple[Path, Path, str]:
         "--slurm-init-seconds-before-status-checks", "2",
     ]))
     print(f"workflow through SLURM: {time.perf_counter() - started:.1f} s")
-    finished(local_run)
-    return local, cluster, output
+    return cluster, output
 
 
 @pytest.fixture(scope="module")
-def local_and_slurm(background_workflows):
-    """What conftest started with the session: (local folder, SLURM folder, output)."""
-    return background_workflows["slurm"].result()
+def local_and_slurm(background_workflows, tiny_workflow):
+    """What conftest started with the session: (the shared tiny DAG's folder, the SLURM folder, SLURM's output).
+
+    The shared DAG ran the same config locally (one torch thread a job, as here), so a run's bytes must agree."""
+    cluster, output = background_workflows["slurm"].result()
+    return tiny_workflow[0], cluster, output
 
 
 def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
@@ -170,5 +149,8 @@ def test_results_equal_a_local_run(local_and_slurm):
         path = f"results/tiny--tiny/generations/{name}.jsonl"
         assert (cluster / path).read_text() == (local / path).read_text()
     columns = ["run", "method", "trainable_params", "heldout_loss"]
-    tables = [pd.read_csv(root / "results/tiny--tiny/report/summary.csv") for root in (local, cluster)]
-    pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])
+    local_table, cluster_table = [pd.read_csv(root / "results/tiny--tiny/report/summary.csv")[columns]
+                                  for root in (local, cluster)]
+    assert list(cluster_table["run"]) == ["base", *METHODS]
+    local_table = local_table[local_table["run"].isin(cluster_table["run"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(local_table, cluster_table)
