@@ -90,7 +90,8 @@ def snakemake_plan(directory: Path, configfiles: list[str], config: list[str]) -
     import subprocess
 
     command = [sys.executable, "-m", "snakemake", "--summary", "--cores", "1"]
-    command += ["--configfile", *configfiles] if configfiles else []
+    # Snakemake runs in `directory`; the config files are named from here, as load_config read them.
+    command += ["--configfile", *(str(Path(path).resolve()) for path in configfiles)] if configfiles else []
     command += ["--config", *config] if config else []
     result = subprocess.run(command, cwd=directory, capture_output=True, text=True)
     if result.returncode:
@@ -106,7 +107,9 @@ def run_status(plan: dict[str, tuple[str, str]], results: str, name: str) -> str
     if trained[0] == "missing":
         return "not trained"
     if trained[1] != "no update":
-        why = "an input it reads is made again" if trained[0] == "ok" else trained[0]
+        # --summary names a changed setting, input set or code of the job itself; "ok" means the cause lies
+        # elsewhere: an input made again (a split or tokenization), or a change that only a dry run explains.
+        why = "an input or its code changed: `snakemake -n` says which" if trained[0] == "ok" else trained[0]
         return f"trained; snakemake trains it again ({why})"
     return "evaluated" if evaluated[0] != "missing" and evaluated[1] == "no update" else "trained"
 

