@@ -288,6 +288,8 @@ def config_key(path) -> str:
 def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     """Checks beyond the JSON schema; returns the resolved runs."""
     from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
     run_schema = load_schema()["$defs"]["run"]
     validator = Draft202012Validator(run_schema)
     for key, values in config["grid"].items():
@@ -296,16 +298,18 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
                 raise LoragridError(f"config key 'grid._[{index}]': expected a mapping of linked settings, got "
                                     f"{value!r}")
             prefix = ("grid", LINKED, index) if key == LINKED else ("grid",)
-            for error in validator.iter_errors(value if key == LINKED else {key: value}):
-                raise LoragridError(f"config key '{config_key([*prefix, *error.path])}': {error.message}")
+            error = best_match(validator.iter_errors(value if key == LINKED else {key: value}))
+            if error:  # the most telling of a value's errors, as for the other sections (_schema_violation)
+                raise LoragridError(f"config key '{config_key([*prefix, *error.absolute_path])}': {error.message}")
     _check_exclusive(config)
     set_by: dict[str, dict] = {}
     runs = resolve_runs(config, set_by)
     for name, settings in runs.items():
         # where('batch_size', ...): "config key(s) ..." naming the keys that gave this run those settings
         where = functools.partial(setting_origin, config, name, settings["method"], set_by[name])
-        for error in validator.iter_errors(settings):
-            raise LoragridError(f"{where(*list(error.path)[:1])}: {error.message}")
+        error = best_match(validator.iter_errors(settings))
+        if error:
+            raise LoragridError(f"{where(*list(error.absolute_path)[:1])}: {error.message}")
         if settings["max_steps"] == 0:
             raise LoragridError(f"{where('max_steps')}: 0 trains nothing; set a number of optimizer "
                                 "steps, or -1 to train for `epochs`")

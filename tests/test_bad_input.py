@@ -166,6 +166,8 @@ CONFIG_CASES = [
      r"^config key 'runs\.x\.lora_dropout': -0\.1 is less than the minimum of 0$"),
     ("negative dropout as the default", {"training": {"lora_dropout": -0.1}},
      r"^config key 'training\.lora_dropout': -0\.1 is less than the minimum of 0$"),
+    ("an empty target_modules in a linked group", {"grid": {"_": [{"method": "lora", "target_modules": []}]}},
+     r"^config key 'grid\._\[0\]\.target_modules': \[\] should be non-empty$"),
     ("grid key that does not exist", {"grid": {"lora_rank": [8, 16]}},
      r"config key 'grid\.lora_rank': no such setting; did you mean 'lora_r'\?"),
     ("misspelt setting in a section", {"training": {"learning_rte": 0.001}},
