@@ -312,7 +312,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             raise LoragridError(f"{where(*list(error.absolute_path)[:1])}: {error.message}")
         if settings["max_steps"] == 0:
             raise LoragridError(f"{where('max_steps')}: 0 trains nothing; set a number of optimizer "
-                                "steps, or -1 to train for `epochs`")
+                                "steps, or -1 to train for epochs")
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"{where('epochs', 'max_steps')}: set epochs > 0 or max_steps > 0")
         _check_ignored_settings(settings, where)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("loragrid.launch")
 
 # Host memory (RAM, not GPU memory) a training job asks for. On a CPU the whole training state
-# lives in RAM: what loragrid.memory estimates training holds (weights as held, gradients,
+# lives in RAM: what loragrid.estimate says training holds (weights as held, gradients,
 # optimizer state, activations, temporaries), here for the longest sequence cutoff_len allows with
 # every position labelled. With a GPU the host holds the weights only while loading them, in the
 # dtype they load in (fp32 for full fine-tuning, bf16 otherwise).
