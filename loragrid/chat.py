@@ -9,7 +9,7 @@ import torch
 from . import modeling
 from .common import LoragridError, read_json
 from .generate import generation_config
-from .templates import TEMPLATES, prompt_token_ids
+from .templates import TEMPLATES, conversation_token_ids
 from .tokenized import load_tokenizer
 
 QUIT_WORDS = ("exit", "quit")
@@ -103,7 +103,7 @@ class Chat:
         """One answer to one question (each question is asked on its own, as in training and evaluation)."""
         from transformers import TextStreamer
 
-        ids = prompt_token_ids(self.tokenizer, self.template, [{"role": "user", "content": question}])
+        ids = conversation_token_ids(self.tokenizer, self.template, [{"role": "user", "content": question}])
         input_ids = torch.tensor([ids], device=self.model.device)
         # TextStreamer prints the answer to stdout as it is generated, then a newline.
         streaming = stream and self.config.num_beams == 1  # transformers streams greedy and sampled decoding only

@@ -245,11 +245,34 @@ def _config_file(path) -> dict:
     from snakemake.exceptions import WorkflowError
 
     try:
-        return load_configfile(path)
+        config = load_configfile(path)
     except (OSError, WorkflowError) as error:
         cause = error.__context__ if isinstance(error.__context__, yaml.YAMLError) else error
         reason = " ".join(str(getattr(cause, "strerror", None) or cause).split())
         raise LoragridError(f"config file {path}: {reason}") from None
+    repeated = _repeated_key(yaml.compose(Path(path).read_text(encoding="utf-8")))
+    if repeated:  # YAML keeps the last of the two, so the first one's settings would vanish without a word
+        raise LoragridError(f"config file {path}, line {repeated.start_mark.line + 1}: the key '{repeated.value}' "
+                            "appears twice in the same mapping; merge the two into one")
+    return config
+
+
+def _repeated_key(node):
+    """The first key node that repeats a key of its own mapping, anywhere in a composed YAML document."""
+    import yaml
+
+    nodes = [node] if node is not None else []
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+            for index, (key, value) in enumerate(node.value):
+                if isinstance(key, yaml.ScalarNode) and key.value in keys[:index]:
+                    return key
+                nodes.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+    return None
 
 
 def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
@@ -268,16 +291,31 @@ def checked_runs(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         validate(config, str(schema_path()))
     except WorkflowError as error:
         raise LoragridError(_schema_violation(config) or str(error)) from None
+    violation = _schema_violation(config)  # what Snakemake's validator lets through: 8.0 where an integer belongs
+    if violation:
+        raise LoragridError(violation)
     return check_config(config, workdir)
 
 
 def _schema_violation(config: dict) -> str | None:
     """The config's most telling schema violation, named by its key (Snakemake's message prints the whole schema)."""
-    from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
-    error = best_match(Draft202012Validator(_schema()).iter_errors(config))
+    error = best_match(strict_validator()(_schema()).iter_errors(config))
     return error and f"config key '{config_key(error.absolute_path) or '(top level)'}': {error.message}"
+
+
+@functools.cache
+def strict_validator():
+    """JSON Schema's validator, except that an integer is a Python int: JSON Schema takes 8.0 for an integer,
+    and a job that gets one fails far from the config (range(), torch.set_num_threads, a folder named cutoff96.0)."""
+    from jsonschema import Draft202012Validator, validators
+
+    def whole_number(checker, instance) -> bool:
+        return isinstance(instance, int) and not isinstance(instance, bool)
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", whole_number)
+    return validators.extend(Draft202012Validator, type_checker=checker)
 
 
 def config_key(path) -> str:
@@ -287,11 +325,10 @@ def config_key(path) -> str:
 
 def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     """Checks beyond the JSON schema; returns the resolved runs."""
-    from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
     run_schema = load_schema()["$defs"]["run"]
-    validator = Draft202012Validator(run_schema)
+    validator = strict_validator()(run_schema)
     for key, values in config["grid"].items():
         for index, value in enumerate(values if isinstance(values, list) else [values]):
             if key == LINKED and not isinstance(value, dict):
@@ -316,15 +353,12 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"{where('epochs', 'max_steps')}: set epochs > 0 or max_steps > 0")
         _check_ignored_settings(settings, where)
+        _check_target_modules(settings, Path(workdir, "resources/models", config["model"]["name"]), where)
         accumulation_steps(settings, where("batch_size", "micro_batch_size"))
 
     check_template(config["template"])
-    scheme, _, location = config["dataset"]["source"].partition(":")
-    if scheme == "local" and not (Path(workdir) / location).exists():
-        raise LoragridError(f"config key 'dataset.source': no such file or folder: {location}")
+    _check_local_sources(config, workdir)
     scheme, _, location = config["model"]["source"].partition(":")
-    if scheme in LOCAL_SCHEMES and not (Path(workdir) / location).exists():
-        raise LoragridError(f"config key 'model.source': no such file or folder: {location}")
     if scheme == "random":
         check_tokenizer_folder(config["model"].get("tokenizer"), workdir)
         read_random_config(Path(workdir) / location, shown=location)
@@ -345,6 +379,35 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
     return runs
 
 
+def _check_local_sources(config: dict, workdir: str | Path) -> None:
+    """Local sources exist and lie outside the folders this config's jobs write: Snakemake empties an output
+    folder before its job runs, so a dataset kept in resources/datasets/{its name} would be deleted by its fetch."""
+    root = Path(workdir).resolve()
+    model, dataset = config["model"], config["dataset"]
+    written = [Path("resources/models", model["name"]), Path("resources/datasets", dataset["name"]),
+               Path("results", experiment_name(config))]
+    locations = {"dataset.source": _local_location(dataset["source"], ("local",)),
+                 "model.source": _local_location(model["source"], LOCAL_SCHEMES),
+                 "model.tokenizer": model.get("tokenizer") if model["source"].startswith("random:") else None}
+    for key, location in locations.items():
+        if location is None:
+            continue
+        path = (root / location).resolve()
+        inside = [folder for folder in written if path == root / folder or (root / folder) in path.parents]
+        if inside:
+            raise LoragridError(
+                f"config key '{key}': {location} lies inside {inside[0]}, a folder this workflow writes (Snakemake "
+                "empties it before the job that writes it runs, and the source would be deleted); keep sources "
+                "elsewhere, e.g. in data/")
+        if key != "model.tokenizer" and not path.exists():  # check_tokenizer_folder names a missing tokenizer
+            raise LoragridError(f"config key '{key}': no such file or folder: {location}")
+
+
+def _local_location(source: str, schemes) -> str | None:
+    scheme, _, location = source.partition(":")
+    return location if scheme in schemes else None
+
+
 def _check_renamed_sources(config: dict) -> None:
     """A new model or dataset source under the default's name would fetch over the default's folder in resources/
     and train over its runs in results/ (the experiment folder is named after both names)."""
@@ -355,6 +418,17 @@ def _check_renamed_sources(config: dict) -> None:
             raise LoragridError(f"config key '{section}.name': {section}.source is {source!r}, but {section}.name is "
                                 f"still the default's {name!r}; name the {section}: the name picks its folders under "
                                 f"resources/ and results/, where the default {section}'s would be overwritten")
+
+
+def _check_target_modules(settings: dict, model_dir: Path, where) -> None:
+    """Target modules the model lacks, before any job where the model is already fetched (otherwise the
+    training job checks them before it loads the weights)."""
+    if isinstance(settings.get("target_modules"), list) and (model_dir / "config.json").exists():
+        from .modeling import unmatched_target_modules
+
+        unmatched = unmatched_target_modules(model_dir, settings)
+        if unmatched:
+            raise LoragridError(f"{where('target_modules')}: {unmatched}")
 
 
 def _check_ignored_settings(settings: dict, where) -> None:

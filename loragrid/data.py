@@ -13,6 +13,7 @@ a binary format, is read by `datasets`, which either parses a file or rejects it
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -108,7 +109,7 @@ def _utf8_text(file: Path, display: str) -> str:
 
 
 def _json_list(file: Path, display: str) -> list:
-    text = _utf8_text(file, display)
+    text = _utf8_text(file, display).removeprefix("\ufeff")  # a BOM (Notepad's UTF-8) is not JSON; as for CSV
     try:
         parsed = _loads(text)
     except json.JSONDecodeError as error:
@@ -172,10 +173,10 @@ def _file_records(file: Path, display: str, scratch: Path) -> tuple[list[bytes],
     """One file's lines for records.jsonl and the number (line, record or row) of each in the user's file."""
     reader, unit, first = FILE_FORMATS[file.suffix]
     if reader == "lines":
-        lines = file.read_bytes().split(b"\n")
+        lines = file.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        # Kept byte for byte (bad lines included): prepare judges each line and names it.
+        # Kept byte for byte but for a leading BOM (bad lines included): prepare judges each line and names it.
         return [line.rstrip(b"\r") + b"\n" for line in lines], list(range(first, first + len(lines)))
     if reader == "csv":
         rows, numbers = _csv_rows(file, display)
@@ -229,6 +230,8 @@ def locate(parts: list[dict], line: int) -> tuple[str, str, int]:
 
 def _kind(value) -> str:
     # JSON's NaN and Infinity parse to Python floats; "got float" would send the user looking for a number.
+    if value is None:
+        return "null"  # JSON's word, not Python's NoneType
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     return type(value).__name__
@@ -249,6 +252,8 @@ def _clean(text: str, label: str) -> str:
 
 def _text(raw: dict, field: str, what: str | None = None) -> str:
     value = raw.get(field)
+    if value is None and field in raw:  # present, but null: not a field named otherwise
+        raise BadRecord(f"field '{field}' is null")
     if value is None:
         raise BadRecord(f"missing field '{field}'" + (f" ({what})" if what else ""))
     if not isinstance(value, str):
@@ -271,7 +276,7 @@ def _fields_of(raw: dict) -> str:
 
 def _qa(raw: dict, question_field: str, answer_fields: list[str]) -> list[dict]:
     # A dataset whose fields are named otherwise fails on every record: say which keys name them.
-    if raw.get(question_field) is None:
+    if question_field not in raw:
         raise BadRecord(f"missing field '{question_field}' (the question: config key dataset.question_field; "
                         f"{_fields_of(raw)})")
     question = _text(raw, question_field)
@@ -371,6 +376,8 @@ def read_records(records_path: Path, parts: list[dict], data_format: str, questi
     seen: dict[str, str] = {}
     with open(records_path, "rb") as handle:
         for line_number, line in enumerate(handle, start=1):
+            if line_number == 1:  # prepare run on the user's own JSONL file (fetch_dataset strips it)
+                line = line.removeprefix(codecs.BOM_UTF8)
             if not line.strip():
                 continue
             file, unit, number = locate(parts, line_number)

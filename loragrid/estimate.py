@@ -19,7 +19,10 @@ EIGHT_BIT_STATE, MIN_8BIT_SIZE = 2 + 2 * SINGLE / 256, 4096
 # Per element of the labelled positions' logits: the fp32 log-probabilities stay for the
 # backward pass; at its start the loss's backward holds their fp32 gradient and its bf16 cast.
 LOGITS_KEPT, LOGITS_BACKWARD = 4, 8
-QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}  # per weight, constants included
+# Per weight, constants included: 4-bit blocks of 64 with a uint8 absmax and, per 256 blocks, an fp32 one
+# (bnb_4bit_use_double_quant); without double quantization each block's absmax is fp32.
+QUANTIZED_BYTES = {"qlora4": 0.5 + 1 / 64 + 4 / (64 * 256), "qlora8": 1.0}
+SINGLY_QUANTIZED_4BIT_BYTES = 0.5 + 4 / 64
 # Full fine-tuning keeps more per token and layer than an adapter run, in units of the hidden size:
 # its residual stream is fp32 (fp32 weights), so each norm's trainable weight keeps the fp32
 # normalized input (2 x 4h), and autocast makes a bf16 copy of the fp32 norm output for each of
@@ -131,7 +134,10 @@ def projected_weights(sizes: dict, settings: dict) -> tuple[int, int]:
         return SINGLE * total, total
     lora = lora_parameters(sizes, settings)
     frozen = total - sizes["layer_linear_params"]
-    linear = QUANTIZED_BYTES.get(method, HALF) * sizes["layer_linear_params"]
+    per_weight = QUANTIZED_BYTES.get(method, HALF)
+    if method == "qlora4" and not settings.get("bnb_4bit_use_double_quant", True):
+        per_weight = SINGLY_QUANTIZED_4BIT_BYTES
+    linear = per_weight * sizes["layer_linear_params"]
     return int(linear + HALF * frozen + SINGLE * lora), lora
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import modeling
-from .common import provenance, read_json, read_jsonl, verify_folder, write_json
+from .common import LoragridError, provenance, read_json, read_jsonl, verify_folder, write_json
 from .templates import IGNORE_INDEX, tokenize_split
 from .tokenized import load_tokenizer
 from .train import takes_logits_mask
@@ -20,10 +20,26 @@ log = logging.getLogger("loragrid.evaluate")
 EVAL_CUTOFF_LEN = 2048
 
 
+def heldout_examples(tokenizer, template: str, records: list[dict], heldout_path) -> list[dict]:
+    """The held-out records tokenized for heldout_loss, less those whose answer starts beyond EVAL_CUTOFF_LEN."""
+    examples, cut = tokenize_split(tokenizer, template, records, EVAL_CUTOFF_LEN)
+    dropped = cut["dropped_prompt_too_long"]
+    if dropped:
+        # Named, so that a loss over fewer records than `questions` is not read as the whole split's.
+        log.warning("held-out loss leaves out %d of %d records, whose answer starts beyond %d tokens: %s",
+                    len(dropped), len(records), EVAL_CUTOFF_LEN, "; ".join(dropped))
+    if not examples:
+        raise LoragridError(f"{heldout_path}: none of its {len(records)} records has an answer within the first "
+                            f"{EVAL_CUTOFF_LEN} tokens (evaluate's cutoff), so there is no held-out loss to compute")
+    return examples
+
+
 @torch.no_grad()
-def heldout_loss(model, tokenizer, template: str, records: list[dict], batch_size: int) -> dict:
-    """Mean negative log-likelihood per answer token (EOS included), in fp32 for a stable number."""
-    examples, _ = tokenize_split(tokenizer, template, records, EVAL_CUTOFF_LEN)
+def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int) -> dict:
+    """Mean negative log-likelihood per answer token (EOS included), in fp32 for a stable number.
+
+    `examples` come from heldout_examples, which fails before any model is loaded when none is left.
+    """
     # Similar lengths in a batch pad less; the sum over answer tokens does not depend on the order.
     examples = sorted(examples, key=lambda example: len(example["input_ids"]))
     labelled_only = takes_logits_mask(model)
@@ -44,7 +60,8 @@ def heldout_loss(model, tokenizer, template: str, records: list[dict], batch_siz
         total_nll += torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum").item()
         total_tokens += int(keep.sum())
     loss = total_nll / total_tokens
-    return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_answer_tokens": total_tokens}
+    return {"heldout_loss": loss, "heldout_perplexity": math.exp(loss), "heldout_answer_tokens": total_tokens,
+            "heldout_scored": len(examples)}
 
 
 def emoji_metrics(texts: list[str]) -> dict:
@@ -66,8 +83,9 @@ def evaluate(model_dir, heldout_path, generations_path, generation_meta_path, te
     records = read_jsonl(heldout_path)
     generations = read_jsonl(generations_path)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    examples = heldout_examples(tokenizer, template, records, heldout_path)
     model = modeling.load_for_inference(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    result = heldout_loss(model, tokenizer, template, records, batch_size)
+    result = heldout_loss(model, tokenizer, examples, batch_size)
 
     answers = [g["answer"] for g in generations]
     references = [g["reference"] for g in generations]

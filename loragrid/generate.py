@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .common import package_versions, read_jsonl, verify_folder, write_json, write_jsonl
-from .templates import prompt_token_ids
+from .templates import conversation_token_ids
 from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.generate")
@@ -46,7 +46,7 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
     model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)
     config = generation_config(tokenizer, settings)
     records = read_jsonl(heldout_path)
-    prompts = [prompt_token_ids(tokenizer, template, r["messages"][:-1]) for r in records]
+    prompts = [conversation_token_ids(tokenizer, template, r["messages"][:-1]) for r in records]
     # Similar lengths in a batch waste less compute on left padding.
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     answers: dict[int, dict] = {}

@@ -30,6 +30,7 @@ allocator's free lists, the libraries and the Python heap.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import weakref
@@ -49,7 +50,11 @@ log = logging.getLogger("loragrid.memory")
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries", "other")
 # The first steps of a run: the first has the longest micro-batch under group_by_length (the
 # Trainer's length-grouped sampler puts it first), the second already holds the optimizer state.
+# Without length grouping the profile goes on until it has measured the longest example's micro-batch.
 PROFILED_STEPS = 2
+# Beside each checkpoint: a resumed run keeps the steps its first attempt measured (the Trainer skips
+# the batches already trained, the longest micro-batch among them).
+PROFILE_FILE = "loragrid_memory_profile.json"
 
 
 def quantization_constants(parameter) -> list[torch.Tensor]:
@@ -254,64 +259,98 @@ def cuda_memory_peaks() -> dict:
             "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
+class MemoryProfiler:
+    """Measures what training holds during the run's first `steps` optimizer steps (and on, without length
+    grouping, until a micro-batch as long as the `longest` example's), the process's resident memory
+    during training, and on CUDA the allocator's statistics."""
+
+    def __init__(self, steps: int = PROFILED_STEPS, longest: int | None = None, resumed_from=None):
+        self.steps, self.longest, self.tracker = steps, longest, None
+        self.step_seconds, self.started, self.record = [], 0.0, {}
+        self.shapes: list[tuple[int, ...]] = []
+        self.profiled, self.restored = restored_profile(resumed_from), False
+        if self.profiled:
+            self.restored = True
+            log.info("memory: keeping the %d step(s) measured before the resume (%s)", len(self.profiled),
+                     resumed_from)
+
+    @property
+    def done(self) -> bool:
+        seen = max((shape["sequence"] for step in self.profiled for shape in step["micro_batches"]), default=0)
+        return len(self.profiled) >= self.steps and (self.longest is None or seen >= self.longest)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.record["rss_after_loading_bytes"] = resident_bytes()
+        self.record["rss_peak_is_training_only"] = reset_resident_peak()
+        self.record.update(cuda_memory_after_loading())
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.started = time.perf_counter()
+        if not self.done:
+            self.shapes = []
+            self.tracker = StepMemory(model, getattr(optimizer, "optimizer", optimizer))
+            self.hooks = [model.register_forward_pre_hook(self._forward_begins, with_kwargs=True),
+                          model.register_forward_hook(self._forward_ends)]
+            self.tracker.__enter__()
+
+    def _forward_begins(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            self.shapes.append({"rows": ids.shape[0], "sequence": ids.shape[-1],
+                                "labelled": labelled_positions(kwargs)})
+        self.tracker.in_forward = True
+
+    def _forward_ends(self, module, args, output):
+        self.tracker.in_forward = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seconds = time.perf_counter() - self.started
+        if self.tracker is None:
+            self.step_seconds.append(seconds)
+            return
+        self.tracker.__exit__(None, None, None)
+        for hook in self.hooks:
+            hook.remove()
+        # The state the step created, as later steps hold it: only where a later step runs.
+        later = self.tracker.with_later_state() if state.global_step < state.max_steps else None
+        self.profiled.append({"step": state.global_step, "peak_bytes": self.tracker.peak_bytes,
+                              "breakdown": self.tracker.peak, "micro_batches": self.shapes,
+                              "with_later_state": later,
+                              "seconds": seconds, "bookkeeping_seconds": self.tracker.bookkeeping_seconds})
+        self.tracker = None
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            (checkpoint / PROFILE_FILE).write_text(json.dumps({"profiled": self.profiled}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.record["rss_peak_training_bytes"] = resident_bytes("VmHWM")
+        self.record.update(cuda_memory_peaks())
+
+    def summary(self) -> dict:
+        return {**profile_summary(self.profiled, self.record), "profile_restored": self.restored}
+
+
 def _profile_callback_class():
     from transformers import TrainerCallback
 
-    class MemoryProfile(TrainerCallback):
-        """Measures what training holds during the first `steps` optimizer steps of this process,
-        the process's resident memory during training, and on CUDA the allocator's statistics."""
-
-        def __init__(self, steps: int = PROFILED_STEPS):
-            self.steps, self.profiled, self.tracker = steps, [], None
-            self.step_seconds, self.started, self.record = [], 0.0, {}
-            self.shapes: list[tuple[int, ...]] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.record["rss_after_loading_bytes"] = resident_bytes()
-            self.record["rss_peak_is_training_only"] = reset_resident_peak()
-            self.record.update(cuda_memory_after_loading())
-
-        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            self.started = time.perf_counter()
-            if len(self.profiled) < self.steps:
-                self.shapes = []
-                self.tracker = StepMemory(model, getattr(optimizer, "optimizer", optimizer))
-                self.hooks = [model.register_forward_pre_hook(self._forward_begins, with_kwargs=True),
-                              model.register_forward_hook(self._forward_ends)]
-                self.tracker.__enter__()
-
-        def _forward_begins(self, module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if isinstance(ids, torch.Tensor):
-                self.shapes.append({"rows": ids.shape[0], "sequence": ids.shape[-1],
-                                    "labelled": labelled_positions(kwargs)})
-            self.tracker.in_forward = True
-
-        def _forward_ends(self, module, args, output):
-            self.tracker.in_forward = False
-
-        def on_step_end(self, args, state, control, **kwargs):
-            seconds = time.perf_counter() - self.started
-            if self.tracker is None:
-                self.step_seconds.append(seconds)
-                return
-            self.tracker.__exit__(None, None, None)
-            for hook in self.hooks:
-                hook.remove()
-            self.profiled.append({"step": state.global_step, "peak_bytes": self.tracker.peak_bytes,
-                                  "breakdown": self.tracker.peak, "micro_batches": self.shapes,
-                                  "with_later_state": self.tracker.with_later_state(),
-                                  "seconds": seconds, "bookkeeping_seconds": self.tracker.bookkeeping_seconds})
-            self.tracker = None
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.record["rss_peak_training_bytes"] = resident_bytes("VmHWM")
-            self.record.update(cuda_memory_peaks())
-
-        def summary(self) -> dict:
-            return profile_summary(self.profiled, self.record)
+    class MemoryProfile(MemoryProfiler, TrainerCallback):
+        """MemoryProfiler as a Trainer callback (TrainerCallback answers the events it leaves alone)."""
 
     return MemoryProfile
+
+
+def restored_profile(checkpoint) -> list[dict]:
+    """The steps measured before `checkpoint` was saved ([] without a checkpoint, or one saved without them)."""
+    if checkpoint is None:
+        return []
+    saved = Path(checkpoint) / PROFILE_FILE
+    if not saved.exists():
+        log.warning("memory: %s has no memory profile; measuring the steps after the resume, which may miss the "
+                    "longest micro-batch", checkpoint)
+        return []
+    return json.loads(saved.read_text())["profiled"]
 
 
 def profile_summary(profiled: list[dict], record: dict) -> dict:
@@ -331,9 +370,11 @@ def profile_summary(profiled: list[dict], record: dict) -> dict:
             "peak_micro_batch": largest, "profiled_steps": profiled, "profiling_seconds": bookkeeping, **record}
 
 
-def memory_profile(steps: int = PROFILED_STEPS):
-    """A Trainer callback that measures training memory (see the module's docstring)."""
-    return _profile_callback_class()(steps)
+def memory_profile(settings: dict, lengths: list[int], resumed_from=None):
+    """A Trainer callback that measures a run's training memory (see the module's docstring). Without length
+    grouping (and without packing, whose rows join examples) it measures on to the longest example's step."""
+    longest = None if settings["group_by_length"] or settings["packing"] else max(lengths)
+    return _profile_callback_class()(PROFILED_STEPS, longest, resumed_from)
 
 
 def estimate_for_model(model, settings: dict, rows: int, sequence: int, labelled: int, accumulation: int = 1,

@@ -9,18 +9,26 @@ import torch
 
 from . import modeling
 from .common import LoragridError, atomic_dir, read_json, read_jsonl, verify_folder, write_json
-from .templates import tokenize_example
+from .templates import conversation_token_ids
 from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.merge")
 
+# Enough tokens per conversation to show a merge that moved the logits, at the cost of a few forwards.
+CHECK_CUTOFF_LEN = 512
+
 
 def _check_batch(tokenizer, template: str, heldout_path, n_prompts: int) -> dict:
-    """Held-out prompts with their reference answers, padded into one batch."""
+    """The first held-out conversations, as training tokenizes them (cut to CHECK_CUTOFF_LEN), padded into one batch.
+
+    The check compares logits at every position, so it needs no answer token: a conversation whose
+    answer lies beyond the cut is compared on its first tokens rather than left out.
+    """
     records = read_jsonl(heldout_path)[:n_prompts]
-    examples = [tokenize_example(tokenizer, template, r["messages"], cutoff_len=512) for r in records]
-    examples = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]} for e in examples if e]
-    return tokenizer.pad(examples, return_tensors="pt")
+    if not records:
+        raise LoragridError(f"{heldout_path}: no held-out records to compare the merged model's logits on")
+    ids = [conversation_token_ids(tokenizer, template, r["messages"])[:CHECK_CUTOFF_LEN] for r in records]
+    return tokenizer.pad([{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids], return_tensors="pt")
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -242,6 +243,39 @@ def compile_decoder_layers(model, cache_dir) -> int:
         layer.compile(dynamic=True)
     log.info("compiling %d decoder layers (torch.compile, inductor cache %s)", len(layers), cache_dir)
     return len(layers)
+
+
+@functools.cache
+def module_names(model_dir: str) -> tuple[list[str], list[str]] | None:
+    """(every module's name, the linear layers' last names) of the model in `model_dir`, built on the meta device
+    from its config.json (no weight is read); None where transformers cannot build it so (remote code, a pickle
+    of pruned shapes, an architecture it lacks): training's own load names those."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if has_pickled_model(model_dir):
+        return None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    except (ValueError, KeyError, OSError, ImportError):
+        return None
+    return [name for name, _ in model.named_modules()], linear_module_names(model)
+
+
+def unmatched_target_modules(model_dir, settings: dict) -> str | None:
+    """What is wrong with a run's list of target modules for this model, or None. peft matches a name to a
+    module named so or ending in '.name', and refuses only a list that matches nothing: a misspelt name beside
+    a right one would leave its layers untrained without a word."""
+    targets = settings.get("target_modules")
+    names = module_names(str(model_dir)) if isinstance(targets, list) and settings["method"] != "full" else None
+    if names is None:
+        return None
+    modules, linear = names
+    unknown = [target for target in targets
+               if not any(module == target or module.endswith("." + target) for module in modules)]
+    if not unknown:
+        return None
+    return f"{unknown} match no module of the model (its linear modules: {', '.join(linear)})"
 
 
 def linear_module_names(model) -> list[str]:

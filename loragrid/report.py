@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import math
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -69,8 +71,9 @@ QUALITY_MEASURES = (
 MEMORY_NOTE = (
     "Training memory is the peak of what training holds at its longest micro-batch with the optimizer state "
     "of later steps, measured by exact tensor accounting on a CPU (every live tensor storage, counted once) "
-    "over the first two steps, or CUDA's max allocated memory over the whole run on a GPU; the breakdown is "
-    "the tensor accounting's at its peak: W weights as held (4-bit and 8-bit weights packed), "
+    "over the first two steps (without length grouping, on to the longest example's step; a resumed run keeps "
+    "the steps measured before its checkpoint), or CUDA's max allocated memory over the run on a GPU; the "
+    "breakdown is the tensor accounting's at its peak: W weights as held (4-bit and 8-bit weights packed), "
     "G gradients, O optimizer state, A activations kept for the backward pass, T temporaries of the "
     "backward pass and the optimizer step; a run on several GPUs (DDP) shows one process's, one GPU's. "
     "The estimate is loragrid's formula for the same step's micro-batches (docs/memory.md; – where the "
@@ -178,9 +181,11 @@ def _breakdown_text(row: pd.Series) -> str:
 
 
 def pareto_front(memory: list[float], quality: list[float], higher_is_better: bool) -> list[int]:
-    """Indices of the runs no other run beats on both memory (less) and quality, by increasing memory."""
+    """Indices of the runs no other run beats on both memory (less) and quality, by increasing memory; a run
+    without either figure (NaN: resumed after its last step, or not evaluated) is on no front."""
     sign = -1 if higher_is_better else 1
-    order = sorted(range(len(memory)), key=lambda i: (memory[i], sign * quality[i]))
+    measured = [i for i in range(len(memory)) if not (math.isnan(memory[i]) or math.isnan(quality[i]))]
+    order = sorted(measured, key=lambda i: (memory[i], sign * quality[i]))
     front, best = [], float("inf")
     for i in order:
         if sign * quality[i] < best:
@@ -426,6 +431,15 @@ def comparison_tables(table: pd.DataFrame, runs: dict, bench, summaries: list) -
     return tables, notes
 
 
+def _where_trained(runs: dict) -> str:
+    """'4 runs on cpu (bfloat16 compute)'; each device named where they differ (gpus: is a run's own setting, and a
+    CPU's memory figure is measured unlike a GPU's)."""
+    devices = Counter(f"{run['train']['device']} ({run['train']['compute_dtype']} compute)" for run in runs.values())
+    if len(devices) == 1:
+        return f"{len(runs)} runs on {next(iter(devices))}"
+    return f"{len(runs)} runs: " + ", ".join(f"{count} on {device}" for device, count in devices.items())
+
+
 def report_markdown(runs: dict, base_eval: dict, tables, notes, samples, plots) -> list[str]:
     """report.md's lines: the tables, notes and plots, the sample answers and every run's provenance."""
     first = next(iter(runs.values()))
@@ -434,7 +448,7 @@ def report_markdown(runs: dict, base_eval: dict, tables, notes, samples, plots) 
     lines = [
         "# loragrid report",
         "",
-        f"{len(runs)} runs on {first['train']['device']} ({first['train']['compute_dtype']} compute), "
+        f"{_where_trained(runs)}, "
         f"{base_eval['questions']} held-out questions, template `{base_eval['template']}`.",
         "",
         *(line for title, shown in tables

@@ -175,8 +175,9 @@ def _encode(tokenizer, template: str, messages: list[dict], add_eos_token: bool)
     return ids, is_answer
 
 
-def prompt_token_ids(tokenizer, template: str, messages: list[dict]) -> list[int]:
-    """Token ids of the prompt for the answer after `messages` (which end with the user's turn)."""
+def conversation_token_ids(tokenizer, template: str, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` as training renders them, uncut (answers with their EOS): for messages that end with
+    the user's turn, the prompt for the answer after it; for a whole conversation, tokenize_example's ids."""
     return _encode(tokenizer, template, messages, add_eos_token=True)[0]
 
 

@@ -427,7 +427,7 @@ def compile_after_profiling(profile, cache_dir):
         compiled = False
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if not self.compiled and len(profile.profiled) >= profile.steps:
+            if not self.compiled and profile.done:
                 modeling.compile_decoder_layers(model, cache_dir)
                 self.compiled = True
 
@@ -446,11 +446,14 @@ def objects_so_far_frozen():
         gc.unfreeze()
 
 
-def _check_before_loading(settings: dict, folders, tensorboard_dir, wandb_dir) -> None:
+def _check_before_loading(settings: dict, model_dir, folders, tensorboard_dir, wandb_dir) -> None:
     """Everything that can fail cheaply fails before the model loads."""
-    for folder in folders:
+    for folder in (model_dir, *folders):
         if folder is not None:
             verify_folder(folder)
+    unmatched = modeling.unmatched_target_modules(model_dir, settings)
+    if unmatched:
+        raise LoragridError(f"config key 'target_modules': {unmatched}")
     check_optimizer(settings["optimizer"], modeling.device())
     check_dora(settings)
     accumulation_steps(settings)
@@ -527,7 +530,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
     """
     from transformers import set_seed
 
-    _check_before_loading(settings, (model_dir, data_dir, tokenized_dir), tensorboard_dir, wandb_dir)
+    _check_before_loading(settings, model_dir, (data_dir, tokenized_dir), tensorboard_dir, wandb_dir)
     set_seed(settings["seed"])
     tokenizer, dataset, tokenization = _setup_data(model_dir, data_dir, tokenized_dir, settings, template,
                                                    trust_remote_code)
@@ -542,7 +545,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
             reporting(settings, tensorboard_dir, wandb_dir, run_name) as wandb_folder:
         trainer = make_trainer(model, tokenizer, dataset, settings, micro_batch_size,
                                output_dir=checkpoints if saving else scratch, saving=saving)
-        profile = memory.memory_profile(memory.PROFILED_STEPS)
+        profile = memory.memory_profile(settings, dataset["length"], resume_from)
         trainer.add_callback(profile)
         if settings.get("compile_layers"):
             trainer.add_callback(compile_after_profiling(profile, compile_cache_dir or DEFAULT_COMPILE_CACHE))
@@ -555,7 +558,7 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
 
     accumulation = accumulation_steps(settings, micro_batch_size=micro_batch_size)
     measured = measured_memory(profile, model, weights, settings, estimate, accumulation,
-                               resumed=resume_from is not None)
+                               resumed=resume_from is not None and not profile.restored)
     return {
         **_what_trained(model, trainer, settings, parameters, model_dir),
         "memory": measured,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,21 @@ CONFIG_CASES = [
      r"^config key 'export\.min_agreement\.f16': 95 is greater than the maximum of 1$"),
     ("a misspelt export setting", {"export": {"type": ["f16"]}},
      r"config key 'export\.type': no such setting; did you mean 'types'\?"),
+    # Snakemake empties an output folder before its job: the source would be deleted by its own fetch.
+    ("a dataset kept in the folder its fetch writes", {"dataset": {"name": "mine", "source": "local:resources/datasets/mine/qa.jsonl"}},
+     r"config key 'dataset\.source': resources/datasets/mine/qa\.jsonl lies inside resources/datasets/mine, a folder "
+     r"this workflow writes"),
+    ("a model source among this experiment's results", {"model": {"name": "m", "source": "local:results/m--emoji_qa/runs/full/model"}},
+     r"config key 'model\.source': results/m--emoji_qa/runs/full/model lies inside results/m--emoji_qa,"),
+    ("a random model's tokenizer in the model's own folder",
+     {"model": {"name": "r", "source": "random:config/models/qwen2.5-0.5b.json", "tokenizer": "./resources/models/r"}},
+     r"config key 'model\.tokenizer': \./resources/models/r lies inside resources/models/r,"),
+    # JSON Schema takes 8.0 for an integer; the jobs would not (range(), torch.set_num_threads).
+    ("a whole number written as a float", {"split": {"heldout_min": 8.0}},
+     r"^config key 'split\.heldout_min': 8\.0 is not of type 'integer'$"),
+    ("a float thread count", {"torch_threads": 2.0}, r"^config key 'torch_threads': 2\.0 is not of type 'integer'$"),
+    ("a float rank in the grid", {"grid": {"method": ["lora"], "lora_r": [8, 16.0]}},
+     r"^config key 'grid\.lora_r': 16\.0 is not of type 'integer'$"),
     ("random model whose config file is missing",
      {"model": {"source": "random:config/models/none.json", "tokenizer": "data/tokenizers/smollm2"}},
      r"config key 'model\.source': no such file or folder: config/models/none\.json"),
@@ -362,6 +378,35 @@ def test_an_adapter_target_module_that_does_not_exist(tiny_model_dir):
         modeling.add_lora(model, {**TINY_RUN, "target_modules": ["qkv_proj"]})
 
 
+def test_a_misspelt_target_module_beside_a_right_one_stops_training_before_the_model_loads(
+        tiny_model_dir, prepared_dir, tmp_path, monkeypatch):
+    """peft refuses only a list that matches nothing: before 2026-12-07 [q_proj, qv_prj] trained q_proj alone."""
+    from loragrid import modeling
+    from loragrid.train import train
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the target modules were checked")
+
+    monkeypatch.setattr(modeling, "load_for_training", no_load)
+    with pytest.raises(LoragridError, match=r"^config key 'target_modules': \['qv_prj'\] match no module of the model "
+                                            r"\(its linear modules: down_proj, gate_proj, k_proj, lm_head, o_proj, "
+                                            r"q_proj, up_proj, v_proj\)$"):
+        train(tiny_model_dir, prepared_dir, tmp_path / "out", {**TINY_RUN, "target_modules": ["q_proj", "qv_prj"]},
+              "chat")
+
+
+def test_a_target_module_the_fetched_model_lacks_stops_snakemake_before_any_job(copy_repo, tiny_model_dir,
+                                                                                 fetched_tiny_model):
+    from conftest import snakemake, tiny_config, with_fetched_model
+
+    with_fetched_model(copy_repo, fetched_tiny_model)
+    config = tiny_config(copy_repo, tiny_model_dir, grid={"method": ["full", "lora"], "target_modules": [["q_proj", "qv_prj"]]})
+    result = snakemake(copy_repo, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert ("config key 'grid.target_modules' (run lora-tmq_proj.qv_prj): ['qv_prj'] match no module of the model"
+            in result.stdout + result.stderr)
+
+
 def test_a_record_longer_than_cutoff_len(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -415,6 +460,34 @@ def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
     assert "config key 'training.lora_dropout': -0.1 is less than the minimum of 0" in result.stdout + result.stderr
     assert "On instance" not in result.stdout + result.stderr
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
+
+
+def test_a_source_in_a_folder_the_workflow_writes_is_refused_and_kept(copy_repo):
+    """Before 2026-12-07 Snakemake emptied resources/datasets/mine (fetch_dataset's output) before the fetch
+    that was to read it: the user's only copy of the data was gone."""
+    from conftest import snakemake
+
+    kept = copy_repo / "resources/datasets/mine/qa.jsonl"
+    kept.parent.mkdir(parents=True)
+    shutil.copy(REPO / "data/emoji_qa.jsonl", kept)
+    result = snakemake(copy_repo, "resources/datasets/mine", "--config",
+                       "dataset={name: mine, source: 'local:resources/datasets/mine/qa.jsonl'}")
+    assert result.returncode != 0 and kept.read_bytes() == (REPO / "data/emoji_qa.jsonl").read_bytes()
+    assert ("config key 'dataset.source': resources/datasets/mine/qa.jsonl lies inside resources/datasets/mine"
+            in result.stdout + result.stderr)
+    assert not (copy_repo / "results").exists()
+
+
+def test_a_key_twice_in_a_config_file_is_named_with_its_line(copy_repo):
+    """YAML keeps the last of two `training:` blocks: the first one's learning rate would vanish without a word."""
+    from conftest import snakemake
+
+    (copy_repo / "twice.yaml").write_text("training:\n  learning_rate: 1.0e-4\ngrid:\n  method: [lora]\n"
+                                          "training:\n  lora_r: 8\n")
+    result = snakemake(copy_repo, "-n", "--configfile", "twice.yaml")
+    assert result.returncode != 0
+    assert ("twice.yaml, line 5: the key 'training' appears twice in the same mapping"
+            in result.stdout + result.stderr)
 
 
 def test_a_random_source_without_its_tokenizer_stops_snakemake_before_any_job(copy_repo):

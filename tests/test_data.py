@@ -411,3 +411,65 @@ def test_data_without_twins_splits_as_the_case_and_spacing_key_did(qa_file, tmp_
         heldout, train = old_split(records, seed, summary["heldout"])
         assert [r["messages"][0]["content"] for r in read_jsonl(tmp_path / str(seed) / "heldout.jsonl")] == heldout
         assert [r["messages"][0]["content"] for r in read_jsonl(tmp_path / str(seed) / "train.jsonl")] == train
+
+
+# --- a byte-order mark; null values ------------------------------------------------------------------
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
+    records = [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(30)]
+    records.insert(6, {"question": "no answer?"})
+    text = "".join(json.dumps(r) + "\n" for r in records) if name == "d.jsonl" else json.dumps(records, indent=1)
+    _fetched(tmp_path, name, BOM + text)
+    unit = "line 7" if name == "d.jsonl" else "record 7"
+    with pytest.raises(LoragridError, match=rf"{re.escape(name)}, {unit}: none of the answer fields"):
+        prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5)
+    summary = prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5, on_bad_record="skip")
+    assert summary["records_valid"] == 30 and summary["rejected_count"] == 1  # line 1 is read, not skipped
+    # prepare on the user's own JSONL file, without fetch_dataset, reads line 1 too.
+    source = write_jsonl(tmp_path / "own.jsonl", [BOM + json.dumps(records[0])] + records[1:6] + records[7:])
+    assert prepare(source, tmp_path / "own", heldout_min=5)["records_valid"] == 30
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", '{"question": "q?", "answer_en": "x"}\n{"question": "q2?", \n',
+     r"d\.jsonl, line 2: invalid JSON \(Expecting property name enclosed in double quotes at column 21\)"),
+    ("d.jsonl", '{"question": x}\n', r"d\.jsonl, line 1: invalid JSON \(Expecting value at column 14\)"),
+    ("d.json", '[{"question": "q?",\n "answer_en": x}]',
+     r"d\.json, line 2: invalid JSON \(Expecting value at column 15\)"),
+    ("d.json", '[{"question": x}]', r"d\.json, line 1: invalid JSON \(Expecting value at column 15\)"),
+    ("d.json", '{"question": "q?"}', r"d\.json: expected a JSON list of records, got a dict"),
+    ("d.jsonl", "", r"d\.jsonl: the file is empty"),
+])
+def test_a_byte_order_mark_keeps_the_other_messages(tmp_path, name, content, message):
+    with pytest.raises(LoragridError, match=message):
+        _fetched(tmp_path, name, BOM + content)
+        prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=1)
+
+
+@pytest.mark.parametrize("data_format, bad_line, reason", [
+    ("qa", '{"question": null, "answer_en": "x"}', "field 'question' is null"),
+    ("alpaca", '{"instruction": "Do", "output": null}', "field 'output' is null"),
+    ("alpaca", '{"instruction": null, "output": "ok"}', "field 'instruction' is null"),
+    ("qa", "null", "expected a JSON object, got null"),
+    ("messages", '{"messages": [null, {"role": "assistant", "content": "y"}]}',
+     r"messages\[0\] should be an object, got null"),
+], ids=["null question", "null output", "null instruction", "null line", "null turn"])
+def test_a_null_value_is_named_null_not_missing(tmp_path, data_format, bad_line, reason):
+    lines = list(GOOD_LINES[data_format])
+    lines.insert(5, bad_line)
+    source = write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(LoragridError, match=rf"^data/bad\.jsonl, line 6: {reason} \(set dataset\.on_bad_record"):
+        prepare(source, tmp_path / "out", data_format=data_format, heldout_min=5, display_name="data/bad.jsonl")
+    summary = prepare(source, tmp_path / "out", data_format=data_format, heldout_min=5, on_bad_record="skip")
+    assert [(r["line"], re.fullmatch(reason, r["reason"]) is not None) for r in summary["rejected"]] == [(6, True)]
+
+
+def test_a_null_record_in_a_json_list_is_named_null(tmp_path):
+    records = [None] + [{"question": r["question"], "answer_en": r["answer_en"]} for r in demo_records(30)]
+    _fetched(tmp_path, "d.json", json.dumps(records))
+    with pytest.raises(LoragridError, match=r"d\.json, record 1: expected a JSON object, got null"):
+        prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5)

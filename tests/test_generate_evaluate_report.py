@@ -1,8 +1,12 @@
+import logging
+import re
+import shutil
+
 import pandas as pd
 import pytest
 
-from conftest import TINY_RUN
-from loragrid.common import read_json, read_jsonl
+from conftest import TINY_RUN, write_jsonl
+from loragrid.common import LoragridError, read_json, read_jsonl
 from loragrid.evaluate import emoji_metrics, evaluate_to_file
 from loragrid.generate import generate
 from loragrid.report import write_report
@@ -61,6 +65,51 @@ def test_evaluate(generated, tiny_model_dir, prepared_dir, tmp_path):
                              heldout_path=prepared_dir / "heldout.jsonl", generations_path=folder / "base.jsonl",
                              generation_meta_path=folder / "base.json", template="chat", batch_size=1)
     assert again["heldout_loss"] == pytest.approx(result["heldout_loss"], rel=1e-4)
+
+
+def _heldout_split(folder, prepared_dir, records):
+    """A held-out split beside the prepared one's prepare.json (no manifest: these tests write it by hand)."""
+    folder.mkdir()
+    shutil.copy(prepared_dir / "prepare.json", folder / "prepare.json")
+    return write_jsonl(folder / "heldout.jsonl", records)
+
+
+# About 2400 tokens of question: its answer starts beyond evaluate's cutoff of 2048.
+LONG_QUESTION = {"id": "h.jsonl, line 9", "messages": [{"role": "user", "content": "Why? " * 800},
+                                                      {"role": "assistant", "content": "Because"}]}
+
+
+def test_evaluate_names_and_counts_records_left_out_of_the_loss(generated, tiny_model_dir, prepared_dir, tmp_path,
+                                                                caplog):
+    folder, _ = generated
+    records = read_jsonl(prepared_dir / "heldout.jsonl")
+    runs = {}
+    for name, split in (("all", [*records, LONG_QUESTION]), ("normal", records)):
+        heldout = _heldout_split(tmp_path / name, prepared_dir, split)
+        with caplog.at_level(logging.WARNING, logger="loragrid.evaluate"):
+            runs[name] = evaluate_to_file(tmp_path / f"{name}.json", model_dir=tiny_model_dir, heldout_path=heldout,
+                                          generations_path=folder / "base.jsonl",
+                                          generation_meta_path=folder / "base.json", template="chat")
+    assert runs["all"]["questions"] == len(records) + 1 and runs["all"]["heldout_scored"] == len(records)
+    assert runs["normal"]["heldout_scored"] == runs["normal"]["questions"] == len(records)
+    assert runs["all"]["heldout_loss"] == pytest.approx(runs["normal"]["heldout_loss"], rel=1e-6)
+    assert f"leaves out 1 of {len(records) + 1} records" in caplog.text and "h.jsonl, line 9" in caplog.text
+
+
+def test_evaluate_fails_before_loading_the_model_when_no_answer_fits(generated, tiny_model_dir, prepared_dir,
+                                                                     tmp_path, monkeypatch):
+    from loragrid import modeling
+
+    folder, _ = generated
+    heldout = _heldout_split(tmp_path / "split", prepared_dir,
+                             [LONG_QUESTION, {**LONG_QUESTION, "id": "h.jsonl, line 10"}])
+    monkeypatch.setattr(modeling, "load_for_inference", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    message = r": none of its 2 records has an answer within the first 2048 tokens \(evaluate's cutoff\), so there"
+    with pytest.raises(LoragridError, match=re.escape(str(heldout)) + message):
+        evaluate_to_file(tmp_path / "eval.json", model_dir=tiny_model_dir, heldout_path=heldout,
+                         generations_path=folder / "base.jsonl", generation_meta_path=folder / "base.json",
+                         template="chat")
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):

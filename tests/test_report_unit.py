@@ -1,6 +1,6 @@
 """The report's pieces that need no model: the Pareto front and the side-by-side samples."""
 
-from loragrid.report import pareto_front, sample_answers, samples_html, samples_markdown
+from loragrid.report import _where_trained, pareto_front, sample_answers, samples_html, samples_markdown
 
 
 def test_pareto_front_lower_is_better():
@@ -8,6 +8,23 @@ def test_pareto_front_lower_is_better():
     loss = [1.0, 3.0, 2.0, 2.5, 1.5]
     # run 3 (3.0 GB, 2.5) is beaten by run 2 (2.0 GB, 2.0) on both counts
     assert pareto_front(memory, loss, higher_is_better=False) == [1, 2, 4, 0]
+
+
+def test_a_run_without_a_figure_is_on_no_pareto_front():
+    """NaN memory (a run resumed after its last step) compared as equal to everything: it 'dominated' both runs."""
+    nan = float("nan")
+    assert pareto_front([nan, 2.0, 1.0], [0.5, 0.6, 0.7], higher_is_better=False) == [2, 1]
+    assert pareto_front([nan, 2.0, 1.0], [0.5, 0.6, 0.7], higher_is_better=True) == [2]
+    assert pareto_front([3.0, 2.0], [0.5, nan], higher_is_better=False) == [0]
+
+
+def test_the_report_names_every_device_its_runs_trained_on():
+    def trained_on(device):
+        return {"train": {"device": device, "compute_dtype": "bfloat16"}}
+
+    assert _where_trained({"full": trained_on("cpu"), "lora": trained_on("cpu")}) == "2 runs on cpu (bfloat16 compute)"
+    mixed = {"full": trained_on("cuda"), "lora": trained_on("cpu"), "qlora4": trained_on("cuda")}
+    assert _where_trained(mixed) == "3 runs: 2 on cuda (bfloat16 compute), 1 on cpu (bfloat16 compute)"
 
 
 def test_pareto_front_higher_is_better_and_ties():

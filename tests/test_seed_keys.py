@@ -19,7 +19,7 @@ from conftest import TINY_RUN, results_dir, snakemake, tiny_config, with_fetched
 from loragrid import modeling
 from loragrid.common import read_json, read_jsonl
 from loragrid.generate import generate, generation_config
-from loragrid.templates import prompt_token_ids
+from loragrid.templates import conversation_token_ids
 from loragrid.tokenized import load_tokenizer
 from loragrid.train import train_to_files, warmup
 
@@ -199,7 +199,7 @@ def test_beam_search_with_no_repeat_ngram_size_on_left_padded_batches(tiny_model
     # fp32: beams of a random model are near ties, which bf16 rounding may break differently per batch.
     model = modeling.load_for_inference(tiny_model_dir, dtype=torch.float32)
     heldout = read_jsonl(prepared_dir / "heldout.jsonl")
-    prompts = [prompt_token_ids(tokenizer, "chat", record["messages"][:-1]) for record in heldout]
+    prompts = [conversation_token_ids(tokenizer, "chat", record["messages"][:-1]) for record in heldout]
     assert len({len(p) for p in prompts}) > 1  # the batches are padded
     beams = {**GENERATE, "num_beams": 2, "no_repeat_ngram_size": 2}
     batched = answer_tokens(model, tokenizer, prompts, beams)

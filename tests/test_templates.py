@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from loragrid.common import LoragridError
-from loragrid.templates import prompt_token_ids, render_prompt, tokenize_example
+from loragrid.templates import conversation_token_ids, render_prompt, tokenize_example
 
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"},
             {"role": "assistant", "content": "Because of Rayleigh scattering 🌈☀️"}]
@@ -94,7 +94,7 @@ def test_chat_tokens_are_the_chat_templates_rendering(tokenizer):
 def test_generation_prompt_is_the_training_prefix(tokenizer, template):
     """The same template at training and generation: the prompt is exactly what preceded the answer."""
     example = tokenize_example(tokenizer, template, CONVERSATION, cutoff_len=512)
-    prompt = prompt_token_ids(tokenizer, template, CONVERSATION[:-1])
+    prompt = conversation_token_ids(tokenizer, template, CONVERSATION[:-1])
     assert example["input_ids"][: len(prompt)] == prompt
     assert example["labels"][len(prompt) - 1] == -100 and example["labels"][len(prompt)] != -100
 

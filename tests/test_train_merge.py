@@ -5,9 +5,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_RUN
-from loragrid.common import LoragridError, read_json
+from conftest import TINY_RUN, write_jsonl
+from loragrid.common import LoragridError, read_json, read_jsonl
 from loragrid.merge import merge_to_files
+from loragrid.templates import tokenize_example
+from loragrid.tokenized import load_tokenizer
 from loragrid.train import train_to_files
 
 
@@ -115,6 +117,26 @@ def test_merge_refuses_beyond_tolerance(trained, tiny_model_dir, prepared_dir, t
                        heldout_path=prepared_dir / "heldout.jsonl", template="chat", method="lora",
                        tolerance=1e-12)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merge.json").exists()
+
+
+def test_merge_checks_conversations_whose_answer_lies_beyond_the_cut(trained, tiny_model_dir, prepared_dir, tmp_path):
+    adapter_dir, _ = trained["lora"]
+    # About 600 tokens of question: the first 512 hold no answer token, so tokenize_example returns None.
+    long_question = {"id": "h.jsonl, line 1", "messages": [{"role": "user", "content": "Why? " * 200},
+                                                          {"role": "assistant", "content": "Because"}]}
+    normal = read_jsonl(prepared_dir / "heldout.jsonl")[:3]
+    tokenizer = load_tokenizer(adapter_dir)
+    normal_tokens = sum(len(tokenize_example(tokenizer, "chat", r["messages"], cutoff_len=512)["input_ids"])
+                        for r in normal)
+    for records, prompts, tokens in (([long_question, *normal], 4, 512 + normal_tokens),
+                                     ([long_question, long_question], 2, 1024)):
+        (tmp_path / f"split{prompts}").mkdir()
+        heldout = write_jsonl(tmp_path / f"split{prompts}" / "heldout.jsonl", records)
+        summary = merge_to_files(tiny_model_dir, adapter_dir, tmp_path / f"merged{prompts}", tmp_path / "merge.json",
+                                 heldout_path=heldout, template="chat", method="lora")
+        # Every record is compared, on its first 512 tokens; the normal ones on the same tokens as before.
+        assert (summary["check_prompts"], summary["check_tokens"]) == (prompts, tokens)
+        assert summary["max_relative_logit_difference"] <= 1e-3
 
 
 def test_same_seed_gives_byte_identical_adapters(tiny_model_dir, prepared_dir, tmp_path):
