@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -261,9 +262,12 @@ def _repeated_key(node):
     """The first key node that repeats a key of its own mapping, anywhere in a composed YAML document."""
     import yaml
 
-    nodes = [node] if node is not None else []
+    nodes, seen = ([node] if node is not None else []), set()
     while nodes:
         node = nodes.pop()
+        if id(node) in seen:  # an alias: its node is walked once (nested aliases would expand exponentially)
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
             for index, (key, value) in enumerate(node.value):
@@ -461,6 +465,22 @@ def setting_origin(config: dict, run: str, method: str, set_by: dict, *keys: str
     quoted = " and ".join(f"'{key}'" for key in named)
     run_named = all(key.startswith(f"runs.{run}.") for key in named)
     return f"config key{'s' if len(named) > 1 else ''} {quoted}{'' if run_named else f' (run {run})'}"
+
+
+@contextlib.contextmanager
+def keys_as_written(config: dict, run: str):
+    """A training job's error about one of its run's settings ("config key 'use_dora': …") names the key the
+    user wrote, as the checks at workflow start do ("config key 'grid.use_dora' (run qlora8-dora): …")."""
+    try:
+        yield
+    except LoragridError as error:
+        found = re.match(r"config key '(\w+)'", str(error))
+        if not found or found[1] not in load_schema()["$defs"]["run"]["properties"]:
+            raise
+        set_by: dict[str, dict] = {}
+        settings = resolve_runs(config, set_by)[run]
+        where = setting_origin(config, run, settings["method"], set_by[run], found[1])
+        raise LoragridError(where + str(error)[found.end():]) from None
 
 
 def check_tokenizer_folder(folder: str | None, workdir: str | Path = ".") -> Path:

@@ -43,10 +43,11 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
     # (1.5 of a generate job's 5 CPU-seconds on a tiny model, where it is all start-up).
     torch.manual_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
-    model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)
     config = generation_config(tokenizer, settings)
     records = read_jsonl(heldout_path)
+    # Prompts before the model: a template the tokenizer cannot render (no chat template) fails before the load.
     prompts = [conversation_token_ids(tokenizer, template, r["messages"][:-1]) for r in records]
+    model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)
     # Similar lengths in a batch waste less compute on left padding.
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     answers: dict[int, dict] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import json
 import logging
 import os
 import re
@@ -199,13 +200,21 @@ def checkpoint_folder(checkpoint_root, settings: dict, template: str, model_dir,
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint-N whose trainer_state.json exists: the Trainer writes that file last,
-    so a checkpoint cut short by a kill is never resumed from."""
+    """The newest checkpoint-N whose trainer_state.json is whole: the Trainer writes that file last (and
+    in place), so a checkpoint cut short by a kill is never resumed from."""
     if not folder.is_dir():
         return None
     complete = [(int(m.group(1)), path) for path in folder.iterdir()
-                if (m := CHECKPOINT.match(path.name)) and (path / "trainer_state.json").is_file()]
+                if (m := CHECKPOINT.match(path.name)) and _whole_json(path / "trainer_state.json")]
     return max(complete)[1] if complete else None
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _drop_stale_checkpoints(folder: Path) -> None:

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 from loragrid.common import logging_to, use_threads
+from loragrid.config import keys_as_written
 from loragrid.train import train_run
 
-with logging_to(snakemake.log[0]):
+with logging_to(snakemake.log[0]), keys_as_written(snakemake.config, snakemake.wildcards.run):
     use_threads(snakemake.config["torch_threads"])
     train_run(
         snakemake.params.settings,

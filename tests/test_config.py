@@ -6,7 +6,7 @@ from snakemake.utils import validate
 
 from conftest import REPO
 from loragrid.common import LoragridError
-from loragrid.config import check_config, resolve_runs
+from loragrid.config import check_config, checked_runs, keys_as_written, load_config, resolve_runs
 
 SCHEMA = str(REPO / "config" / "schema.yaml")
 
@@ -126,3 +126,17 @@ def test_reordering_grid_keys_keeps_names():
     backward = resolve_runs(validated({"grid": {"lora_r": [8, 16], "method": ["full", "lora"]}}))
     assert forward == backward
     assert sorted(forward) == ["full", "lora", "lora-r8"]
+
+
+def test_a_jobs_error_about_a_run_setting_names_the_key_the_user_wrote():
+    config = load_config([], {"grid": {"method": ["qlora8"], "use_dora": [True]}})
+    checked_runs(config)  # as the Snakefile leaves the config that jobs get
+    with pytest.raises(LoragridError, match=r"^config key 'grid\.use_dora' \(run qlora8-doraon\): DoRA does not"):
+        with keys_as_written(config, "qlora8-doraon"):
+            raise LoragridError("config key 'use_dora': DoRA does not train on qlora8's 8-bit layers")
+    with pytest.raises(LoragridError, match=r"^config key 'training\.optimizer' \(run qlora8-doraon\): x$"):
+        with keys_as_written(config, "qlora8-doraon"):
+            raise LoragridError("config key 'optimizer': x")
+    with pytest.raises(LoragridError, match=r"^config key 'template': y$"):  # not a run setting: as it was
+        with keys_as_written(config, "qlora8-doraon"):
+            raise LoragridError("config key 'template': y")

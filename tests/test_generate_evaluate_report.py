@@ -112,6 +112,20 @@ def test_evaluate_fails_before_loading_the_model_when_no_answer_fits(generated, 
     assert not (tmp_path / "eval.json").exists()
 
 
+def test_generate_without_a_chat_template_fails_before_loading_the_model(tiny_model_dir, prepared_dir, tmp_path,
+                                                                          monkeypatch):
+    from loragrid import modeling
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model_dir / "chat_template.jinja").unlink()
+    monkeypatch.setattr(modeling, "load_for_inference", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(LoragridError, match="the model has no chat template; choose another template"):
+        generate(model_dir, prepared_dir / "heldout.jsonl", tmp_path / "g.jsonl", tmp_path / "g.json", "chat",
+                 {"max_new_tokens": 4, "batch_size": 8, "do_sample": False, "num_beams": 1, "temperature": 0.7,
+                  "top_p": 0.9, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "seed": 0})
+    assert not (tmp_path / "g.jsonl").exists()
+
+
 def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
     folder, _ = generated
     base_eval = evaluate_to_file(tmp_path / "base.json", model_dir=tiny_model_dir,

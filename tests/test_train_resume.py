@@ -120,6 +120,12 @@ def test_checkpoint_cut_short_is_not_resumed_from(tiny_model_dir, prepared_dir, 
     resumed = train(tiny_model_dir, prepared_dir, tmp_path / "b", settings, "chat", checkpoint_root=root)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
 
+    # Killed while writing trainer_state.json itself (the Trainer writes it in place): resumed from the one before.
+    state = folder / "checkpoint-4/trainer_state.json"
+    state.write_text('{"global_step": 4, "log_hist')
+    resumed = train(tiny_model_dir, prepared_dir, tmp_path / "c", settings, "chat", checkpoint_root=root)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+
 
 def test_interrupted_fetch_is_not_taken_as_complete(tmp_path, tiny_model_dir):
     """Kill the fetch while it copies the model: no model folder appears, and the next run fetches again."""
