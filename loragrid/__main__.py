@@ -28,7 +28,12 @@ def runs_command(args) -> None:
 
     # The Snakefile's own loader, with the values parsed as `snakemake --config` parses them: a bad config is
     # named here, before Snakemake builds its plan.
-    config = load_config(args.configfile, parse_config(args.config))
+    try:
+        overrides = parse_config(args.config)
+    except ValueError as error:
+        raise LoragridError(f"--config {' '.join(args.config)}: {error}; give KEY=VALUE pairs, as "
+                            "`snakemake --config` takes them, e.g. --config template=plain") from None
+    config = load_config(args.configfile, overrides)
     runs = checked_runs(config, workdir=args.directory)
     results = f"results/{experiment_name(config)}"
     plan = snakemake_plan(args.directory, args.configfile, args.config)
@@ -77,11 +82,20 @@ def memory_command(args) -> None:
         cells = [row["method"], "on" if row["gradient_checkpointing"] else "off",
                  *(f"{row['breakdown'][part] / 1e9:.2f}" for part in parts), f"{row['total_bytes'] / 1e9:.2f}"]
         if budget:
-            cells.append(str(row["largest_micro_batch"] or f"none fits {args.budget_gb:g} GB"))
+            cells.append(largest_micro_batch_cell(row["largest_micro_batch"], args.budget_gb))
         print(" | ".join(cells))
     warning = unchecked_architecture(sizes)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def largest_micro_batch_cell(largest: int | None, budget_gb: float) -> str:
+    from .estimate import MICRO_BATCH_CAP
+
+    if largest is None:
+        return f"none fits {budget_gb:g} GB"
+    # The search stops at the cap, so a larger micro-batch may fit too.
+    return f"{largest} or more" if largest == MICRO_BATCH_CAP else str(largest)
 
 
 def snakemake_plan(directory: Path, configfiles: list[str], config: list[str]) -> dict[str, tuple[str, str]]:
@@ -134,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--load-in-4bit", action="store_true",
                       help="load the weights as 4-bit NF4 with bitsandbytes (as QLoRA trains them)")
     chat.add_argument("--question", help="answer this one question and exit")
-    chat.add_argument("--max-new-tokens", type=int, help="override the run's generate.max_new_tokens")
+    chat.add_argument("--max-new-tokens", type=above_zero(int), help="override the run's generate.max_new_tokens")
     chat.add_argument("--directory", type=Path, default=Path("."),
                       help="the workflow folder that holds results/ and resources/ (default: .)")
     chat.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
@@ -203,7 +217,7 @@ def add_memory_command(commands) -> None:
                         help="training.optimizer (default adamw_torch_fused, the workflow's); adamw_torch as on a "
                              "GPU, where its step holds a copy of every trainable parameter")
     memory.add_argument("--budget-gb", type=above_zero(float),
-                        help="find the largest micro-batch that fits this many GB")
+                        help="find the largest micro-batch (up to 1024) that fits this many GB")
     memory.set_defaults(handler=memory_command)
 
 

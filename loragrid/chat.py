@@ -56,11 +56,20 @@ def run_files(workdir: Path, results: Path, run: str, merged: bool) -> dict:
         model_dir = workdir / meta["model_dir"]
         if merged and not (adapter_dir.exists() and model_dir.name == "merged"):
             raise LoragridError(f"run '{run}' has no merged adapter (--merged is for LoRA and QLoRA runs)")
-        return {"model_dir": model_dir, "adapter_dir": None, "template": meta["template"],
+        return {"model_dir": checked_weights(run, model_dir), "adapter_dir": None, "template": meta["template"],
                 "settings": meta["settings"]}
     base = read_json(adapter_dir / "adapter_config.json")["base_model_name_or_path"]
-    return {"model_dir": workdir / base, "adapter_dir": adapter_dir, "template": meta["template"],
-            "settings": meta["settings"]}
+    return {"model_dir": checked_weights(run, workdir / base), "adapter_dir": adapter_dir,
+            "template": meta["template"], "settings": meta["settings"]}
+
+
+def checked_weights(run: str, model_dir: Path) -> Path:
+    """The weights folder, if it is there: transformers takes a missing folder for a hub repository id and
+    fails with an error about its spelling."""
+    if not model_dir.is_dir():
+        raise LoragridError(f"run '{run}': its weights {model_dir} are missing; run the workflow again "
+                            "(`snakemake --cores 1 all`) to make them")
+    return model_dir
 
 
 def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, trust_remote_code: bool = False):
@@ -83,12 +92,14 @@ class Chat:
                  max_new_tokens: int | None = None, trust_remote_code: bool = False, experiment: str | None = None):
         from transformers.utils import logging as transformers_logging
 
+        if max_new_tokens is not None and max_new_tokens < 1:  # here, not in transformers after the weights load
+            raise LoragridError(f"max_new_tokens {max_new_tokens}: expected a whole number above 0")
         files = run_files(Path(workdir), experiment_dir(Path(workdir), experiment), run, merged)
         transformers_logging.disable_progress_bar()  # a loading bar per start clutters a chat
         self.run = run
         self.template = files["template"]
         settings = dict(files["settings"])
-        if max_new_tokens:
+        if max_new_tokens is not None:
             settings["max_new_tokens"] = max_new_tokens
         self.tokenizer = load_tokenizer(files["model_dir"], trust_remote_code, padding_side="left")
         self.model = load_model(files["model_dir"], files["adapter_dir"], load_in_4bit, trust_remote_code)

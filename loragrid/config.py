@@ -150,6 +150,22 @@ def _resolve(config: dict, overrides: dict) -> dict:
     if method != "qlora4":
         for key in QLORA4_ONLY_KEYS:
             settings.pop(key, None)
+    return _numbers_as_their_defaults(settings)
+
+
+def _numbers_as_their_defaults(settings: dict) -> dict:
+    """Numbers in the type of their setting's default (0 and 0.0 are one weight_decay): Snakemake compares params
+    by their text, and `weight_decay: 0` beside the default 0.0 would re-train a finished run for nothing."""
+    schema = _schema()
+    kinds = {key: spec.get("type") for key, spec in schema["$defs"]["run"]["properties"].items()}
+    defaults = {key: spec.get("default") for key, spec in schema["properties"]["training"]["properties"].items()}
+    for key, value in settings.items():
+        if "number" not in (kinds.get(key) or ()) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(defaults.get(key), int) and not isinstance(defaults[key], bool):
+            settings[key] = int(value) if float(value).is_integer() else value
+        else:
+            settings[key] = float(value)
     return settings
 
 
@@ -213,6 +229,10 @@ def _check_exclusive(config: dict) -> None:
     linked = config["grid"].get(LINKED) or []
     mappings += [(f"grid._[{index}]", value) for index, value in enumerate(linked)]
     mappings += [("grid", config["grid"])]
+    for index, value in enumerate(linked):  # a run would take whichever comes later in the grid mapping
+        for key in set(value) & (set(config["grid"]) - {LINKED}):
+            raise LoragridError(f"config keys 'grid._[{index}].{key}' and 'grid.{key}' both set {key}; which "
+                                "one a run takes would depend on their order in the grid: keep one")
     for where, mapping in mappings:
         for key, other in EXCLUSIVE_KEYS.items():
             if _sets(mapping, key) and _sets(mapping, other):

@@ -354,11 +354,32 @@ def optimizer_step_temporaries(settings: dict, tensors: dict, foreach: bool) -> 
 METHODS = ("full", "lora", "qlora8", "qlora4")
 
 
+# Where the search for the largest micro-batch stops: far beyond what a single device trains with, and
+# reached in 20 estimates at most.
+MICRO_BATCH_CAP = 1024
+
+
+def largest_fitting(fits, cap: int = MICRO_BATCH_CAP) -> int | None:
+    """The largest micro-batch up to `cap` that `fits` (None when 1 does not). The estimate grows with
+    the micro-batch, so doubling brackets the edge and bisection finds it in about 2 log2(cap) estimates."""
+    if not fits(1):
+        return None
+    low = 1
+    while low < cap:
+        high = min(2 * low, cap)
+        if not fits(high):
+            while high - low > 1:  # low fits, high does not
+                middle = (low + high) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle)
+            return low
+        low = high
+    return cap
+
+
 def projection(sizes: dict, settings: dict, sequence: int, labelled_share: float, attention: str,
-               budget_bytes: float | None = None, micro_batches=(1, 2, 4, 8, 16, 32, 64), foreach: bool = False
-               ) -> list[dict]:
+               budget_bytes: float | None = None, foreach: bool = False) -> list[dict]:
     """Per method, the estimate at `settings['micro_batch_size']` and, with a budget, the largest
-    micro-batch whose estimate fits in it (None when not even 1 does)."""
+    micro-batch whose estimate fits in it (None when not even 1 does, MICRO_BATCH_CAP when the cap does)."""
     rows = []
     for method in METHODS:
         run = {**settings, "method": method}
@@ -372,7 +393,6 @@ def projection(sizes: dict, settings: dict, sequence: int, labelled_share: float
         row = {"method": method, "gradient_checkpointing": run["gradient_checkpointing"],
                **held(run["micro_batch_size"])}
         if budget_bytes is not None:
-            fitting = [micro for micro in micro_batches if held(micro)["total_bytes"] <= budget_bytes]
-            row["largest_micro_batch"] = max(fitting) if fitting else None
+            row["largest_micro_batch"] = largest_fitting(lambda micro: held(micro)["total_bytes"] <= budget_bytes)
         rows.append(row)
     return rows

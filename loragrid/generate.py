@@ -40,8 +40,10 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
     for folder in (model_dir, Path(heldout_path).parent):
         verify_folder(folder)
     # Sampling draws from torch's generator alone; transformers.set_seed would import peft and bitsandbytes
-    # (1.5 of a generate job's 5 CPU-seconds on a tiny model, where it is all start-up).
-    torch.manual_seed(settings["seed"])
+    # (1.5 of a generate job's 5 CPU-seconds on a tiny model, where it is all start-up). Greedy decoding
+    # needs no seed (the workflow passes none: it would re-run the job for nothing).
+    if settings["do_sample"]:
+        torch.manual_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
     config = generation_config(tokenizer, settings)
     records = read_jsonl(heldout_path)

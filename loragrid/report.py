@@ -79,8 +79,7 @@ MEMORY_NOTE = (
     "The estimate is loragrid's formula for the same step's micro-batches (docs/memory.md; – where the "
     "model's config.json is not Llama-style). Process peak "
     "RSS is the training process's resident high-water mark during training (libraries, the allocator's "
-    "free memory and the Python heap included): a secondary figure. Relative quality divides a run's "
-    "held-out loss (lower is better) and emoji share (higher is better) by the full fine-tuning run's. "
+    "free memory and the Python heap included): a secondary figure. "
     "Held-out loss is the mean loss per answer token of the reference answers; emoji share is the share "
     "of generated answers with at least one emoji; chrF compares generated answers with the references."
 )
@@ -144,12 +143,28 @@ def summary_table(runs: dict[str, dict], base_eval: dict) -> pd.DataFrame:
             **_quality(files["eval"]),
         })
     table = pd.DataFrame(rows, columns=[c for c in COLUMNS if not c.endswith("vs_full_percent")])
-    full = table[table["method"] == "full"]
-    reference = full.iloc[0] if len(full) else None  # the first full fine-tuning run of the grid
+    full = full_runs(table)
+    reference = table[table["run"] == full[0]].iloc[0] if full else None
     for column, measure in (("loss_vs_full_percent", "heldout_loss"), ("emoji_vs_full_percent", "emoji_share")):
         known = reference is not None and reference[measure]
         table[column] = 100 * table[measure] / reference[measure] if known else None
     return table[list(COLUMNS)]
+
+
+def full_runs(table: pd.DataFrame) -> list[str]:
+    """The grid's full fine-tuning runs in grid order; the first is the reference of every "% of full" column."""
+    return table.loc[table["method"] == "full", "run"].tolist()
+
+
+def relative_note(full: list[str], bench: bool) -> str:
+    """What the "% of full" columns divide by, or why the tables have none."""
+    if not full:
+        return "No full fine-tuning run in this grid: the relative columns (\"% of full\") are left out."
+    scores = (", emoji share (higher is better) and benchmark scores" if bench
+              else " and emoji share (higher is better)")
+    reference = (f"the full fine-tuning run {full[0]}" if len(full) == 1 else
+                 f"{full[0]}, the first of the grid's {len(full)} full fine-tuning runs ({', '.join(full)})")
+    return f"\"% of full\" divides a run's held-out loss (lower is better){scores} by those of {reference}."
 
 
 def _quality(evaluation: dict) -> dict:
@@ -255,9 +270,9 @@ def plot_memory(runs: dict[str, dict], path) -> None:
                      hatch=hatch, edgecolor="white", label=category if hatch is None else None)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
         for i, total in enumerate(bottoms):
-            empty_estimate = hatch is not None and not parts[i]
-            axis.annotate("no estimate" if empty_estimate else f"{total:.3g}", (i + offset, total), ha="center",
-                          va="bottom", fontsize=7)
+            # An empty measured bar is a run resumed after its last checkpoint: it trained no step to measure.
+            label = f"{total:.3g}" if parts[i] else "no estimate" if hatch else "not measured"
+            axis.annotate(label, (i + offset, total), ha="center", va="bottom", fontsize=7)
     axis.set_xticks(range(len(names)), [f"{n}\nmeasured | estimated" for n in names], fontsize=8)
     axis.set_ylabel(unit)
     axis.set_title("What training holds at its peak, by category")
@@ -276,12 +291,17 @@ def plot_quality_vs_memory(table: pd.DataFrame, path) -> None:
     for axis, (column, label, higher_is_better) in zip(axes, QUALITY_MEASURES):
         quality = trained[column].tolist()
         front = pareto_front(memory, quality, higher_is_better)
-        others = [i for i in range(len(trained)) if i not in front]
+        shown = [i for i in range(len(trained)) if not (math.isnan(memory[i]) or math.isnan(quality[i]))]
+        others = [i for i in shown if i not in front]
         axis.scatter([memory[i] for i in others], [quality[i] for i in others], color="tab:gray", label="dominated")
         axis.plot([memory[i] for i in front], [quality[i] for i in front], "o-", color="tab:red",
                   label="Pareto front")
-        for i, name in enumerate(trained["run"]):
-            axis.annotate(name, (memory[i], quality[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for i in shown:
+            axis.annotate(trained["run"][i], (memory[i], quality[i]), textcoords="offset points", xytext=(4, 4),
+                          fontsize=8)
+        left_out = [_left_out(trained["run"][i], memory[i], column) for i in range(len(trained)) if i not in shown]
+        if left_out:  # a run without a point would otherwise vanish from the plot unremarked
+            axis.set_title("left out: " + ", ".join(left_out), fontsize=8)
         axis.axhline(base[column], color="tab:blue", linestyle="--", label="base model")
         axis.set_xlabel("training memory (GB)")
         axis.set_ylabel(label)
@@ -289,6 +309,10 @@ def plot_quality_vs_memory(table: pd.DataFrame, path) -> None:
         axis.legend(fontsize=8)
     figure.suptitle("Quality against memory")
     _save_png(figure, path)
+
+
+def _left_out(name: str, memory: float, column: str) -> str:
+    return f"{name} ({'memory not measured' if math.isnan(memory) else 'no ' + COLUMNS[column]})"
 
 
 def sample_answers(generations: dict[str, list[dict]], count: int) -> list[dict]:
@@ -306,7 +330,12 @@ EMPTY_ANSWER = "(empty answer)"
 
 
 def _markdown_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>") if text else f"*{EMPTY_ANSWER}*"
+    """Text as one cell of a Markdown table, shown as written: markup in a model's answer (HTML, a stray
+    backtick fence) would hide text or swallow the table. Backslashes go first, so the escapes stay escapes."""
+    if not text:
+        return f"*{EMPTY_ANSWER}*"
+    escaped = html.escape(text.replace("\\", "\\\\"), quote=False).replace("`", "\\`").replace("|", "\\|")
+    return escaped.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
 
 
 def samples_markdown(samples: list[dict]) -> list[str]:
@@ -418,13 +447,17 @@ def export_answers(summaries: list[dict], exports) -> dict[str, list[dict]]:
 
 def comparison_tables(table: pd.DataFrame, runs: dict, bench, summaries: list) -> tuple[list, list[str]]:
     """The report's (title, formatted table) pairs and the notes below them."""
-    tables = [("Memory comparison", _formatted(table[table["run"] != "base"],
-                                               MEMORY_TABLE + benchmark_columns(table, relative=True))),
+    full = full_runs(table)
+    # Without a full run every relative value would be "–": the columns go, and the note says why.
+    memory_columns = (MEMORY_TABLE + benchmark_columns(table, relative=True) if full
+                      else [c for c in MEMORY_TABLE if not c.endswith("vs_full_percent")])
+    tables = [("Memory comparison", _formatted(table[table["run"] != "base"], memory_columns)),
               ("Quality and speed", _formatted(table, QUALITY_TABLE))]
     benchmark_table = ["run", "method", *benchmark_columns(table, False)]
     tables += [("Benchmarks (lm-evaluation-harness)", _formatted(table, benchmark_table))] * bool(bench)
     random_weights = any(files["train"].get("model_random_init") for files in runs.values())
-    notes = [MEMORY_NOTE] + ([RANDOM_WEIGHTS_NOTE] if random_weights else []) + [BENCH_NOTE] * bool(bench)
+    notes = [MEMORY_NOTE, relative_note(full, bool(bench))] + ([RANDOM_WEIGHTS_NOTE] if random_weights else [])
+    notes += [BENCH_NOTE] * bool(bench)
     if summaries:
         tables.append(("Exported GGUF files", export_table(summaries)))
         notes.append(EXPORT_NOTE.format(tokens=summaries[0]["check_tokens"]))
@@ -549,10 +582,14 @@ def write_index(results_root, experiment: str, description: dict) -> None:
 BENCH = "bench."
 BENCH_NOTE = (
     "Benchmarks: lm-evaluation-harness on the base model and every run (merged model of a PEFT run), "
-    "zero-shot; acc is multiple-choice accuracy (higher is better), word_perplexity the perplexity per "
-    "word of a text scored in rolling windows (lower is better). \"% of full\" divides a run's value by "
-    "the full fine-tuning run's. The plot shows each run's change against the base model, per task."
+    "zero-shot, each task's headline metric. Perplexities (word_perplexity, byte_perplexity, bits_per_byte, "
+    "any other *perplexity*) are lower is better; every other score (acc: multiple-choice accuracy, "
+    "exact_match of a generate_until task, ...) is higher is better. The plot shows each run's change "
+    "against the base model, per task: in points for a higher-is-better score between 0 and 1, in % "
+    "otherwise; green where the run does better, red where it does worse."
 )
+# Headline metrics where lower is better, beside any metric named *perplexity*; every other one is a score.
+LOWER_IS_BETTER = ("word_perplexity", "byte_perplexity", "token_perplexity", "bits_per_byte")
 
 
 def read_benchmarks(folders: dict | None) -> dict[str, dict]:
@@ -565,11 +602,11 @@ def with_benchmarks(table: pd.DataFrame, benchmarks: dict[str, dict]) -> pd.Data
     table = table.copy()
     if not benchmarks:
         return table
-    full = table.loc[table["method"] == "full", "run"]
+    full = full_runs(table)
     for task, summary in benchmarks["base"]["tasks"].items():
         column = f"{BENCH}{task}.{summary['headline']}"
         table[column] = [benchmarks[run]["tasks"][task][summary["headline"]] for run in table["run"]]
-        reference = table.loc[table["run"] == full.iloc[0], column].iloc[0] if len(full) else None
+        reference = table.loc[table["run"] == full[0], column].iloc[0] if full else None
         table[f"{column}.vs_full_percent"] = 100 * table[column] / reference if reference else None
     return table
 
@@ -578,6 +615,23 @@ def benchmark_label(column: str) -> str:
     task, _, metric = column[len(BENCH):].partition(".")
     metric, _, relative = metric.partition(".")
     return f"{task} {metric}" + (", % of full" if relative else "")
+
+
+def lower_is_better(column: str) -> bool:
+    metric = column[len(BENCH):].partition(".")[2].partition(".")[0]
+    return metric in LOWER_IS_BETTER or "perplexity" in metric
+
+
+def _benchmark_change(column: str, base: float, values: pd.Series) -> tuple[pd.Series, list[str], str]:
+    """Each run's change against the base (points for a score in [0, 1], % otherwise), its bar colours
+    (green where the run does better) and the axis label."""
+    lower = lower_is_better(column)
+    points = not lower and all(0 <= v <= 1 for v in [base, *values] if not pd.isna(v))
+    change = (values - base) * 100 if points else (values / base - 1) * 100
+    better = -change if lower else change
+    colors = ["tab:green" if b > 0 else "tab:red" if b < 0 else "tab:gray" for b in better]
+    direction = "lower" if lower else "higher"
+    return change, colors, f"{'points' if points else '% change'} against base ({direction} is better)"
 
 
 def benchmark_format(column: str) -> str:
@@ -591,21 +645,26 @@ def benchmark_columns(table: pd.DataFrame, relative: bool) -> list[str]:
 
 
 def plot_benchmark_changes(table: pd.DataFrame, path) -> None:
-    """One panel per task: each run's change against the base model (accuracy in points, perplexity in %)."""
+    """One panel per task: each run's change against the base model (scores in [0, 1] in points, others in %)."""
     plt = _pyplot()
     columns = benchmark_columns(table, relative=False)
     base = table[table["run"] == "base"].iloc[0]
     trained = table[table["run"] != "base"]
-    figure, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns) + 1, 4), dpi=110, squeeze=False)
+    names = trained["run"].tolist()
+    panel = max(4.5, 0.6 * len(names) + 1.5)  # a bar per run, as plot_memory widens with its runs
+    # Run names such as qlora4-r64-lr1e-4 overlap side by side once the bars are narrower than the names.
+    slanted = max(map(len, names), default=0) * 0.08 > (panel - 1) / max(len(names), 1)
+    figure, axes = plt.subplots(1, len(columns), figsize=(panel * len(columns) + 1, 4.5 if slanted else 4), dpi=110,
+                                squeeze=False)
     for axis, column in zip(axes[0], columns):
-        accuracy = ".acc" in column
-        change = (trained[column] - base[column]) * 100 if accuracy else (trained[column] / base[column] - 1) * 100
-        axis.bar(trained["run"], change, color=["tab:green" if (c > 0) == accuracy else "tab:red" for c in change])
+        change, colors, ylabel = _benchmark_change(column, base[column], trained[column])
+        axis.bar(names, change, color=colors)
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_title(f"{benchmark_label(column)} (base {benchmark_format(column).format(base[column])})", fontsize=9)
-        axis.set_ylabel("points against base (higher is better)" if accuracy
-                        else "% change against base (lower is better)")
+        axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3, axis="y")
+        if slanted:
+            plt.setp(axis.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor", fontsize=8)
     figure.suptitle("Benchmarks: each run against the base model")
     _save_png(figure, path)
 

@@ -66,14 +66,37 @@ def one_of(names):
 
 
 def local_source(source):
-    """A local source as an input, so that editing the file re-fetches it (hub sources: none)."""
+    """A local source as inputs, so that editing it re-fetches it: the file, or the folder and its files
+    (hub sources: none)."""
     scheme, _, location = source.partition(":")
-    return [location] if scheme in LOCAL_SCHEMES else []
+    return [location, *files_in(location)] if scheme in LOCAL_SCHEMES else []
+
+
+def files_in(folder):
+    """A folder's files, as inputs beside it: a folder's mtime stays when a file in it is edited in place.
+    Hidden ones (a clone's .git) are left out; a file is no folder: none."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    files = sorted(path for path in root.rglob("*") if path.is_file())
+    return [str(path) for path in files if not any(part.startswith(".") for part in path.relative_to(root).parts)]
 
 
 def random_only(model, key):
     """A setting only random: sources use; None for the others, so that it re-runs nothing."""
     return model.get(key) if model["source"].startswith("random:") else None
+
+
+def pypi_only(model, key):
+    """A setting only pypi: sources use (the GGUF file in a wheel); None for the others."""
+    return model.get(key) if model["source"].startswith("pypi:") else None
+
+
+def generation_settings(settings):
+    """The generate section as its jobs take it: greedy decoding ignores temperature, top_p and the seed,
+    so with do_sample off they re-run nothing."""
+    ignored = () if settings["do_sample"] else ("temperature", "top_p", "seed")
+    return canonical({key: value for key, value in settings.items() if key not in ignored})
 
 
 def tokenizer_folder(model):
@@ -82,11 +105,9 @@ def tokenizer_folder(model):
 
 
 def tokenizer_files(model):
-    """The tokenizer folder's files as inputs too: a folder's mtime stays when a file in it is edited."""
+    """The tokenizer folder's files as inputs too (files_in)."""
     folder = random_only(model, "tokenizer")
-    if not folder:
-        return []
-    return sorted(str(path) for path in Path(folder).rglob("*") if path.is_file())
+    return files_in(folder) if folder else []
 
 
 def model_for(name):

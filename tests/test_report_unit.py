@@ -46,3 +46,52 @@ def test_samples_side_by_side_follow_the_question_ids():
     assert "**1. Q1 \\| pipe**" in markdown and "| lora | lora 1<br>line |" in markdown
     page = samples_html(samples)
     assert "base &lt;2&gt;" in page and "<th>lora</th>" in page
+
+
+def test_markdown_cells_show_markup_as_written():
+    """An answer's HTML must not hide text, run or format in report.md, nor a backtick swallow the table."""
+    from loragrid.report import _markdown_cell
+
+    answer = "<!-- hidden --> <script>x()</script> <b>2</b> <details>\n```py\na | b \\| c"
+    cell = _markdown_cell(answer)
+    assert cell == ("&lt;!-- hidden --&gt; &lt;script&gt;x()&lt;/script&gt; &lt;b&gt;2&lt;/b&gt; &lt;details&gt;<br>"
+                    "\\`\\`\\`py<br>a \\| b \\\\\\| c")
+    assert "\n" not in cell and "<" not in cell.replace("<br>", "")
+    assert _markdown_cell("1 & 2\r\n3") == "1 &amp; 2<br>3"
+
+
+def _run(method: str, loss: float) -> dict:
+    train = {"method": method, "gradient_checkpointing": False, "memory_estimate": None,
+             "memory": {"training_peak_bytes": 2e9, "breakdown": {"weights": 2e9}, "peak_rss_bytes": 3e9},
+             "parameters": {"trainable": 10, "trainable_percent": 1.0}, "train_runtime_seconds": 60,
+             "tokens_per_second": 100.0, "provenance": {"settings_sha256": "0" * 64}}
+    return {"train": train, "eval": {"heldout_loss": loss, "emoji_share": 0.5, "chrf": 30.0,
+                                     "generation_tokens_per_second": 10.0}}
+
+
+def _comparison(methods: dict[str, str], bench: bool = False):
+    from loragrid.report import comparison_tables, summary_table, with_benchmarks
+
+    runs = {name: _run(method, 1.0 + i) for i, (name, method) in enumerate(methods.items())}
+    base = _run("none", 4.0)["eval"]
+    scores = {name: {"tasks": {"arc": {"headline": "acc", "acc": 0.3}}} for name in ["base", *methods]}
+    table = with_benchmarks(summary_table(runs, base), scores if bench else {})
+    tables, notes = comparison_tables(table, runs, scores if bench else {}, [])
+    return table, dict(tables)["Memory comparison"], notes
+
+
+def test_without_a_full_run_the_relative_columns_are_left_out_and_the_note_says_so():
+    for bench in (False, True):
+        _, memory, notes = _comparison({"lora": "lora", "qlora4": "qlora4"}, bench)
+        assert not [column for column in memory.columns if "% of full" in column]
+        assert "No full fine-tuning run in this grid" in notes[1]
+        assert not any("full fine-tuning run's" in note or "divides" in note for note in notes)
+
+
+def test_the_note_names_the_reference_of_the_relative_columns():
+    table, memory, notes = _comparison({"lora": "lora", "full-a": "full", "full-b": "full"}, bench=True)
+    assert table.loc[table["run"] == "full-a", "loss_vs_full_percent"].item() == 100
+    assert {"held-out loss, % of full", "arc acc, % of full"} <= set(memory.columns)
+    assert "full-a, the first of the grid's 2 full fine-tuning runs (full-a, full-b)" in notes[1]
+    _, _, notes = _comparison({"lora": "lora", "full": "full"})
+    assert notes[1].endswith("by those of the full fine-tuning run full.")

@@ -59,3 +59,33 @@ def test_a_source_fetches_and_prepares_through_snakemake(copy_repo, tiny_model_d
     assert not list((copy_repo / "resources/models/tiny").glob("*.bin"))
     assert read_jsonl(copy_repo / "resources/datasets/tiny/records.jsonl") == records
     assert read_json(copy_repo / "results/tiny--tiny/data/tiny/prepare.json")["records_valid"] == 48
+
+
+def test_a_file_edited_in_a_local_folder_source_fetches_again(copy_repo, tiny_model_dir, fetched_tiny_model):
+    """A folder's mtime stays when a file in it is rewritten in place: before 2026-12-07 an edited chat template
+    or data file in a local: folder re-ran nothing, and the stale results stood."""
+    import shutil
+
+    from conftest import snakemake, tiny_config, with_fetched_model, write_jsonl
+
+    data = copy_repo / "data" / "mine"
+    data.mkdir()
+    write_jsonl(data / "part1.jsonl", demo_records(48))
+    model = shutil.copytree(tiny_model_dir, copy_repo / "data" / "tiny-model")
+    config = tiny_config(copy_repo, model, dataset={"name": "mine", "source": "local:data/mine"})
+    with_fetched_model(copy_repo, fetched_tiny_model)
+    fetched = snakemake(copy_repo, "resources/datasets/mine", "--configfile", str(config))
+    assert fetched.returncode == 0, fetched.stdout[-3000:] + fetched.stderr[-3000:]
+    targets = ["resources/models/tiny", "resources/datasets/mine", "--configfile", str(config), "--dry-run"]
+    unchanged = snakemake(copy_repo, *targets)
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+    folders = {folder: os.stat(folder).st_mtime_ns for folder in (data, model)}
+    with open(data / "part1.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"question": "Is this new?", "answer_en": "Yes 🆕"}, ensure_ascii=False) + "\n")
+    (model / "chat_template.jinja").write_text((model / "chat_template.jinja").read_text().replace("assistant", "bot"))
+    assert {folder: os.stat(folder).st_mtime_ns for folder in folders} == folders  # edited in place
+    planned = snakemake(copy_repo, *targets)
+    output = planned.stdout + planned.stderr
+    assert "reason: Updated input files: data/mine/part1.jsonl" in output
+    assert f"reason: Updated input files: {model}/chat_template.jinja" in output

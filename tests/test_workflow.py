@@ -107,6 +107,15 @@ def test_a_thread_count_change_reruns_nothing(tiny_workflow):
     assert planned_jobs(workdir, config, {"torch_threads": 2}) == set()
 
 
+def test_settings_that_change_no_result_rerun_nothing(tiny_workflow):
+    """Greedy decoding ignores temperature, top_p and the seed; gguf_file is read by pypi: sources only; 0 is the
+    default weight decay 0.0 (Snakemake compares params as text). Each re-ran jobs before 2026-12-07."""
+    workdir, config, _ = tiny_workflow
+    for change in ({"generate": {"temperature": 0.5, "top_p": 0.5, "seed": 3}}, {"model": {"gguf_file": "x.gguf"}},
+                   {"training": {"weight_decay": 0}}):
+        assert planned_jobs(workdir, config, change) == set(), change
+
+
 def test_generation_change_reruns_generation_not_training(tiny_workflow):
     workdir, config, _ = tiny_workflow
     planned = planned_jobs(workdir, config, {"generate": {"max_new_tokens": 5}})
