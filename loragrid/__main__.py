@@ -12,10 +12,12 @@ from .common import LoragridError
 def chat_command(args) -> None:
     from .chat import Chat, interactive
 
+    if args.question is not None and not args.question.strip():  # a script's empty variable: no silent prompt
+        raise LoragridError("--question is empty: give the question, or leave --question out to chat interactively")
     chat = Chat(args.directory, args.run, merged=args.merged, load_in_4bit=args.load_in_4bit,
                 max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
                 experiment=args.experiment)
-    if args.question:
+    if args.question is not None:
         print(chat.answer(args.question))
     else:
         interactive(chat)

@@ -9,7 +9,7 @@ import torch
 from . import modeling
 from .common import LoragridError, read_json
 from .generate import generation_config
-from .templates import TEMPLATES, conversation_token_ids
+from .templates import TEMPLATES, answer_end_ids, conversation_token_ids
 from .tokenized import load_tokenizer
 
 QUIT_WORDS = ("exit", "quit")
@@ -103,7 +103,7 @@ class Chat:
             settings["max_new_tokens"] = max_new_tokens
         self.tokenizer = load_tokenizer(files["model_dir"], trust_remote_code, padding_side="left")
         self.model = load_model(files["model_dir"], files["adapter_dir"], load_in_4bit, trust_remote_code)
-        self.config = generation_config(self.tokenizer, settings)
+        self.config = generation_config(self.tokenizer, settings, answer_end_ids(self.tokenizer, self.template))
         self.description = (f"{run}: {'adapter on ' if files['adapter_dir'] else ''}{files['model_dir']}"
                             f"{' (4-bit)' if load_in_4bit else ''}, template {shown_template(self.template)}, "
                             f"max_new_tokens {settings['max_new_tokens']}, "

@@ -238,7 +238,7 @@ def _kind(value) -> str:
 
 
 def _clean(text: str, label: str) -> str:
-    """`text` stripped, once it is known to be text that UTF-8 (the writer) and a tokenizer can take."""
+    """`text` trimmed (see _trim), once it is known to be text that UTF-8 (the writer) and a tokenizer can take."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:  # json.loads accepts a lone "\ud800"; only the writer would fail
@@ -247,7 +247,18 @@ def _clean(text: str, label: str) -> str:
     if "\0" in text:
         # Never part of real text; C libraries end a string at it. Common in a UTF-16 file read as UTF-8.
         raise BadRecord(f"{label} holds a NUL character (\\u0000), which is not text (a binary or UTF-16 file?)")
-    return text.strip()
+    return _trim(text)
+
+
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+")
+
+
+def _trim(text: str) -> str:
+    # A multi-line text may be code, whose first line's indentation is syntax ("    if a:\n        c()"):
+    # only blank lines before it and whitespace after the text go. A single line is scraped prose, where a
+    # leading space (" Paris") is noise.
+    text = _LEADING_BLANK_LINES.sub("", text.rstrip())
+    return text if "\n" in text else text.strip()
 
 
 def _text(raw: dict, field: str, what: str | None = None) -> str:
@@ -404,29 +415,50 @@ def _spelling_key(messages: list[dict]) -> str:
     return " ".join(asked.casefold().split())
 
 
-class _Separators(dict):
-    """A str.translate table, filled as characters come: punctuation separates words like a space;
-    invisible characters (zero-width joiners, soft hyphens, emoji variation selectors) go."""
+# Scripts written without spaces between words: a space between two of their characters is layout.
+_CJK = ("\u1100-\u11ff\u2e80-\u2fdf\u3005-\u3007\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf"
+        "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\U00020000-\U0003134f")
+_CJK_SPACE = re.compile(f"(?<=[{_CJK}])\\s+(?=[{_CJK}])")
+_IS_CJK = re.compile(f"[{_CJK}]")
+# Never part of a word: they end or join clauses, or enclose (the categories Ps, Pe, Pi and Pf, too).
+_CLAUSE = frozenset(',;!?"¿¡。、…‥')
+# Part of a word only between two of its letters or digits: "3.5", "node.js", "10:30", "don't", "e-mail";
+# at a word's end they close a sentence, a quotation or an emphasis.
+_INSIDE = frozenset(".:'*")
+_INVISIBLE = {code: None for code in range(0xFE00, 0xFE10)} | {0x2019: "'"}  # ’ is an apostrophe as often as not
 
-    def __missing__(self, code: int) -> str | None:
-        category = unicodedata.category(chr(code))
-        self[code] = " " if category[0] == "P" else None if category == "Cf" or 0xFE00 <= code <= 0xFE0F else chr(code)
-        return self[code]
+
+def _word_char(char: str) -> bool:
+    return (char.isalnum() or char == "_") and not _IS_CJK.match(char)
 
 
-_SEPARATORS = _Separators()
+def _punctuation(match: re.Match) -> str:
+    """A punctuation mark as the key keeps it: itself where it belongs to a word ("C#", "3.5"), else a space."""
+    char, text, at = match.group(), match.string, match.start()
+    category = unicodedata.category(char)
+    if category[0] != "P":
+        return char if category != "Cf" else ""  # symbols and emoji are kept; invisible format characters go
+    before, after = _word_char(text[at - 1]) if at else False, _word_char(text[at + 1:at + 2] or " ")
+    if char in _CLAUSE or category in ("Ps", "Pe", "Pi", "Pf"):
+        return " "
+    if char in _INSIDE or category == "Pd":
+        return char if before and after else " "
+    return char if before else " "  # "#", "%", "&", "/": kept after a word ("C#", "100%"), not before one
 
 
 def _question_key(messages: list[dict]) -> str:
     """The question a record asks, as the held-out split groups it.
 
     Beyond case and spacing (`_spelling_key`), width and compatibility forms (NFKC: a full-width "？" is
-    "?"), punctuation and the spaces around symbols do not make a new question: "What is 2+2?" and
-    "what is 2 + 2 ？" are twins. Punctuation separates like a space; symbols and emoji are kept, each
-    a word of its own, or every question that differs only in its emoji would be one question.
+    "?"), punctuation between words or at the end, and the spaces around symbols or between CJK characters
+    do not make a new question: "What is 2+2?" and "what is 2 + 2 ？" are twins, so are "瑞利散射是什么"
+    and "瑞利 散射 是什么". Punctuation that belongs to a word is kept ("What is C#?" is not "What is C?").
+    Symbols, emoji and kept punctuation are each a word of their own, or every question that differs only
+    in its emoji would be one question.
     """
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", _spelling_key(messages)).casefold())
-    return " ".join(re.findall(r"\w+|\S", folded.translate(_SEPARATORS)))
+    marked = re.sub(r"[^\w\s]", _punctuation, folded.translate(_INVISIBLE))
+    return _CJK_SPACE.sub("", " ".join(re.findall(r"\w+|\S", marked)))
 
 
 def _split(records: list[dict], heldout_fraction: float, heldout_min: int, seed: int, source: str):

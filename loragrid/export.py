@@ -156,7 +156,7 @@ def quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
                             f"(llama_model_quantize returned {status})")
 
 
-def llama_cpp_answers(gguf_path: Path, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+def llama_cpp_answers(gguf_path: Path, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                       threads: int, repeat_penalty: float) -> tuple[list[list[int]], float]:
     """Greedy answers in llama.cpp to the same prompt tokens transformers gets: (answer tokens, tokens/s)."""
     from llama_cpp import Llama
@@ -171,7 +171,7 @@ def llama_cpp_answers(gguf_path: Path, prompts: list[list[int]], max_new_tokens:
         # temp 0 is llama.cpp's greedy sampler: the top-1 token at every step, as transformers' greedy search.
         for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=repeat_penalty, reset=True):
             tokens.append(token)
-            if token == eos_id or len(tokens) >= max_new_tokens:
+            if token in stop_ids or len(tokens) >= max_new_tokens:
                 break
         seconds += time.perf_counter() - started
         generated += len(tokens)
@@ -203,8 +203,9 @@ def _go_template(text: str) -> str:
 
 def modelfile(tokenizer, template: str, gguf_name: str, run: str, settings: dict) -> str:
     """An Ollama Modelfile: the GGUF, the prompt format the run was trained with (rendered by the same
-    code as training, around Ollama's {{ .Prompt }}), EOS as the stop word, and generate's settings."""
-    from .templates import render_prompt
+    code as training, around Ollama's {{ .Prompt }}), the tokens that end an answer as stop words (EOS, and a
+    chat template's own end of turn), and generate's settings."""
+    from .templates import answer_end_ids, render_prompt
 
     marker = "\x00PROMPT\x00"
     rendered = render_prompt(tokenizer, template, [{"role": "user", "content": marker}])
@@ -217,7 +218,8 @@ def modelfile(tokenizer, template: str, gguf_name: str, run: str, settings: dict
         f"# Ollama: ollama create {run} -f {gguf_name.removesuffix('.gguf')}.Modelfile  (written by loragrid)",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{_go_template(before)}{{{{ .Prompt }}}}{_go_template(after)}"""',
-        *([f"PARAMETER stop {json.dumps(tokenizer.eos_token)}"] if tokenizer.eos_token else []),
+        *(f"PARAMETER stop {json.dumps(tokenizer.convert_ids_to_tokens(end))}"
+          for end in answer_end_ids(tokenizer, template)),
         *sampling,
         f"PARAMETER repeat_penalty {settings['repetition_penalty']}",
         f"PARAMETER num_predict {settings['max_new_tokens']}",
@@ -250,10 +252,10 @@ def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: di
 
     started = time.perf_counter()
     answers, speed = llama_cpp_answers(gguf_path, questions["prompts"], settings["max_new_tokens"],
-                                       tokenizer.eos_token_id, settings["threads"], settings["repetition_penalty"])
+                                       questions["stop_ids"], settings["threads"], settings["repetition_penalty"])
     agreeing = top1_agreement(model, questions["prompts"], answers, settings["check_tokens"])
     compared = sum(min(len(answer), settings["check_tokens"]) for answer in answers)
-    texts = [tokenizer.decode([t for t in answer if t != tokenizer.eos_token_id], skip_special_tokens=True).strip()
+    texts = [tokenizer.decode([t for t in answer if t not in questions["stop_ids"]], skip_special_tokens=True).strip()
              for answer in answers]
     emoji_share = emoji_metrics(texts)["emoji_share"]
     result = {
@@ -268,7 +270,8 @@ def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: di
     log.info("%s: top-1 agreement %.3f over %d tokens, emoji share %.2f (transformers %.2f)", gguf_path.name,
              result["agreement"], compared, emoji_share, questions["transformers_emoji_share"])
     rows = [{"id": q["id"], "question": q["question"], "answer": text, "new_tokens": len(answer),
-             "finished": tokenizer.eos_token_id in answer, "agreeing_tokens": agree, "transformers_answer": reference}
+             "finished": any(t in questions["stop_ids"] for t in answer), "agreeing_tokens": agree,
+             "transformers_answer": reference}
             for q, text, answer, agree, reference in zip(questions["records"], texts, answers, agreeing,
                                                          questions["transformers_answers"])]
     return result, rows
@@ -292,13 +295,14 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
 
 def _questions(tokenizer, template: str, heldout_path, generations_path) -> dict:
     from .evaluate import emoji_metrics
-    from .templates import conversation_token_ids
+    from .templates import answer_end_ids, conversation_token_ids
 
     records = read_jsonl(heldout_path)
     generations = {g["id"]: g["answer"] for g in read_jsonl(generations_path)}
     reference = [generations[r["id"]] for r in records]
     return {"records": [{"id": r["id"], "question": r["messages"][-2]["content"]} for r in records],
             "prompts": [conversation_token_ids(tokenizer, template, r["messages"][:-1]) for r in records],
+            "stop_ids": answer_end_ids(tokenizer, template),
             "transformers_answers": reference, "transformers_emoji_share": emoji_metrics(reference)["emoji_share"]}
 
 

@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .common import package_versions, read_jsonl, verify_folder, write_json, write_jsonl
-from .templates import conversation_token_ids
+from .templates import answer_end_ids, conversation_token_ids
 from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.generate")
 
 
-def generation_config(tokenizer, settings: dict):
+def generation_config(tokenizer, settings: dict, stop_ids: list[int] | None = None):
+    """transformers' GenerationConfig of the generate settings; it stops at any of `stop_ids` (answer_end_ids)."""
     from transformers import GenerationConfig
 
     sampling = {"temperature": settings["temperature"], "top_p": settings["top_p"]} if settings["do_sample"] else {}
@@ -29,7 +30,7 @@ def generation_config(tokenizer, settings: dict):
         num_beams=settings.get("num_beams", 1),
         no_repeat_ngram_size=settings.get("no_repeat_ngram_size", 0),
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         **sampling,
     )
 
@@ -45,7 +46,8 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
     if settings["do_sample"]:
         torch.manual_seed(settings["seed"])
     tokenizer = load_tokenizer(model_dir, trust_remote_code, padding_side="left")
-    config = generation_config(tokenizer, settings)
+    stop_ids = answer_end_ids(tokenizer, template)  # a chat template's own end of turn beside EOS
+    config = generation_config(tokenizer, settings, stop_ids)
     records = read_jsonl(heldout_path)
     # Prompts before the model: a template the tokenizer cannot render (no chat template) fails before the load.
     prompts = [conversation_token_ids(tokenizer, template, r["messages"][:-1]) for r in records]
@@ -63,9 +65,10 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
         seconds_total += time.perf_counter() - started
         for row, i in enumerate(indices):
             new = output[row, batch["input_ids"].shape[1] :].tolist()
-            finished = tokenizer.eos_token_id in new
+            ends = [position for position, token in enumerate(new) if token in stop_ids]
+            finished = bool(ends)
             if finished:
-                new = new[: new.index(tokenizer.eos_token_id)]
+                new = new[: ends[0]]
             new_tokens_total += len(new)
             answers[i] = {"answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
                           "new_tokens": len(new), "finished": finished}

@@ -457,6 +457,11 @@ def comparison_tables(table: pd.DataFrame, runs: dict, bench, summaries: list) -
     tables += [("Benchmarks (lm-evaluation-harness)", _formatted(table, benchmark_table))] * bool(bench)
     random_weights = any(files["train"].get("model_random_init") for files in runs.values())
     notes = [MEMORY_NOTE, relative_note(full, bool(bench))] + ([RANDOM_WEIGHTS_NOTE] if random_weights else [])
+    resumed = {name: files["train"]["resumed_from_step"] for name, files in runs.items()
+               if files["train"].get("resumed_from_step")}
+    if resumed:  # the Trainer times only the attempt that finished
+        where = ", ".join(f"{name} at step {step}" for name, step in resumed.items())
+        notes.append(f"Resumed from a checkpoint: {where}; train time and tokens/s are the last attempt's.")
     notes += [BENCH_NOTE] * bool(bench)
     if summaries:
         tables.append(("Exported GGUF files", export_table(summaries)))

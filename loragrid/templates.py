@@ -113,9 +113,9 @@ def _require_chat_template(tokenizer) -> None:
 def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list[tuple[str, bool]]:
     """Cut the chat template's rendering into (text, is_answer) pieces, turn by turn.
 
-    Each assistant turn is rendered as the template's prompt up to it, then the bare answer;
-    the end-of-turn text that the template writes after an answer is EOS (labelled with the
-    answer), so it is not repeated in the next prompt.
+    Each assistant turn is rendered as the template's prompt up to it, then the bare answer, then
+    (with add_eos_token) the token that ends it, labelled with the answer: the special token the
+    template writes right after an answer, so it is not repeated in the next prompt, else EOS.
     """
     _require_chat_template(tokenizer)
     segments, covered = [], ""
@@ -131,12 +131,37 @@ def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list
             )
         segments += [(prompt[len(covered):], False), (message["content"], True)]
         covered = prompt + message["content"]
-        if add_eos_token and answered[len(covered):].startswith(tokenizer.eos_token or "\0"):
-            covered += tokenizer.eos_token
+        end = _turn_end(tokenizer, answered[len(covered):]) if add_eos_token else None
+        if end:
+            segments.append((end, True))
+            covered += end if answered[len(covered):].startswith(end) else ""
     if not messages or messages[-1]["role"] != "assistant":
         prompt = _chat(tokenizer, messages, add_generation_prompt=True)
         segments.append((prompt[len(covered):], False))
     return segments
+
+
+def _turn_end(tokenizer, tail: str) -> str:
+    """The special token a chat template writes right after an answer (<|im_end|>; Gemma's <end_of_turn> and
+    Phi-3's <|end|>, which are not their tokenizers' EOS), else EOS: what the model must learn to end with."""
+    added = {str(token) for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials = set(tokenizer.all_special_tokens) | added
+    # BOS opens the next turn in some templates (SmolLM2's <|im_start|>): it starts a turn, it does not end one.
+    specials -= {tokenizer.bos_token, tokenizer.unk_token, None, ""}
+    return next((token for token in sorted(specials, key=len, reverse=True) if tail.startswith(token)),
+                tokenizer.eos_token)
+
+
+def answer_end_ids(tokenizer, template: str) -> list[int]:
+    """The ids that end an answer under this template, EOS first: generation stops at any of them."""
+    ids = [tokenizer.eos_token_id]
+    if template == "chat" and tokenizer.chat_template:
+        probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+        tail = _chat(tokenizer, probe, add_generation_prompt=False)
+        prompt = _chat(tokenizer, probe[:1], add_generation_prompt=True) + "!"
+        if tail.startswith(prompt):
+            ids.append(tokenizer.convert_tokens_to_ids(_turn_end(tokenizer, tail[len(prompt):])))
+    return list(dict.fromkeys(id for id in ids if id is not None))
 
 
 def segments(tokenizer, template: str, messages: list[dict], add_eos_token: bool = True) -> list[tuple[str, bool]]:
@@ -168,7 +193,7 @@ def _encode(tokenizer, template: str, messages: list[dict], add_eos_token: bool)
     for position, (text, answer) in enumerate(segments(tokenizer, template, messages, add_eos_token)):
         # A chat template writes its own special tokens; other templates get the tokenizer's (e.g. BOS) once.
         piece = tokenizer(text, add_special_tokens=template != "chat" and position == 0)["input_ids"]
-        if answer and add_eos_token:
+        if answer and add_eos_token and template != "chat":  # a chat conversation has its own (_chat_segments)
             piece = piece + [tokenizer.eos_token_id]
         ids += piece
         is_answer += [answer] * len(piece)

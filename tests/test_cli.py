@@ -82,3 +82,9 @@ def test_runs_names_a_config_value_that_is_not_key_value(capsys):
     assert main(["runs", "--config", "nonsense"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("loragrid runs: --config nonsense: ") and "KEY=VALUE" in error
+
+
+def test_an_empty_question_is_refused_not_taken_for_interactive_chat(results, capsys):
+    """A script passing an empty variable fell into interactive chat and waited for input."""
+    assert main(["chat", "--directory", str(results), "--run", "base", "--question", " "]) == 2
+    assert "--question is empty" in capsys.readouterr().err

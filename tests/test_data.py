@@ -473,3 +473,71 @@ def test_a_null_record_in_a_json_list_is_named_null(tmp_path):
     _fetched(tmp_path, "d.json", json.dumps(records))
     with pytest.raises(LoragridError, match=r"d\.json, record 1: expected a JSON object, got null"):
         prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5)
+
+
+# --- text as written ---------------------------------------------------------------------------------
+
+def test_a_text_of_several_lines_keeps_its_first_lines_indentation(tmp_path):
+    code = "    if a:\n        c()"  # stripped whole, its first line would be a Python syntax error
+    records = [{"instruction": f"Indent {i}", "output": f"\n  \n{code}  \n\n"} for i in range(30)]
+    records += [{"instruction": "  Capital of France?\t", "input": " france ", "output": " Paris\n"},
+                {"instruction": "Blank", "output": " \n\t\n "}]
+    summary = prepare(write_jsonl(tmp_path / "a.jsonl", records), tmp_path / "out", data_format="alpaca",
+                      heldout_min=3, on_bad_record="skip")
+    assert summary["rejected_count"] == 1  # whitespace over several lines is still empty
+    rows = {r["messages"][0]["content"]: r["messages"] for r in read_jsonl(tmp_path / "out/train.jsonl")
+            + read_jsonl(tmp_path / "out/heldout.jsonl")}
+    assert {rows[f"Indent {i}"][1]["content"] for i in range(30)} == {code}
+    compile("def f(a):\n" + rows["Indent 0"][1]["content"], "output", "exec")  # a body Python takes
+    assert rows["Capital of France?"] == [{"role": "user", "content": "Capital of France?", "input": "france"},
+                                          {"role": "assistant", "content": "Paris"}]
+
+
+def test_a_conversation_turn_of_code_keeps_its_indentation(tmp_path):
+    turns = [{"messages": [{"role": "user", "content": f" Fix {i} "},
+                           {"role": "assistant", "content": "\n    return 1\nend\n"}]} for i in range(30)]
+    prepare(write_jsonl(tmp_path / "m.jsonl", turns), tmp_path / "out", data_format="messages", heldout_min=3)
+    first = read_jsonl(tmp_path / "out/train.jsonl")[0]["messages"]
+    assert first[0]["content"].startswith("Fix ") and first[1]["content"] == "    return 1\nend"
+
+
+# --- questions that differ by a symbol, or by spaces in CJK -------------------------------------------
+
+def _key(question):
+    from loragrid.data import _question_key
+    return _question_key([{"role": "user", "content": question}, {"role": "assistant", "content": "a"}])
+
+
+def test_punctuation_that_is_part_of_a_word_makes_another_question():
+    assert _key("What is C#?") != _key("What is C?") != _key("What is C++?")
+    assert _key("What is C#?") == _key("what is c#") == _key("WHAT IS C# ?!")
+    assert _key("Is it 100%?") != _key("Is it 100?")
+    assert _key("Why don't cats swim?") != _key("Why don t cats swim?")
+    assert _key("Why don't cats swim?") == _key("Why don’t cats swim")
+    assert _key("What is node.js?") != _key("What is node js?")
+    assert _key("First, what is it?") == _key("First what is it.") == _key("(First) what is it…")
+
+
+def test_spaces_between_cjk_characters_make_no_other_question():
+    assert _key("瑞利散射是什么") == _key("瑞利 散射 是什么？") == _key("瑞利散射，是什么?")
+    assert _key("これは何ですか") == _key("これは 何 ですか")
+    assert _key("하늘은 왜 파랄까") == _key("하늘은왜파랄까")
+    assert _key("Why is it 蓝色") != _key("Whyisit蓝色")  # Latin words keep their spaces
+
+
+def test_different_questions_keep_their_records_and_cjk_twins_share_a_split(tmp_path):
+    apart = ["What is C#?", "What is C?", "What is C++?"]
+    twins = ["瑞利散射是什么", "瑞利 散射 是什么", "瑞利散射 是什么？"]
+    records = demo_records(40) + [{"question": q, "answer_en": q[::-1]} for q in apart + twins]
+    source = write_jsonl(tmp_path / "q.jsonl", records)
+    held = set()
+    for seed in range(12):
+        summary = prepare(source, tmp_path / f"out{seed}", heldout_min=10, seed=seed)
+        assert summary["distinct_questions"] == 40 + 3 + 1
+        splits = {name: [r["messages"][0]["content"] for r in read_jsonl(tmp_path / f"out{seed}/{name}")]
+                  for name in ("train.jsonl", "heldout.jsonl")}
+        every = splits["train.jsonl"] + splits["heldout.jsonl"]
+        assert all(every.count(q) == 1 for q in apart)  # none dropped as the repeat of another
+        assert not (set(twins) & set(splits["train.jsonl"]) and set(twins) & set(splits["heldout.jsonl"]))
+        held |= (set(apart) | set(twins)) & set(splits["heldout.jsonl"])
+    assert set(apart) <= held and held & set(twins)  # the seeds did put these questions in held-out

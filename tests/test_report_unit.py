@@ -95,3 +95,15 @@ def test_the_note_names_the_reference_of_the_relative_columns():
     assert "full-a, the first of the grid's 2 full fine-tuning runs (full-a, full-b)" in notes[1]
     _, _, notes = _comparison({"lora": "lora", "full": "full"})
     assert notes[1].endswith("by those of the full fine-tuning run full.")
+
+
+def test_a_resumed_run_is_named_where_its_train_time_is_the_last_attempts():
+    from loragrid.report import comparison_tables, summary_table
+
+    runs = {"full": _run("full", 1.0), "lora": _run("lora", 2.0)}
+    runs["lora"]["train"]["resumed_from_step"] = 28
+    _, notes = comparison_tables(summary_table(runs, _run("none", 4.0)["eval"]), runs, {}, [])
+    assert "Resumed from a checkpoint: lora at step 28; train time and tokens/s are the last attempt's." in notes
+    runs["lora"]["train"]["resumed_from_step"] = 0
+    _, notes = comparison_tables(summary_table(runs, _run("none", 4.0)["eval"]), runs, {}, [])
+    assert not any(note.startswith("Resumed") for note in notes)

@@ -138,3 +138,25 @@ def test_a_model_without_chat_template(tokenizer):
     bare.chat_template = None
     with pytest.raises(LoragridError, match="the model has no chat template; choose another template"):
         tokenize_example(bare, "chat", MESSAGES, cutoff_len=64)
+
+
+def test_a_chat_template_that_ends_turns_with_another_token_than_eos_trains_that_token():
+    """Qwen2.5's base tokenizer (EOS <|endoftext|>, turns end with <|im_end|>), as Gemma's <end_of_turn> and Phi-3's
+    <|end|>: before 2026-12-07 the answers were trained to end with EOS and the template's <|im_end|> slid into the
+    next, unlabelled prompt."""
+    from pathlib import Path
+
+    from loragrid.templates import answer_end_ids
+
+    qwen_base = AutoTokenizer.from_pretrained(Path(__file__).parent.parent / "data/tokenizers/smollm2",
+                                              eos_token="<|endoftext|>")
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    example = tokenize_example(qwen_base, "chat", conversation, cutoff_len=512)
+    trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert qwen_base.decode(trained) == "Hello<|im_end|>4<|im_end|>"
+    whole = qwen_base.apply_chat_template(conversation, tokenize=False)
+    assert qwen_base.decode(example["input_ids"]) == whole.removesuffix("\n")  # the template's own rendering
+    end_of_turn = qwen_base.convert_tokens_to_ids("<|im_end|>")
+    assert answer_end_ids(qwen_base, "chat") == [qwen_base.eos_token_id, end_of_turn]
+    assert answer_end_ids(qwen_base, "plain") == [qwen_base.eos_token_id]
