@@ -410,8 +410,8 @@ def _check_local_sources(config: dict, workdir: str | Path) -> None:
     model, dataset = config["model"], config["dataset"]
     written = [Path("resources/models", model["name"]), Path("resources/datasets", dataset["name"]),
                Path("results", experiment_name(config))]
-    locations = {"dataset.source": _local_location(dataset["source"], ("local",)),
-                 "model.source": _local_location(model["source"], LOCAL_SCHEMES),
+    locations = {"dataset.source": local_location(dataset["source"]),
+                 "model.source": local_location(model["source"]),
                  "model.tokenizer": model.get("tokenizer") if model["source"].startswith("random:") else None}
     for key, location in locations.items():
         if location is None:
@@ -427,9 +427,10 @@ def _check_local_sources(config: dict, workdir: str | Path) -> None:
             raise LoragridError(f"config key '{key}': no such file or folder: {location}")
 
 
-def _local_location(source: str, schemes) -> str | None:
+def local_location(source: str) -> str | None:
+    """The file or folder of a source that is one here (local:, gguf:, torch:, random:); None for hubs and PyPI."""
     scheme, _, location = source.partition(":")
-    return location if scheme in schemes else None
+    return location if scheme in LOCAL_SCHEMES else None
 
 
 def _check_renamed_sources(config: dict) -> None:
@@ -490,12 +491,12 @@ def setting_origin(config: dict, run: str, method: str, set_by: dict, *keys: str
 @contextlib.contextmanager
 def keys_as_written(config: dict, run: str):
     """A training job's error about one of its run's settings ("config key 'use_dora': …") names the key the
-    user wrote, as the checks at workflow start do ("config key 'grid.use_dora' (run qlora8-dora): …")."""
+    user wrote, as the checks at workflow start do ("config key 'grid.use_dora' (run qlora8-doraon): …")."""
     try:
         yield
     except LoragridError as error:
         found = re.match(r"config key '(\w+)'", str(error))
-        if not found or found[1] not in load_schema()["$defs"]["run"]["properties"]:
+        if not found or found[1] not in _schema()["$defs"]["run"]["properties"]:
             raise
         set_by: dict[str, dict] = {}
         settings = resolve_runs(config, set_by)[run]

@@ -12,12 +12,12 @@ from loragrid import launch
 from loragrid.benchmarks import task_files
 from loragrid.common import LoragridError
 from loragrid.config import (
-    LOCAL_SCHEMES,
     PEFT_METHODS,
     canonical,
     checked_runs,
     experiment_name,
     load_config,
+    local_location,
 )
 from loragrid.tokenized import tokenization_name, tokenization_settings
 
@@ -68,8 +68,8 @@ def one_of(names):
 def local_source(source):
     """A local source as inputs, so that editing it re-fetches it: the file, or the folder and its files
     (hub sources: none)."""
-    scheme, _, location = source.partition(":")
-    return [location, *files_in(location)] if scheme in LOCAL_SCHEMES else []
+    location = local_location(source)
+    return [location, *files_in(location)] if location else []
 
 
 def files_in(folder):

@@ -492,6 +492,20 @@ def test_a_key_twice_in_a_config_file_is_named_with_its_line(copy_repo):
             in result.stdout + result.stderr)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("split:\n  heldout_min: 8.0\n", "config key 'split.heldout_min': 8.0 is not of type 'integer'"),
+    ("grid:\n  method: [lora]\n  lora_r: [16]\n  _: [{lora_r: 8}]\n",
+     "config keys 'grid._[0].lora_r' and 'grid.lora_r' both set lora_r"),
+])
+def test_a_config_file_snakemake_would_misread_stops_it_before_any_job(copy_repo, text, message):
+    """8.0 passes JSON Schema's integer check; a setting in a linked group and on a grid axis resolved by key order."""
+    from conftest import snakemake
+
+    (copy_repo / "my.yaml").write_text(text)
+    result = snakemake(copy_repo, "-n", "--configfile", "my.yaml")
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+
+
 def test_a_random_source_without_its_tokenizer_stops_snakemake_before_any_job(copy_repo):
     from conftest import snakemake
 

@@ -76,6 +76,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(resumable_config, tiny
     assert summary["resumed_from_step"] == last_saved
     assert summary["steps"] == MAX_STEPS
     assert "resuming from" in (workdir / "logs/tiny--tiny/train/lora.log").read_text()
+    # The memory the first attempt measured before its checkpoint (the longest micro-batch is step 1's) stays.
+    measured = summary["memory"]
+    assert measured["profile_restored"] and measured["profiled_steps"][0]["step"] == 1
     state = read_json(workdir / "results/tiny--tiny/runs/lora/adapter/trainer_state.json")
     assert state["global_step"] == MAX_STEPS
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]

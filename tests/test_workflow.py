@@ -114,6 +114,9 @@ def test_settings_that_change_no_result_rerun_nothing(tiny_workflow):
     for change in ({"generate": {"temperature": 0.5, "top_p": 0.5, "seed": 3}}, {"model": {"gguf_file": "x.gguf"}},
                    {"training": {"weight_decay": 0}}):
         assert planned_jobs(workdir, config, change) == set(), change
+    # Checkpoint and logging settings are run settings like the others (docs/config.md): they re-train.
+    rules = {rule for rule, _ in planned_jobs(workdir, config, {"training": {"save_steps": 5}})}
+    assert {"train_full", "train_adapter"} <= rules and not {"prepare", "tokenize_split"} & rules
 
 
 def test_generation_change_reruns_generation_not_training(tiny_workflow):
