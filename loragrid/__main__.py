@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -235,5 +236,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def entry_point(argv=None) -> int:
+    """main, quiet when the reader of stdout stops early (`... | head -1`), as `ls | head` is: Python ignores
+    SIGPIPE, so a write to the closed pipe raises BrokenPipeError, here or in the flush at exit."""
+    try:
+        try:
+            return main(argv)
+        finally:  # --help's SystemExit too: its text may still sit in the buffer
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The interpreter flushes stdout once more at exit; devnull gives that flush nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what the shell reports for a command SIGPIPE ended (`set -o pipefail` sees it)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())

@@ -490,6 +490,28 @@ def _split(records: list[dict], heldout_fraction: float, heldout_min: int, seed:
     return train, heldout, counts
 
 
+def _no_valid_records(parts: list[dict], rejected: list[dict], data_format: str) -> LoragridError:
+    """The error for data without one valid record (on_bad_record: skip): every file read, with how many records
+    it had and why its first was skipped. A folder's files may fail each for its own reason, and naming only
+    the first file sent the user looking there alone."""
+    by_file: dict[str, list[dict]] = {}
+    for rejection in rejected:
+        by_file.setdefault(rejection["file"], []).append(rejection)
+
+    def skipped(file: str) -> str:
+        if file not in by_file:
+            return "no records: the file is empty or blank"  # prepare's own JSONL file; fetch_dataset refuses one
+        first, count = by_file[file][0], len(by_file[file])
+        unit, number = next((key, value) for key, value in first.items() if key not in ("file", "reason"))
+        return f"{count} record{'s' * (count != 1)} skipped, the first ({unit} {number}): {first['reason']}"
+
+    setting = f"config key 'dataset.format' is '{data_format}'"
+    if len(parts) == 1:
+        return LoragridError(f"{parts[0]['file']}: no valid records ({setting}); {skipped(parts[0]['file'])}")
+    files = "; ".join(f"{part['file']}: {skipped(part['file'])}" for part in parts)
+    return LoragridError(f"no valid records in any of the {len(parts)} files read ({setting}): {files}")
+
+
 def prepare(records_path: str | Path, out_dir: str | Path, *, data_format: str = "qa",
             question_field: str = "question", answer_fields: list[str] = ("answer_en", "answer_zh"),
             heldout_fraction: float = 0.1, heldout_min: int = 30, seed: int = 42, on_bad_record: str = "fail",
@@ -520,7 +542,7 @@ def prepare(records_path: str | Path, out_dir: str | Path, *, data_format: str =
             continue
         records.append(record)
     if not records:
-        raise LoragridError(f"{parts[0]['file']}: no valid records (config key 'dataset.format' is '{data_format}')")
+        raise _no_valid_records(parts, rejected, data_format)
     train, heldout, counts = _split(records, heldout_fraction, heldout_min, seed, parts[0]["file"])
 
     summary = {

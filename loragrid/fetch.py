@@ -7,6 +7,7 @@ with a source.json that records where it came from and the sha256 of every file.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -296,7 +297,17 @@ def _hub_snapshot(scheme: str, location: str, repo_type: str, offline: bool,
         key = "model.source" if repo_type == "model" else "dataset.source"
         raise LoragridError(f"config key '{key}': {scheme} could not resolve '{location}': {error}") from error
     return Path(path), {"repo": repo, "revision": revision or ("main" if scheme == "hf" else "master"),
-                        "resolved_path": str(path)}
+                        "commit": _snapshot_commit(Path(path)), "resolved_path": str(path)}
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit a hub snapshot holds, where its cache folder says: huggingface_hub names the folder
+    snapshots/<commit sha> whatever the revision (refs/main maps the branch to it, offline too). ModelScope names
+    it snapshots/<revision as asked> and keeps no commit in its cache, so only a revision pinned to a sha tells;
+    a branch or tag gives None, and so does its pre-1.38 cache ({type}s/org/name, no snapshots folder)."""
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name
+    return None
 
 
 def local_checksum(source: str) -> str | None:

@@ -10,6 +10,7 @@ import base64
 import html
 import logging
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -327,14 +328,18 @@ def sample_answers(generations: dict[str, list[dict]], count: int) -> list[dict]
 
 
 EMPTY_ANSWER = "(empty answer)"
+# What Markdown reads as markup inside a table cell, backslash-escaped: emphasis (* _), strikethrough (~), code
+# (`), links and images ([ ]), GitHub's math ($), the cell separator (|) and the backslash itself, in one pass,
+# so an escape stays an escape. A leading # or - makes no heading or list inside a cell: it shows as written.
+MARKDOWN_MARKUP = re.compile(r"([\\`*_\[\]~$|])")
 
 
 def _markdown_cell(text: str) -> str:
-    """Text as one cell of a Markdown table, shown as written: markup in a model's answer (HTML, a stray
-    backtick fence) would hide text or swallow the table. Backslashes go first, so the escapes stay escapes."""
+    """Text as one cell of a Markdown table, shown as written: markup in a model's answer (HTML, *stars*, a
+    [link](url), a stray backtick fence) would hide text, format it or swallow the table."""
     if not text:
         return f"*{EMPTY_ANSWER}*"
-    escaped = html.escape(text.replace("\\", "\\\\"), quote=False).replace("`", "\\`").replace("|", "\\|")
+    escaped = html.escape(MARKDOWN_MARKUP.sub(r"\\\1", text), quote=False)
     return escaped.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
 
 

@@ -1,8 +1,12 @@
-"""`python -m loragrid`, in process: the options a user can get wrong fail with a message, not a traceback."""
+"""`python -m loragrid`, in process: the options a user can get wrong fail with a message, not a traceback;
+and as a process whose reader stops early."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +92,17 @@ def test_an_empty_question_is_refused_not_taken_for_interactive_chat(results, ca
     """A script passing an empty variable fell into interactive chat and waited for input."""
     assert main(["chat", "--directory", str(results), "--run", "base", "--question", " "]) == 2
     assert "--question is empty" in capsys.readouterr().err
+
+
+# Unbuffered, memory's first print meets the closed pipe; buffered, the flush at exit does (as it does --help's
+# text: unbuffered, argparse drops a failed --help write itself).
+@pytest.mark.parametrize(("args", "unbuffered"), [(["memory", "--model", QWEN_7B], "1"),
+                                                  (["memory", "--model", QWEN_7B], ""), (["memory", "--help"], "")])
+def test_a_reader_that_stops_early_gets_no_traceback(args, unbuffered):
+    """`python -m loragrid memory ... | head -1` ended in a BrokenPipeError traceback once head had gone."""
+    command = subprocess.Popen([sys.executable, "-m", "loragrid", *args], cwd=REPO,
+                               env={**os.environ, "PYTHONUNBUFFERED": unbuffered},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command.stdout.close()  # the reader is gone before the first line is written (Python takes ~1 s to start)
+    error = command.stderr.read()
+    assert (command.wait(), error) == (141, "")  # 128 + SIGPIPE, as the shell reports `ls` cut short

@@ -122,7 +122,7 @@ def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir, fetched_tiny_mode
     result = snakemake(copy_repo, "results/tiny--tiny/runs/qlora8/train.json", "--configfile", str(config))
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "config key 'training.use_dora' (run qlora8)" in output
+    assert "config key 'training.use_dora' (run qlora8): DoRA does not train on qlora8's 8-bit layers on cpu" in output
     assert "(details: logs/tiny--tiny/train/qlora8.log)" in output
     assert "ERROR: config key 'training.use_dora'" in (copy_repo / "logs/tiny--tiny/train/qlora8.log").read_text()
     assert not (copy_repo / "results/tiny--tiny/runs/qlora8/adapter").exists()

@@ -137,6 +137,29 @@ def test_a_folder_of_files_and_messages_that_name_each_file(tmp_path):
     assert any(i.startswith(f"{folder}/more/c.parquet, row ") for i in ids)
 
 
+def test_a_folder_without_a_valid_record_names_every_file_and_its_first_reason(tmp_path):
+    """The error named only the first file, though each file of a folder may fail for its own reason."""
+    from loragrid.fetch import fetch_dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"q": "no question field?", "answer_en": "x"}] * 2)
+    (folder / "b.csv").write_text("question,answer\nWhy?,an answer in the wrong column\n")
+    fetch_dataset(f"local:{folder}", tmp_path / "dataset")
+    with pytest.raises(LoragridError) as error:
+        prepare(tmp_path / "dataset/records.jsonl", tmp_path / "out", heldout_min=5, on_bad_record="skip")
+    assert str(error.value) == (
+        "no valid records in any of the 2 files read (config key 'dataset.format' is 'qa'): "
+        f"{folder}/a.jsonl: 2 records skipped, the first (line 1): missing field 'question' (the question: config "
+        "key dataset.question_field; the record has ['answer_en', 'q']); "
+        f"{folder}/b.csv: 1 record skipped, the first (line 2): none of the answer fields ['answer_en', "
+        "'answer_zh'] is present (config key dataset.answer_fields; the record has ['answer', 'question'])")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LoragridError, match=r"^data/a\.jsonl: no valid records \(config key 'dataset\.format' is "
+                                            r"'qa'\); 2 records skipped, the first \(line 1\): missing field"):
+        prepare(folder / "a.jsonl", tmp_path / "out", display_name="data/a.jsonl", on_bad_record="skip")
+
+
 def test_alpaca_records_keep_their_input_and_ignore_an_empty_one(tmp_path):
     records = [{"instruction": f"Translate {i}", "input": f"word {i}" if i % 2 else "", "output": f"mot {i}"}
                for i in range(30)]

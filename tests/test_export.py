@@ -25,7 +25,9 @@ from loragrid.modeling import PICKLED_MODEL
 
 EXPERIMENT = "tiny-smollm2--tiny"
 TYPES = ["f16", "q8_0", "q4_k_m"]
-RUNS = ["full", "lora"]
+# One run: a full run's export reads its model folder as a LoRA run's reads its merged one (the dry run below
+# checks the wiring), and a second run was about 22 CPU-seconds of the suite (train, generate, evaluate, export).
+RUNS = ["lora"]
 # Hidden size 256: the q4_k_m blocks are 256 wide, so llama.cpp's quantizer uses Q4_K itself.
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
@@ -100,13 +102,13 @@ def test_every_run_is_exported_and_agrees_with_transformers(export_workflow):
 
 
 def test_a_gguf_source_fetches_through_snakemake_as_safetensors(export_workflow, tmp_path):
-    """The gguf: source through Snakemake's fetch_model rule, as a user's config reaches it, on the full run's
+    """The gguf: source through Snakemake's fetch_model rule, as a user's config reaches it, on the LoRA run's
     q8_0 export (transformers dequantizes it; the embedded model's Q4_1 GGUF takes the same path through the
     pypi: source in tests/test_real_model.py)."""
     from transformers import AutoModelForCausalLM
 
     exported, _ = export_workflow
-    gguf = results_dir(exported, EXPERIMENT) / "gguf/full-q8_0.gguf"
+    gguf = results_dir(exported, EXPERIMENT) / "gguf/lora-q8_0.gguf"
     workdir = copy_workflow(tmp_path / "workflow")
     (workdir / "gguf.yaml").write_text(yaml.safe_dump({"model": {"name": "smol", "source": f"gguf:{gguf}"}}))
     result = snakemake(workdir, "resources/models/smol", "--configfile", "gguf.yaml")
@@ -117,7 +119,7 @@ def test_a_gguf_source_fetches_through_snakemake_as_safetensors(export_workflow,
     assert list(model_dir.glob("*.safetensors"))
     assert provenance["files"]["config.json"] and provenance["gguf_sha256"]
     assert provenance["source"] == f"gguf:{gguf}"
-    exported_model = AutoModelForCausalLM.from_pretrained(results_dir(exported, EXPERIMENT) / "runs/full/model")
+    exported_model = AutoModelForCausalLM.from_pretrained(results_dir(exported, EXPERIMENT) / "runs/lora/merged")
     fetched = AutoModelForCausalLM.from_pretrained(model_dir)
     assert sum(p.numel() for p in fetched.parameters()) == sum(p.numel() for p in exported_model.parameters())
 
@@ -147,6 +149,16 @@ def test_a_second_run_exports_nothing_again(export_workflow):
     workdir, config = export_workflow
     result = snakemake(workdir, "all", "--configfile", str(config), "-n")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_full_run_is_exported_from_its_model_folder(export_workflow):
+    """The export DAG trains LoRA only: a full run's export job, planned, reads the run's model folder."""
+    workdir, config = export_workflow
+    result = snakemake(workdir, "all", "--configfile", str(config), "--config", "grid={method: [full, lora]}", "-n")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    inputs = re.findall(r"rule export:\n    input: (.*)\n", output)
+    assert [line.split(", ")[0] for line in inputs] == [f"results/{EXPERIMENT}/runs/full/model"], output[-3000:]
 
 
 def test_a_changed_gguf_fails_the_report(export_workflow, tmp_path):

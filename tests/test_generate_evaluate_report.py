@@ -11,6 +11,7 @@ from loragrid.evaluate import emoji_metrics, evaluate_to_file
 from loragrid.generate import generate
 from loragrid.report import write_report
 from loragrid.train import train_to_files
+from test_report_unit import MARKUP_ANSWER, MARKUP_CELL
 
 GENERATE = {"max_new_tokens": 6, "batch_size": 4, "do_sample": False, "temperature": 0.7, "top_p": 0.9,
             "repetition_penalty": 1.0, "seed": 0}
@@ -137,6 +138,10 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
                        {**TINY_RUN, "method": method}, "chat")
         run_files[method] = {"train": tmp_path / f"{method}.train.json", "eval": tmp_path / "base.json",
                              "generations": folder / "base.jsonl"}
+    # lora's first answer holds Markdown markup; report.md's table shows it as written.
+    answers = read_jsonl(folder / "base.jsonl")
+    write_jsonl(tmp_path / "lora.jsonl", [{**answers[0], "answer": MARKUP_ANSWER}, *answers[1:]])
+    run_files["lora"]["generations"] = tmp_path / "lora.jsonl"
     out = tmp_path / "report"
     table = write_report(run_files, {"eval": tmp_path / "base.json", "generations": folder / "base.jsonl"},
                          table_csv=out / "summary.csv", table_html=out / "summary.html", markdown=out / "report.md",
@@ -156,6 +161,7 @@ def test_report(generated, tiny_model_dir, prepared_dir, tmp_path):
     assert "## Provenance" in markdown and "settings sha256" in markdown
     first_question = read_jsonl(folder / "base.jsonl")[0]["question"]
     assert markdown.count("| model | answer |") == 2 and first_question in markdown
+    assert f"\n| lora | {MARKUP_CELL} |\n" in markdown
     assert "<th>training memory (GB)</th>" in (out / "summary.html").read_text()
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["lora.html", "qlora4.html"]
     for png in ("loss.png", "memory.png", "quality.png"):

@@ -190,10 +190,3 @@ def test_an_architecture_without_an_estimate_trains_and_reports_its_measured_mem
     assert ("config key 'training.max_memory_gb' (run lora) picks the micro-batch from the memory estimate: "
             "no memory estimate" in log)
 
-    # DoRA on qlora8's 8-bit layers, which peft and bitsandbytes cannot train here: refused before the model loads.
-    target = "results/tiny-gpt2--tiny/runs/qlora8/train.json"
-    result = snakemake(copy_repo, target, "--configfile", "tiny.yaml", "--config", "training={use_dora: true}",
-                       "grid={method: [qlora8]}")
-    log = (copy_repo / "logs/tiny-gpt2--tiny/train/qlora8.log").read_text()
-    assert result.returncode != 0 and not (copy_repo / target).exists()
-    assert "config key 'training.use_dora' (run qlora8): DoRA does not train on qlora8's 8-bit layers on cpu" in log

@@ -60,6 +60,20 @@ def test_markdown_cells_show_markup_as_written():
     assert _markdown_cell("1 & 2\r\n3") == "1 &amp; 2<br>3"
 
 
+# An answer as a model writes it, and the cell that shows it as written where report.md is rendered.
+MARKUP_ANSWER = "*bold* _x_ [text](http://u) ~~gone~~ $5 `c`\n# not a heading | 2"
+MARKUP_CELL = r"\*bold\* \_x\_ \[text\](http://u) \~\~gone\~\~ \$5 \`c\`<br># not a heading \| 2"
+
+
+def test_markdown_cells_show_emphasis_links_and_math_as_written():
+    """*bold*, _x_, [text](url), ~~x~~ and $x$ rendered as emphasis, a link, strikethrough and (on GitHub) math."""
+    from loragrid.report import _markdown_cell
+
+    assert _markdown_cell(MARKUP_ANSWER) == MARKUP_CELL
+    # Each escape is one backslash before the character, the answer's own backslash included.
+    assert _markdown_cell(r"a\*b") == r"a\\\*b"
+
+
 def _run(method: str, loss: float) -> dict:
     train = {"method": method, "gradient_checkpointing": False, "memory_estimate": None,
              "memory": {"training_peak_bytes": 2e9, "breakdown": {"weights": 2e9}, "peak_rss_bytes": 3e9},

@@ -15,9 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
+from snakemake_executor_plugin_slurm.utils import set_gres_string
 
 from conftest import CUSTOM_TEMPLATE, REPO, copy_workflow, tiny_config
 from loragrid import launch
@@ -100,7 +103,7 @@ def slurm_jobs(cluster: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:
-    """The job as slurmctld knows it (it keeps finished jobs for MinJobAge = 600 s)."""
+    """The job as slurmctld knows it (it keeps finished jobs for MinJobAge = 3600 s, tests/slurm/slurm.conf.in)."""
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True)
     return dict(re.findall(r"(\w+)=(\S+)", shown.stdout))
 
@@ -154,3 +157,23 @@ def test_results_equal_a_local_run(local_and_slurm):
     assert list(cluster_table["run"]) == ["base", *METHODS]
     local_table = local_table[local_table["run"].isin(cluster_table["run"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(local_table, cluster_table)
+
+
+class _Resources(dict):
+    __getattr__ = dict.__getitem__
+
+
+@pytest.mark.parametrize(("gpus", "gpu_model", "flags"), [
+    (2, None, " --gpus=2"),
+    (0, None, ""),  # a CPU run asks for no GPU
+    (1, "a100", " --gpus=a100:1"),
+    (0, "a100", " --gpus=a100:0"),  # why docs/slurm-and-gpus.md keeps gpu_model to grids that all train on GPUs
+])
+def test_the_gpu_flags_sbatch_gets_for_a_training_job(gpus, gpu_model, flags):
+    """The plugin's own flag builder on the profile's training resources and a run's `gpus` (rules/train.smk's gpu)."""
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    resources = {**profile["default-resources"], **profile["set-resources"]["train_adapter"],
+                 "gpu": launch.gpus_of({"gpus": gpus})}
+    if gpu_model:
+        resources["gpu_model"] = gpu_model
+    assert set_gres_string(SimpleNamespace(resources=_Resources(resources))) == flags

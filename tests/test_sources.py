@@ -43,9 +43,11 @@ def hf_cache(root: Path, repo_type: str, repo: str, files: dict[str, Path | byte
     return snapshot
 
 
-def modelscope_cache(root: Path, repo_type: str, repo: str, files: dict[str, Path | bytes]) -> Path:
-    """ModelScope's cache layout (modelscope >= 1.38): {type}s/org--name/snapshots/<revision>/files."""
-    snapshot = root / f"{repo_type}s" / repo.replace("/", "--") / "snapshots" / "master"
+def modelscope_cache(root: Path, repo_type: str, repo: str, files: dict[str, Path | bytes],
+                     revision: str = "master") -> Path:
+    """ModelScope's cache layout (modelscope >= 1.38): {type}s/org--name/snapshots/<revision>/files, the
+    revision as it was asked for (a branch, tag or commit); no commit is kept for a branch."""
+    snapshot = root / f"{repo_type}s" / repo.replace("/", "--") / "snapshots" / revision
     for name, content in files.items():
         (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
         (snapshot / name).write_bytes(content.read_bytes() if isinstance(content, Path) else content)
@@ -74,6 +76,8 @@ def test_hf_model_resolved_offline_by_snapshot_download(tmp_path, tiny_model_dir
     provenance = json.loads(result.stdout.strip().splitlines()[-1])
     assert provenance["resolved_path"] == str(snapshot)  # snapshot_download found the cached commit
     assert provenance["revision"] == "main" and provenance["repo"] == "acme/tiny-chat"
+    assert provenance["commit"] == COMMIT  # what refs/main pointed to: "main" alone names no fixed files
+    assert read_json(out / "source.json")["commit"] == COMMIT
     assert not (out / "pytorch_model.bin").exists()
     assert checksums(out)["model.safetensors"] == checksums(tiny_model_dir)["model.safetensors"]
     assert read_json(out / "source.json")["files"] == {k: v for k, v in checksums(out).items() if k != "source.json"}
@@ -101,7 +105,7 @@ def test_hf_dataset_resolved_offline_and_read_by_datasets(tmp_path):
                                      "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     provenance = json.loads(result.stdout.strip().splitlines()[-1])
-    assert provenance["resolved_path"] == str(snapshot)
+    assert provenance["resolved_path"] == str(snapshot) and provenance["commit"] == COMMIT
     assert [(p["file"], p["count"], p["unit"]) for p in provenance["parts"]] == [
         ("hf:acme/emoji/data/train-00000-of-00002.parquet", 25, "row"),
         ("hf:acme/emoji/data/train-00001-of-00002.parquet", 15, "row"),
@@ -119,13 +123,20 @@ def test_modelscope_model_and_dataset_resolved_offline(tmp_path, tiny_model_dir,
 
     model = fetch_model("modelscope:Qwen/Tiny-Instruct", tmp_path / "model", offline=True)
     assert model["resolved_path"] == str(model_snapshot) and model["revision"] == "master"
+    assert model["commit"] is None  # ModelScope's cache keeps no commit for a branch
     assert ((tmp_path / "model" / "model.safetensors").exists()
             and not (tmp_path / "model" / "pytorch_model.bin").exists())
 
     dataset = fetch_dataset("modelscope:shareAI/emoji", tmp_path / "dataset", offline=True)
-    assert dataset["resolved_path"] == str(data_snapshot)
+    assert dataset["resolved_path"] == str(data_snapshot) and dataset["commit"] is None
     assert dataset["parts"][0]["file"] == "modelscope:shareAI/emoji/emoji.jsonl"
     assert read_jsonl(tmp_path / "dataset" / "records.jsonl") == records
+
+    # A revision pinned to a commit is the snapshot's folder name: that commit's files.
+    pinned = modelscope_cache(cache, "dataset", "shareAI/emoji", {"emoji.jsonl": (data_snapshot / "emoji.jsonl")},
+                              revision=COMMIT)
+    dataset = fetch_dataset(f"modelscope:shareAI/emoji@{COMMIT}", tmp_path / "pinned", offline=True)
+    assert dataset["resolved_path"] == str(pinned) and dataset["revision"] == dataset["commit"] == COMMIT
 
 
 def test_modelscope_cache_miss_names_the_key(tmp_path, monkeypatch):
