@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import modeling
 from .common import LoragridError, provenance, read_json, read_jsonl, verify_folder, write_json
@@ -44,7 +45,7 @@ def heldout_loss(model, tokenizer, examples: list[dict], batch_size: int) -> dic
     examples = sorted(examples, key=lambda example: len(example["input_ids"]))
     labelled_only = takes_logits_mask(model)
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in tqdm(range(0, len(examples), batch_size), desc="held-out loss", unit="batch"):
         chunk = examples[start : start + batch_size]
         batch = tokenizer.pad([{"input_ids": e["input_ids"]} for e in chunk], return_tensors="pt").to(model.device)
         longest = batch["input_ids"].shape[1]

@@ -98,9 +98,14 @@ def test_one_progress_line_per_finished_job(tiny_workflow):
 
 def test_training_and_generation_show_progress_bars_in_their_logs(tiny_workflow):
     workdir, _, _ = tiny_workflow
+    logs = workdir / "logs/tiny--tiny"
     # The Trainer's bar over the tiny config's 2 steps, and generate's tqdm over its one batch.
-    assert re.search(r"100%\|[^|]*\| 2/2 \[", (workdir / "logs/tiny--tiny/train/lora.log").read_text())
-    assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (workdir / "logs/tiny--tiny/generate/lora.log").read_text())
+    assert re.search(r"100%\|[^|]*\| 2/2 \[", (logs / "train/lora.log").read_text())
+    assert re.search(r"generate: 100%\|[^|]*\| 1/1 \[", (logs / "generate/lora.log").read_text())
+    # Tokenizing the train split's 40 records, and the held-out loss over the 8 held-out answers in one batch.
+    tokenize_log = next((logs / "tokenize").rglob("*.log")).read_text()
+    assert re.search(r"tokenize: 100%\|[^|]*\| 40/40 \[", tokenize_log)
+    assert re.search(r"held-out loss: 100%\|[^|]*\| 1/1 \[", (logs / "evaluate/lora.log").read_text())
 
 
 def test_no_log_and_no_console_line_warns_of_a_deprecated_api(tiny_workflow):
