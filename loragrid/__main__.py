@@ -17,7 +17,7 @@ def chat_command(args) -> None:
         raise LoragridError("--question is empty: give the question, or leave --question out to chat interactively")
     chat = Chat(args.directory, args.run, merged=args.merged, load_in_4bit=args.load_in_4bit,
                 max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code,
-                experiment=args.experiment)
+                experiment=args.experiment, system=args.system)
     if args.question is not None:
         print(chat.answer(args.question))
     else:
@@ -151,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--load-in-4bit", action="store_true",
                       help="load the weights as 4-bit NF4 with bitsandbytes (as QLoRA trains them)")
     chat.add_argument("--question", help="answer this one question and exit")
+    chat.add_argument("--system", help="a system prompt before each question (as a record's `system` field)")
     chat.add_argument("--max-new-tokens", type=above_zero(int), help="override the run's generate.max_new_tokens")
     chat.add_argument("--directory", type=Path, default=Path("."),
                       help="the workflow folder that holds results/ and resources/ (default: .)")

@@ -89,7 +89,8 @@ def load_model(model_dir: Path, adapter_dir: Path | None, load_in_4bit: bool, tr
 
 class Chat:
     def __init__(self, workdir, run: str, merged: bool = False, load_in_4bit: bool = False,
-                 max_new_tokens: int | None = None, trust_remote_code: bool = False, experiment: str | None = None):
+                 max_new_tokens: int | None = None, trust_remote_code: bool = False, experiment: str | None = None,
+                 system: str | None = None):
         from transformers.utils import logging as transformers_logging
 
         if max_new_tokens is not None and max_new_tokens < 1:  # here, not in transformers after the weights load
@@ -98,6 +99,8 @@ class Chat:
         transformers_logging.disable_progress_bar()  # a loading bar per start clutters a chat
         self.run = run
         self.template = files["template"]
+        # Before every question, as a record's `system` field is in training and generation.
+        self.context = [{"role": "system", "content": system}] if system else []
         settings = dict(files["settings"])
         if max_new_tokens is not None:
             settings["max_new_tokens"] = max_new_tokens
@@ -107,14 +110,19 @@ class Chat:
         self.description = (f"{run}: {'adapter on ' if files['adapter_dir'] else ''}{files['model_dir']}"
                             f"{' (4-bit)' if load_in_4bit else ''}, template {shown_template(self.template)}, "
                             f"max_new_tokens {settings['max_new_tokens']}, "
-                            f"{'sampling' if settings['do_sample'] else 'greedy'}")
+                            f"{'sampling' if settings['do_sample'] else 'greedy'}"
+                            f"{f', system prompt {system!r}' if system else ''}")
+
+    def prompt_ids(self, question: str) -> list[int]:
+        messages = [*self.context, {"role": "user", "content": question}]
+        return conversation_token_ids(self.tokenizer, self.template, messages)
 
     @torch.no_grad()
     def answer(self, question: str, stream: bool = False) -> str:
         """One answer to one question (each question is asked on its own, as in training and evaluation)."""
         from transformers import TextStreamer
 
-        ids = conversation_token_ids(self.tokenizer, self.template, [{"role": "user", "content": question}])
+        ids = self.prompt_ids(question)
         input_ids = torch.tensor([ids], device=self.model.device)
         # TextStreamer prints the answer to stdout as it is generated, then a newline.
         streaming = stream and self.config.num_beams == 1  # transformers streams greedy and sampled decoding only

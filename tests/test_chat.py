@@ -120,3 +120,25 @@ def test_runs_lists_what_a_config_resolves_to(tiny_workflow, tmp_path):
     more.write_text("grid:\n  method: [lora, qlora3]\n")
     bad = loragrid(workdir, "runs", "--configfile", str(config), str(more))
     assert bad.returncode == 2 and "qlora3" in bad.stderr
+
+
+def test_a_system_prompt_goes_before_each_question(tiny_workflow, monkeypatch):
+    """`chat --system` asks as a record's `system` field trained: the system message, then the question."""
+    from loragrid.__main__ import main
+    from loragrid.chat import Chat
+    from loragrid.templates import conversation_token_ids
+
+    workdir, _, _ = tiny_workflow
+    question = read_jsonl(workdir / "results/tiny--tiny/generations/lora.jsonl")[0]["question"]
+    system = "Answer in French."
+    plain, told = Chat(workdir, "lora", merged=True), Chat(workdir, "lora", merged=True, system=system)
+    asked = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    assert told.prompt_ids(question) == conversation_token_ids(told.tokenizer, told.template, asked)
+    assert system in told.tokenizer.decode(told.prompt_ids(question)) and system not in plain.description
+    assert told.description.endswith(f", system prompt {system!r}")
+    # The command line's --system reaches the prompt (the tiny model's 4-token answers are empty either way).
+    prompts = []
+    monkeypatch.setattr(Chat, "answer", lambda chat, asked, stream=False: prompts.append(chat.prompt_ids(asked)) or "")
+    assert main(["chat", "--directory", str(workdir), "--run", "lora", "--merged", "--question", question,
+                 "--system", system]) == 0
+    assert prompts == [told.prompt_ids(question)]
