@@ -458,7 +458,9 @@ def _question_key(messages: list[dict]) -> str:
     """
     folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", _spelling_key(messages)).casefold())
     marked = re.sub(r"[^\w\s]", _punctuation, folded.translate(_INVISIBLE))
-    return _CJK_SPACE.sub("", " ".join(re.findall(r"\w+|\S", marked)))
+    key = _CJK_SPACE.sub("", " ".join(re.findall(r"\w+|\S", marked)))
+    # A question of punctuation alone ("?", "...") has no words left: as spelled, or every one is one question.
+    return key or _spelling_key(messages)
 
 
 def _split(records: list[dict], heldout_fraction: float, heldout_min: int, seed: int, source: str):

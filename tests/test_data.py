@@ -541,6 +541,10 @@ def test_punctuation_that_is_part_of_a_word_makes_another_question():
     assert _key("First, what is it?") == _key("First what is it.") == _key("(First) what is it…")
 
 
+def test_questions_of_punctuation_alone_stay_apart():
+    assert len({_key("?"), _key("..."), _key("!!"), _key("?!")}) == 4 and _key("?") == _key(" ? ")
+
+
 def test_spaces_between_cjk_characters_make_no_other_question():
     assert _key("瑞利散射是什么") == _key("瑞利 散射 是什么？") == _key("瑞利散射，是什么?")
     assert _key("これは何ですか") == _key("これは 何 ですか")
