@@ -112,12 +112,40 @@ def _require_chat_template(tokenizer) -> None:
                             f"({', '.join(TEMPLATES[1:])} or a format string)")
 
 
+def _answer_span(prompt: str, answered: str, content: str) -> tuple[str, str] | None:
+    """The answer as the template writes it after `prompt` in `answered`, and the text after it; None when
+    `answered` does not continue `prompt` with the answer. Whitespace the template writes before an answer it strips
+    (Llama-2's ' ' after [/INST]; Llama-2 and Gemma strip answers) belongs to the answer: "[/INST] Paris" is
+    tokenized "[/INST]", "▁Paris", and the model is to write the "▁"."""
+    if not answered.startswith(prompt):
+        return None
+    rest = answered[len(prompt):]
+    if rest.startswith(content):
+        return content, rest[len(content):]
+    body = content.strip()
+    gap = rest[: len(rest) - len(rest.lstrip())]
+    if body and rest[len(gap):].startswith(body):
+        return gap + body, rest[len(gap) + len(body):]
+    return None
+
+
+def _end_piece(tokenizer, tail: str) -> tuple[str, bool]:
+    """The text that ends an answer (see _turn_end) and whether the template wrote it there, with the whitespace it
+    writes before it (Llama-2's ' </s>'): the model learns to end as the template does, and the next prompt starts
+    after it."""
+    body = tail.lstrip()
+    end = _turn_end(tokenizer, body)
+    if body.startswith(end):
+        return tail[: len(tail) - len(body)] + end, True
+    return end, False
+
+
 def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list[tuple[str, bool]]:
     """Cut the chat template's rendering into (text, is_answer) pieces, turn by turn.
 
-    Each assistant turn is rendered as the template's prompt up to it, then the bare answer, then
-    (with add_eos_token) the token that ends it, labelled with the answer: the special token the
-    template writes right after an answer, so it is not repeated in the next prompt, else EOS.
+    Each assistant turn is rendered as the template's prompt up to it, then the answer as the template writes it,
+    then (with add_eos_token) the token that ends it, labelled with the answer: the special token the template
+    writes right after an answer, so it is not repeated in the next prompt, else EOS.
     """
     _require_chat_template(tokenizer)
     segments, covered = [], ""
@@ -126,17 +154,18 @@ def _chat_segments(tokenizer, messages: list[dict], add_eos_token: bool) -> list
             continue
         prompt = _chat(tokenizer, messages[:index], add_generation_prompt=True)
         answered = _chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
-        if not prompt.startswith(covered) or not answered.startswith(prompt + message["content"]):
+        span = _answer_span(prompt, answered, message["content"]) if prompt.startswith(covered) else None
+        if span is None:
             raise LoragridError(
                 "config key 'template': the model's chat template does not render a conversation turn by turn "
                 "(a later turn rewrites earlier text), so answer tokens cannot be told apart; choose another template"
             )
-        segments += [(prompt[len(covered):], False), (message["content"], True)]
-        covered = prompt + message["content"]
-        end = _turn_end(tokenizer, answered[len(covered):]) if add_eos_token else None
-        if end:
+        segments += [(prompt[len(covered):], False), (span[0], True)]
+        covered = prompt + span[0]
+        if add_eos_token:
+            end, written = _end_piece(tokenizer, span[1])
             segments.append((end, True))
-            covered += end if answered[len(covered):].startswith(end) else ""
+            covered += end if written else ""
     if not messages or messages[-1]["role"] != "assistant":
         prompt = _chat(tokenizer, messages, add_generation_prompt=True)
         segments.append((prompt[len(covered):], False))
@@ -159,10 +188,11 @@ def answer_end_ids(tokenizer, template: str) -> list[int]:
     ids = [tokenizer.eos_token_id]
     if template == "chat" and tokenizer.chat_template:
         probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-        tail = _chat(tokenizer, probe, add_generation_prompt=False)
-        prompt = _chat(tokenizer, probe[:1], add_generation_prompt=True) + "!"
-        if tail.startswith(prompt):
-            ids.append(tokenizer.convert_tokens_to_ids(_turn_end(tokenizer, tail[len(prompt):])))
+        prompt = _chat(tokenizer, probe[:1], add_generation_prompt=True)
+        span = _answer_span(prompt, _chat(tokenizer, probe, add_generation_prompt=False), "!")
+        if span:
+            end, _ = _end_piece(tokenizer, span[1])
+            ids.append(tokenizer.convert_tokens_to_ids(end.lstrip()))
     return list(dict.fromkeys(id for id in ids if id is not None))
 
 
@@ -190,13 +220,56 @@ def render_prompt(tokenizer, template: str, messages: list[dict]) -> str:
     return "".join(text + (eos if is_answer else "") for text, is_answer in segments(tokenizer, template, messages))
 
 
+# How much of the text before a piece is tokenized with it (see _continuation): enough for any token to end in it.
+CONTEXT_CHARS = 256
+
+
+def _anchor(tokenizer) -> str | None:
+    """A special token that cuts the text in front of a piece as the tokenizer's own special tokens do, without
+    taking the whitespace next to it (lstrip/rstrip): EOS where it can, so no dummy prefix starts the piece."""
+    tokens = [token for token in tokenizer.added_tokens_decoder.values()
+              if token.special and not token.lstrip and not token.rstrip]
+    tokens.sort(key=lambda token: str(token) != tokenizer.eos_token)
+    return str(tokens[0]) if tokens else None
+
+
+def _after_break(tokenizer, text: str) -> list[int]:
+    """Ids of `text` where a token ends right before it, as after a line break: a SentencePiece tokenizer (Llama,
+    Mistral, Phi-3) puts a dummy prefix '▁' in front of a text's start, so `text` on its own would begin '▁Paris'
+    where the whole text has 'Paris'. Byte-level BPE and Gemma add none: there this is `text` on its own."""
+    for context in ("\n", _anchor(tokenizer)):  # a special token where the text's own line break would merge
+        if context:
+            before = tokenizer(context, add_special_tokens=False)["input_ids"]
+            both = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+            if both[: len(before)] == before:
+                return both[len(before):]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _continuation(tokenizer, context: str, text: str) -> list[int]:
+    """Ids of `text` where it follows `context`: what tokenizing both at once gives beyond the context's own ids, as
+    the whole conversation is tokenized at generation by other tools (Ollama, vLLM). Where a token would span both
+    (a template ending in a space: ' Paris'), the piece is tokenized after a cut instead, for the prompt must be
+    the same ids with or without the answer after it: '▁' (or 'Ġ'), then 'Paris'."""
+    if not context:
+        return _after_break(tokenizer, text)
+    before = tokenizer(context, add_special_tokens=False)["input_ids"]
+    both = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    return both[len(before):] if both[: len(before)] == before else _after_break(tokenizer, text)
+
+
 def _encode(tokenizer, template: str, messages: list[dict], add_eos_token: bool) -> tuple[list[int], list[bool]]:
-    ids, is_answer = [], []
+    ids, is_answer, context = [], [], ""
     for position, (text, answer) in enumerate(segments(tokenizer, template, messages, add_eos_token)):
-        # A chat template writes its own special tokens; other templates get the tokenizer's (e.g. BOS) once.
-        piece = tokenizer(text, add_special_tokens=template != "chat" and position == 0)["input_ids"]
+        if position == 0:
+            # A chat template writes its own special tokens; other templates get the tokenizer's (e.g. BOS) once.
+            piece = tokenizer(text, add_special_tokens=template != "chat")["input_ids"]
+        else:
+            piece = _continuation(tokenizer, context, text)
+        context = (context + text)[-CONTEXT_CHARS:]
         if answer and add_eos_token and template != "chat":  # a chat conversation has its own (_chat_segments)
             piece = piece + [tokenizer.eos_token_id]
+            context += tokenizer.eos_token or ""
         ids += piece
         is_answer += [answer] * len(piece)
     return ids, is_answer

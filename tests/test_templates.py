@@ -1,10 +1,11 @@
 import copy
+import json
 
 import pytest
 from transformers import AutoTokenizer
 
 from loragrid.common import LoragridError
-from loragrid.templates import conversation_token_ids, render_prompt, tokenize_example
+from loragrid.templates import answer_end_ids, conversation_token_ids, render_prompt, tokenize_example
 
 MESSAGES = [{"role": "user", "content": "Why is the sky blue?"},
             {"role": "assistant", "content": "Because of Rayleigh scattering 🌈☀️"}]
@@ -160,3 +161,114 @@ def test_a_chat_template_that_ends_turns_with_another_token_than_eos_trains_that
     end_of_turn = qwen_base.convert_tokens_to_ids("<|im_end|>")
     assert answer_end_ids(qwen_base, "chat") == [qwen_base.eos_token_id, end_of_turn]
     assert answer_end_ids(qwen_base, "plain") == [qwen_base.eos_token_id]
+
+
+# SentencePiece-style tokenizers as transformers 5 builds Llama-2's, Mistral's and Phi-3's (LlamaTokenizer: BPE with
+# byte fallback, a Metaspace pre-tokenizer that writes a dummy '▁' in front of the text; legacy=True (Mistral's
+# tokenizer_config) writes one after every special token too). The chat templates are those of the models'
+# tokenizer_config.json.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+TURNS = CONVERSATION[1:]  # Llama-2's and Mistral's templates take no system message in this form
+
+
+@pytest.fixture(scope="module")
+def sentencepiece():
+    """A Llama-style tokenizer trained on the demo data: make(legacy) -> LlamaTokenizer with Phi-3's extra tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    from conftest import demo_records
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
+    corpus = [r["question"] + " " + r.get("answer_en", r.get("answer_zh", "")) for r in demo_records()]
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    trained.train_from_iterator(corpus + ["### Response: [INST] [/INST] 用户: 助手: Q: A:"] * 20,
+                                trainers.BpeTrainer(vocab_size=900, special_tokens=specials, limit_alphabet=200))
+    model = json.loads(trained.to_str())["model"]
+
+    def make(legacy=False, template=LLAMA2_TEMPLATE):
+        tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], legacy=legacy)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|assistant|>", "<|end|>", "<|user|>"]})
+        tokenizer.chat_template = template
+        return tokenizer
+    return make
+
+
+def whole_text_ids(tokenizer, template, messages):
+    """The conversation tokenized at once, as Ollama, vLLM or apply_chat_template(tokenize=True) tokenize it."""
+    if template != "chat":
+        return tokenizer(render_prompt(tokenizer, template, messages[:-1]) + messages[-1]["content"]
+                         + tokenizer.eos_token)["input_ids"]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("template, chat_template", [
+    ("chat", LLAMA2_TEMPLATE), ("chat", MISTRAL_TEMPLATE), ("chat", PHI3_TEMPLATE), ("alpaca", None),
+    ("alpaca_zh", None)], ids=["llama2", "mistral", "phi3", "alpaca", "alpaca_zh"])
+def test_sentencepiece_conversations_are_tokenized_as_one_text(sentencepiece, legacy, template, chat_template):
+    """Before 2026-12-07 each piece was tokenized on its own, so every answer (and every prompt after the first)
+    began with the dummy prefix: '▁S', 'un' where the whole text, and the model at inference, has 'S', 'un'
+    ('Sunny' after '[/INST]', Phi-3's '<|assistant|>\\n' or alpaca's '### Response:\\n'); Llama-2's template,
+    which writes ' ' before an answer, was refused."""
+    tokenizer = sentencepiece(legacy, chat_template or LLAMA2_TEMPLATE)
+    example = tokenize_example(tokenizer, template, TURNS, cutoff_len=512)
+    assert example["input_ids"] == whole_text_ids(tokenizer, template, TURNS)[: len(example["input_ids"])]
+    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+    assert "Hello 👋" in trained and "Sunny ☀️" in trained and "Weather" not in trained
+    prompt = conversation_token_ids(tokenizer, template, TURNS[:-1])
+    assert example["input_ids"][: len(prompt)] == prompt and example["labels"][len(prompt)] != -100
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("template", ["plain", "Q: {instruction}\nA: "])
+def test_a_template_ending_in_a_space_gives_the_answer_one_space(sentencepiece, legacy, template):
+    """The prompt ends with its own '▁' (as SmolLM2's with 'Ġ'): the answer follows it without a second one
+    (before 2026-12-07: '▁', '▁S', 'un', two spaces the model learnt to write)."""
+    tokenizer = sentencepiece(legacy)
+    example = tokenize_example(tokenizer, template, TURNS, cutoff_len=512)
+    prompt = conversation_token_ids(tokenizer, template, TURNS[:-1])
+    assert example["input_ids"][: len(prompt)] == prompt
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    assert tokens[len(prompt) - 1] == "▁" and not tokens[len(prompt)].startswith("▁")
+    assert tokenizer.decode(example["input_ids"][len(prompt):]).startswith("Sunny")
+
+
+def test_llama2_chat_template_trains_its_own_rendering(sentencepiece):
+    """Llama-2's template writes '[/INST] answer </s>': the answer is learnt with the ' ' before it (a '▁' token of
+    its first word) and ' </s>' after it, and the next turn starts after that, with no second EOS."""
+    tokenizer = sentencepiece()
+    conversation = [{"role": "system", "content": "Answer with emoji."}, *TURNS]
+    example = tokenize_example(tokenizer, "chat", conversation, cutoff_len=512)
+    assert example["input_ids"] == whole_text_ids(tokenizer, "chat", conversation)
+    spans = labelled_spans(example)
+    assert [tokenizer.decode(span) for span in spans] == ["Hello 👋 </s>", "Sunny ☀️ </s>"]  # decode drops a first ' '
+    assert all(tokenizer.convert_ids_to_tokens(span[0]).startswith("▁") for span in spans)  # "▁H", "▁S"
+    assert answer_end_ids(tokenizer, "chat") == [tokenizer.eos_token_id]
