@@ -295,13 +295,13 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
 
 def _questions(tokenizer, template: str, heldout_path, generations_path) -> dict:
     from .evaluate import emoji_metrics
-    from .templates import answer_end_ids, conversation_token_ids
+    from .templates import answer_end_ids, record_token_ids
 
     records = read_jsonl(heldout_path)
     generations = {g["id"]: g["answer"] for g in read_jsonl(generations_path)}
     reference = [generations[r["id"]] for r in records]
     return {"records": [{"id": r["id"], "question": r["messages"][-2]["content"]} for r in records],
-            "prompts": [conversation_token_ids(tokenizer, template, r["messages"][:-1]) for r in records],
+            "prompts": [record_token_ids(tokenizer, template, r) for r in records],
             "stop_ids": answer_end_ids(tokenizer, template),
             "transformers_answers": reference, "transformers_emoji_share": emoji_metrics(reference)["emoji_share"]}
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .common import package_versions, read_jsonl, verify_folder, write_json, write_jsonl
-from .templates import answer_end_ids, conversation_token_ids
+from .templates import answer_end_ids, record_token_ids
 from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.generate")
@@ -50,7 +50,7 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
     config = generation_config(tokenizer, settings, stop_ids)
     records = read_jsonl(heldout_path)
     # Prompts before the model: a template the tokenizer cannot render (no chat template) fails before the load.
-    prompts = [conversation_token_ids(tokenizer, template, r["messages"][:-1]) for r in records]
+    prompts = [record_token_ids(tokenizer, template, record) for record in records]
     model = modeling.load_for_inference(model_dir, trust_remote_code=trust_remote_code)
     # Similar lengths in a batch waste less compute on left padding.
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))

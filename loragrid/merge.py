@@ -9,7 +9,7 @@ import torch
 
 from . import modeling
 from .common import LoragridError, atomic_dir, read_json, read_jsonl, verify_folder, write_json
-from .templates import conversation_token_ids
+from .templates import record_token_ids
 from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.merge")
@@ -27,7 +27,7 @@ def _check_batch(tokenizer, template: str, heldout_path, n_prompts: int) -> dict
     records = read_jsonl(heldout_path)[:n_prompts]
     if not records:
         raise LoragridError(f"{heldout_path}: no held-out records to compare the merged model's logits on")
-    ids = [conversation_token_ids(tokenizer, template, r["messages"])[:CHECK_CUTOFF_LEN] for r in records]
+    ids = [record_token_ids(tokenizer, template, r, whole=True)[:CHECK_CUTOFF_LEN] for r in records]
     return tokenizer.pad([{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids], return_tensors="pt")
 
 

@@ -10,6 +10,7 @@ turns in alternation. A user message may carry an `input` (alpaca's context fiel
 
 from __future__ import annotations
 
+import contextlib
 import string
 
 from tqdm.auto import tqdm
@@ -101,9 +102,34 @@ def _string_prompt(template: str, message: dict, system: str | None) -> str:
     return f"{system}\n\n{text}" if system and "system" not in fields else text
 
 
+class TemplateRefused(LoragridError):
+    """The model's chat template raised on a conversation (Gemma's and Mistral's take no system message)."""
+
+
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template([_with_input(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt, tokenize=False)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template([_with_input(m) for m in messages],
+                                             add_generation_prompt=add_generation_prompt, tokenize=False)
+    except TemplateError as error:  # the template's own raise_exception(...)
+        raise TemplateRefused(f"config key 'template': the model's chat template refuses this conversation ({error}); "
+                              "change such records or choose another template") from None
+
+
+@contextlib.contextmanager
+def naming(record: dict):
+    """A refusal of the chat template, named by the record's file and line (its id)."""
+    try:
+        yield
+    except TemplateRefused as error:
+        raise LoragridError(f"{record['id']}: {error}") from None
+
+
+def record_token_ids(tokenizer, template: str, record: dict, whole: bool = False) -> list[int]:
+    """conversation_token_ids of a prepared record: the prompt for its last answer, or (`whole`) all of it."""
+    with naming(record):
+        return conversation_token_ids(tokenizer, template, record["messages"] if whole else record["messages"][:-1])
 
 
 def _require_chat_template(tokenizer) -> None:
@@ -308,7 +334,9 @@ def tokenize_split(tokenizer, template: str, records: list[dict], cutoff_len: in
     examples, dropped, truncated = [], [], []
     # A bar in the job's log: tens of thousands of records (alpaca-cleaned) take a while to tokenize.
     for record in tqdm(records, desc="tokenize", unit="record", mininterval=2):
-        example = tokenize_example(tokenizer, template, record["messages"], cutoff_len, train_on_inputs, add_eos_token)
+        with naming(record):
+            example = tokenize_example(tokenizer, template, record["messages"], cutoff_len, train_on_inputs,
+                                       add_eos_token)
         if example is None:
             dropped.append(record["id"])
             continue

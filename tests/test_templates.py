@@ -4,6 +4,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import CHAT_TEMPLATE
 from loragrid.common import LoragridError
 from loragrid.templates import answer_end_ids, conversation_token_ids, render_prompt, tokenize_example
 
@@ -272,3 +273,25 @@ def test_llama2_chat_template_trains_its_own_rendering(sentencepiece):
     assert [tokenizer.decode(span) for span in spans] == ["Hello 👋 </s>", "Sunny ☀️ </s>"]  # decode drops a first ' '
     assert all(tokenizer.convert_ids_to_tokens(span[0]).startswith("▁") for span in spans)  # "▁H", "▁S"
     assert answer_end_ids(tokenizer, "chat") == [tokenizer.eos_token_id]
+
+
+# Gemma's template refuses a system message (as Mistral's refuses any role but user and assistant).
+NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                      "{% endif %}" + CHAT_TEMPLATE)
+
+
+def test_a_chat_template_that_refuses_a_record_names_its_file_and_line(tokenizer):
+    """The template's own raise_exception was a jinja2 TemplateError traceback, with no record named."""
+    from loragrid.templates import record_token_ids, tokenize_split
+
+    refusing = copy.deepcopy(tokenizer)
+    refusing.chat_template = NO_SYSTEM_TEMPLATE
+    records = [{"id": "data/qa.jsonl, line 1", "messages": TURNS},
+               {"id": "data/qa.jsonl, line 2", "messages": CONVERSATION}]
+    named = (r"^data/qa\.jsonl, line 2: config key 'template': the model's chat template refuses this conversation "
+             r"\(System role not supported\); change such records or choose another template$")
+    with pytest.raises(LoragridError, match=named):
+        tokenize_split(refusing, "chat", records, cutoff_len=512)
+    with pytest.raises(LoragridError, match=named):
+        [record_token_ids(refusing, "chat", record) for record in records]  # generate's and the export's prompts
+    assert tokenize_split(refusing, "chat", records[:1], cutoff_len=512)[0]
