@@ -210,8 +210,12 @@ def modelfile(tokenizer, template: str, gguf_name: str, run: str, settings: dict
     marker = "\x00PROMPT\x00"
     rendered = render_prompt(tokenizer, template, [{"role": "user", "content": marker}])
     before, _, after = rendered.partition(marker)
-    if tokenizer.bos_token and template != "chat" and before.startswith(tokenizer.bos_token):
-        before = before[len(tokenizer.bos_token):]  # llama.cpp adds BOS itself where the GGUF says so
+    # A tokenizer that puts BOS in front of a text gives the GGUF add_bos_token, and llama.cpp adds it itself: a BOS
+    # the template writes (Llama-2's and Mistral's chat templates) would be a second one. SmolLM2's BOS,
+    # <|im_start|>, opens every turn and its tokenizer adds none: that one stays.
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if adds_bos and before.startswith(tokenizer.bos_token):
+        before = before[len(tokenizer.bos_token):]
     sampling = ([f"PARAMETER temperature {settings['temperature']}", f"PARAMETER top_p {settings['top_p']}"]
                 if settings["do_sample"] else ["PARAMETER temperature 0"])
     return "\n".join([

@@ -214,7 +214,8 @@ def sentencepiece():
     model = json.loads(trained.to_str())["model"]
 
     def make(legacy=False, template=LLAMA2_TEMPLATE):
-        tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], legacy=legacy)
+        tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], legacy=legacy,
+                                   add_bos_token=True)  # as their tokenizer_config.json says
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|assistant|>", "<|end|>", "<|user|>"]})
         tokenizer.chat_template = template
         return tokenizer
@@ -295,3 +296,18 @@ def test_a_chat_template_that_refuses_a_record_names_its_file_and_line(tokenizer
     with pytest.raises(LoragridError, match=named):
         [record_token_ids(refusing, "chat", record) for record in records]  # generate's and the export's prompts
     assert tokenize_split(refusing, "chat", records[:1], cutoff_len=512)[0]
+
+
+def test_the_modelfile_leaves_bos_to_llama_cpp_where_the_tokenizer_adds_it(sentencepiece):
+    """Llama-2's chat template writes <s> itself, and its tokenizer (so the GGUF) adds BOS too: the Modelfile's
+    template starts after it (it carried a literal <s>, a second BOS in Ollama). SmolLM2's tokenizer adds none,
+    and its <|im_start|> (its BOS) opens each turn: it stays."""
+    from pathlib import Path
+
+    from loragrid.export import modelfile
+
+    settings = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 8}
+    text = modelfile(sentencepiece(), "chat", "lora-q8_0.gguf", "lora", settings)
+    assert 'TEMPLATE """[INST] {{ .Prompt }} [/INST]"""' in text
+    smollm2 = AutoTokenizer.from_pretrained(Path(__file__).parent.parent / "data/tokenizers/smollm2")
+    assert 'TEMPLATE """<|im_start|>system\n' in modelfile(smollm2, "chat", "lora-q8_0.gguf", "lora", settings)
