@@ -119,15 +119,19 @@ def test_no_log_and_no_console_line_warns_of_a_deprecated_api(tiny_workflow):
     assert not {name: lines for name, lines in warned.items() if lines}
     assert len(texts) > 20  # every job's log was read
 
-def test_a_failed_job_names_its_log(copy_repo, tiny_model_dir, fetched_tiny_model):
+def test_a_failed_job_names_its_log_and_the_other_runs_train_on(copy_repo, tiny_model_dir, fetched_tiny_model):
     # DoRA on qlora8's 8-bit layers: refused by the training job itself (peft and bitsandbytes cannot train it here).
     config = tiny_config(copy_repo, tiny_model_dir, training={"max_steps": 2, "use_dora": True},
-                         grid={"method": ["qlora8"]})
+                         grid={"method": ["qlora8", "lora"]})
     with_fetched_model(copy_repo, fetched_tiny_model)
-    result = snakemake(copy_repo, "results/tiny--tiny/runs/qlora8/train.json", "--configfile", str(config))
+    failing, other = "results/tiny--tiny/runs/qlora8/train.json", "results/tiny--tiny/runs/lora/train.json"
+    # One job at a time, qlora8's first: lora's training starts only after qlora8's has failed.
+    result = snakemake(copy_repo, failing, other, "--configfile", str(config), "--cores", "1", "--prioritize", failing)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "config key 'training.use_dora' (run qlora8): DoRA does not train on qlora8's 8-bit layers on cpu" in output
     assert "(details: logs/tiny--tiny/train/qlora8.log)" in output
     assert "ERROR: config key 'training.use_dora'" in (copy_repo / "logs/tiny--tiny/train/qlora8.log").read_text()
     assert not (copy_repo / "results/tiny--tiny/runs/qlora8/adapter").exists()
+    # keep-going (profiles/default): the failed run did not stop the rest of the grid.
+    assert (copy_repo / other).exists(), output[-3000:]
