@@ -38,6 +38,7 @@ COMMANDS = {
     'snakemake --cores 1 all --config "generate={max_new_tokens: 64}" "methods={lora: {learning_rate: 0.0005}}"':
         "dry-run",
     "snakemake --cores 1 --forcerun train_adapter train_full all": "dry-run",
+    "snakemake --cores 1 --forcerun tokenize_split all": "dry-run",
     "python -m loragrid runs": "dry-run",
 }
 PROGRAMS = ("make ", "snakemake ", "python -m loragrid ")
@@ -87,8 +88,10 @@ def test_a_shown_command_runs(command, tmp_path):
         assert "Error running conda info" in output and "invalid choice" not in output, output[-2000:]
         return
     assert result.returncode == 0, output[-2000:]
-    if "--forcerun" in command:  # every training rule: the full run trains in train_full
-        assert re.search(r"^train_adapter +\d", output, re.M) and re.search(r"^train_full +\d", output, re.M), output
+    if "--forcerun" in command:  # the rules named, and every training rule (the full run trains in train_full)
+        forced = command.split("--forcerun ")[1].split()[:-1]  # the words between --forcerun and the target
+        for rule in {*forced, "train_adapter", "train_full"}:
+            assert re.search(rf"^{rule} +\d", output, re.M), output
     if command.startswith("make"):
         target = {"make run": "snakemake --cores 1 all", "make memory-table": "--configfile config/memory-table.yaml"}
         assert target[command] in output
