@@ -127,8 +127,9 @@ def longest_micro_batch(lengths: list[int], labelled: list[int], micro_batch_siz
 
 
 def choose_micro_batch(model, settings: dict, lengths: list[int], labelled: list[int],
-                       runtime_bytes: int) -> tuple[int, dict]:
-    """micro_batch_size, or with max_memory_gb the largest divisor of batch_size whose estimate fits.
+                       runtime_bytes: int, resume_from=None) -> tuple[int, dict]:
+    """micro_batch_size, or with max_memory_gb the largest divisor of batch_size whose estimate fits (resumed: the
+    checkpoint's own).
 
     The estimate (loragrid.memory) is of the largest micro-batch; with the process's own resident
     memory before loading (`runtime_bytes`) it is what max_memory_gb is compared with.
@@ -151,6 +152,13 @@ def choose_micro_batch(model, settings: dict, lengths: list[int], labelled: list
     if no_estimate:
         raise LoragridError(f"config key 'max_memory_gb' picks the micro-batch from the memory estimate: "
                             f"{no_estimate}. Set micro_batch_size instead")
+    # runtime_bytes differs from one attempt to the next, and the data order (length grouping) and the kept memory
+    # profile depend on the micro-batch: a resumed run keeps its first attempt's, as transformers' own
+    # auto_find_batch_size does.
+    trained_with = read_json(Path(resume_from) / "trainer_state.json").get("train_batch_size") if resume_from else None
+    if trained_with:
+        log.info("max_memory_gb: micro-batch %d, as %s trained with", trained_with, resume_from)
+        return trained_with, estimate(trained_with)
     for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
         candidate = estimate(micro)
         if candidate["process_bytes"] <= limit * 1e9:
@@ -545,10 +553,10 @@ def train(model_dir, data_dir, out_dir, settings: dict, template: str, trust_rem
                                                    trust_remote_code)
     runtime_bytes = current_rss_bytes()
     model, weights, parameters = _setup_model(model_dir, settings, trust_remote_code)
-    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], labelled_counts(dataset),
-                                                    runtime_bytes)
-    _log_estimate(estimate, model)
     checkpoints, resume_from = _setup_checkpoints(checkpoint_root, settings, template, model_dir, data_dir)
+    micro_batch_size, estimate = choose_micro_batch(model, settings, dataset["length"], labelled_counts(dataset),
+                                                    runtime_bytes, resume_from)
+    _log_estimate(estimate, model)
     saving = checkpoints is not None and settings["save_steps"] > 0
     with tempfile.TemporaryDirectory(prefix="loragrid-trainer-") as scratch, \
             reporting(settings, tensorboard_dir, wandb_dir, run_name) as wandb_folder:

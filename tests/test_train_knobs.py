@@ -334,6 +334,20 @@ def test_max_memory_gb_picks_the_largest_micro_batch_that_fits(tiny_model_dir, p
     assert by_micro[8]["process_bytes"] > by_micro[4]["process_bytes"] > by_micro[2]["process_bytes"]
 
 
+def test_max_memory_gb_keeps_a_resumed_checkpoints_micro_batch(tiny_model_dir, tmp_path):
+    """The choice depends on the process's memory before loading, which differs between attempts; the data order and
+    the kept memory profile depend on the micro-batch: a resumed run trains on with the one its checkpoint has."""
+    settings = {**TINY_RUN, "batch_size": 8, "micro_batch_size": 8, "max_memory_gb": 1000}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lengths, labelled = [100, 90, 80, 70, 60, 50, 40, 30], [50, 45, 40, 35, 30, 25, 20, 15]
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2, "train_batch_size": 2}))
+    assert training.choose_micro_batch(model, settings, lengths, labelled, 10**8)[0] == 8  # room for all 8
+    micro, estimate = training.choose_micro_batch(model, settings, lengths, labelled, 10**8, resume_from=checkpoint)
+    assert micro == 2 and estimate["micro_batch_size"] == 2
+
+
 def test_max_memory_gb_too_small_fails_before_training(tiny_model_dir, prepared_dir, tmp_path):
     with pytest.raises(LoragridError, match="max_memory_gb"):
         run(tiny_model_dir, prepared_dir, tmp_path, max_memory_gb=0.001)
