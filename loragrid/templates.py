@@ -259,29 +259,31 @@ def _anchor(tokenizer) -> str | None:
     return str(tokens[0]) if tokens else None
 
 
+def _ids_after(tokenizer, context: str, text: str) -> list[int] | None:
+    """The ids that tokenizing `context + text` at once gives beyond the context's; None where a token spans both."""
+    before = tokenizer(context, add_special_tokens=False)["input_ids"]
+    both = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    return both[len(before):] if both[: len(before)] == before else None
+
+
 def _after_break(tokenizer, text: str) -> list[int]:
     """Ids of `text` where a token ends right before it, as after a line break: a SentencePiece tokenizer (Llama,
     Mistral, Phi-3) puts a dummy prefix '▁' in front of a text's start, so `text` on its own would begin '▁Paris'
     where the whole text has 'Paris'. Byte-level BPE and Gemma add none: there this is `text` on its own."""
     for context in ("\n", _anchor(tokenizer)):  # a special token where the text's own line break would merge
-        if context:
-            before = tokenizer(context, add_special_tokens=False)["input_ids"]
-            both = tokenizer(context + text, add_special_tokens=False)["input_ids"]
-            if both[: len(before)] == before:
-                return both[len(before):]
+        ids = _ids_after(tokenizer, context, text) if context else None
+        if ids is not None:
+            return ids
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _continuation(tokenizer, context: str, text: str) -> list[int]:
-    """Ids of `text` where it follows `context`: what tokenizing both at once gives beyond the context's own ids, as
-    the whole conversation is tokenized at generation by other tools (Ollama, vLLM). Where a token would span both
-    (a template ending in a space: ' Paris'), the piece is tokenized after a cut instead, for the prompt must be
-    the same ids with or without the answer after it: '▁' (or 'Ġ'), then 'Paris'."""
-    if not context:
-        return _after_break(tokenizer, text)
-    before = tokenizer(context, add_special_tokens=False)["input_ids"]
-    both = tokenizer(context + text, add_special_tokens=False)["input_ids"]
-    return both[len(before):] if both[: len(before)] == before else _after_break(tokenizer, text)
+    """Ids of `text` where it follows `context`, as the whole conversation is tokenized at generation by other
+    tools (Ollama, vLLM). Where a token would span both (a template ending in a space: ' Paris'), the piece is
+    tokenized after a cut instead, for the prompt must be the same ids with or without the answer after it: '▁'
+    (or 'Ġ'), then 'Paris'."""
+    ids = _ids_after(tokenizer, context, text) if context else None
+    return ids if ids is not None else _after_break(tokenizer, text)
 
 
 def _encode(tokenizer, template: str, messages: list[dict], add_eos_token: bool) -> tuple[list[int], list[bool]]:
