@@ -65,10 +65,12 @@ def llama_cpp_version(required: bool = True) -> str | None:
 
 
 def export_settings(export: dict, generate: dict, threads: int) -> dict:
-    """What export_run needs: the export section, generate's length and penalty, the job's threads."""
-    greedy = not generate["do_sample"] and generate.get("num_beams", 1) == 1
-    return {**export, "threads": threads, "max_new_tokens": generate["max_new_tokens"],
-            "repetition_penalty": generate["repetition_penalty"], "greedy": greedy, "generate": generate}
+    """What export_run needs: the export section, generate's length, the job's threads, and whether generate's
+    answers are plain greedy ones (no sampling, beams or repetition rules), the only reference for the emoji share."""
+    greedy = (not generate["do_sample"] and generate.get("num_beams", 1) == 1
+              and generate["repetition_penalty"] == 1 and not generate.get("no_repeat_ngram_size", 0))
+    return {**export, "threads": threads, "max_new_tokens": generate["max_new_tokens"], "greedy": greedy,
+            "generate": generate}
 
 
 def fetch_converter(out_dir, version: str) -> dict:
@@ -157,8 +159,9 @@ def quantize(source: Path, target: Path, gguf_type: str, threads: int) -> None:
 
 
 def llama_cpp_answers(gguf_path: Path, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int],
-                      threads: int, repeat_penalty: float) -> tuple[list[list[int]], float]:
-    """Greedy answers in llama.cpp to the same prompt tokens transformers gets: (answer tokens, tokens/s)."""
+                      threads: int) -> tuple[list[list[int]], float]:
+    """Greedy answers in llama.cpp to the same prompt tokens transformers gets: (answer tokens, each ending with
+    its stop token where it has one; answer tokens/s, stop tokens not counted, as generate counts them)."""
     from llama_cpp import Llama
     from tqdm.auto import tqdm
 
@@ -168,13 +171,14 @@ def llama_cpp_answers(gguf_path: Path, prompts: list[list[int]], max_new_tokens:
     answers, generated, seconds = [], 0, 0.0
     for prompt in tqdm(prompts, desc=f"llama.cpp {gguf_path.name}", unit="question"):
         started, tokens = time.perf_counter(), []
-        # temp 0 is llama.cpp's greedy sampler: the top-1 token at every step, as transformers' greedy search.
-        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=repeat_penalty, reset=True):
+        # temp 0 is llama.cpp's greedy sampler: the top-1 token at every step, as top1_agreement compares it with
+        # transformers' top-1 token. No repetition penalty (llama.cpp's default is 1.1): the check is of the file.
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
             tokens.append(token)
             if token in stop_ids or len(tokens) >= max_new_tokens:
                 break
         seconds += time.perf_counter() - started
-        generated += len(tokens)
+        generated += len([token for token in tokens if token not in stop_ids])
         answers.append(tokens)
     llm.close()
     return answers, generated / seconds if seconds else 0.0
@@ -256,7 +260,7 @@ def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: di
 
     started = time.perf_counter()
     answers, speed = llama_cpp_answers(gguf_path, questions["prompts"], settings["max_new_tokens"],
-                                       questions["stop_ids"], settings["threads"], settings["repetition_penalty"])
+                                       questions["stop_ids"], settings["threads"])
     agreeing = top1_agreement(model, questions["prompts"], answers, settings["check_tokens"])
     compared = sum(min(len(answer), settings["check_tokens"]) for answer in answers)
     texts = [tokenizer.decode([t for t in answer if t not in questions["stop_ids"]], skip_special_tokens=True).strip()
@@ -273,7 +277,8 @@ def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: di
     }
     log.info("%s: top-1 agreement %.3f over %d tokens, emoji share %.2f (transformers %.2f)", gguf_path.name,
              result["agreement"], compared, emoji_share, questions["transformers_emoji_share"])
-    rows = [{"id": q["id"], "question": q["question"], "answer": text, "new_tokens": len(answer),
+    rows = [{"id": q["id"], "question": q["question"], "answer": text,
+             "new_tokens": len([t for t in answer if t not in questions["stop_ids"]]),
              "finished": any(t in questions["stop_ids"] for t in answer), "agreeing_tokens": agree,
              "transformers_answer": reference}
             for q, text, answer, agree, reference in zip(questions["records"], texts, answers, agreeing,
@@ -289,7 +294,7 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
                             f"transformers on {result['agreement']:.1%} of the first {settings['check_tokens']} "
                             f"answer tokens, below {wanted:.0%}; the GGUF files are not written")
     limit = settings["max_emoji_share_difference"][gguf_type]
-    # Sampled or beam-searched generations are no greedy reference for the emoji share.
+    # Sampled, beam-searched or penalized generations are no reference for llama.cpp's plain greedy answers.
     if greedy and not result["emoji_share_difference"] <= limit:
         raise LoragridError(f"config key 'export.max_emoji_share_difference.{gguf_type}': the {gguf_type} GGUF's "
                             "emoji share differs from transformers' by "
@@ -299,12 +304,12 @@ def _enforce(gguf_type: str, result: dict, settings: dict, greedy: bool) -> None
 
 def _questions(tokenizer, template: str, heldout_path, generations_path) -> dict:
     from .evaluate import emoji_metrics
-    from .templates import answer_end_ids, record_token_ids
+    from .templates import answer_end_ids, question_text, record_token_ids
 
     records = read_jsonl(heldout_path)
     generations = {g["id"]: g["answer"] for g in read_jsonl(generations_path)}
     reference = [generations[r["id"]] for r in records]
-    return {"records": [{"id": r["id"], "question": r["messages"][-2]["content"]} for r in records],
+    return {"records": [{"id": r["id"], "question": question_text(r)} for r in records],
             "prompts": [record_token_ids(tokenizer, template, r) for r in records],
             "stop_ids": answer_end_ids(tokenizer, template),
             "transformers_answers": reference, "transformers_emoji_share": emoji_metrics(reference)["emoji_share"]}

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import modeling
 from .common import package_versions, read_jsonl, verify_folder, write_json, write_jsonl
-from .templates import answer_end_ids, record_token_ids
+from .templates import answer_end_ids, question_text, record_token_ids
 from .tokenized import load_tokenizer
 
 log = logging.getLogger("loragrid.generate")
@@ -74,7 +74,7 @@ def generate(model_dir, heldout_path, out_path, meta_path, template: str, settin
                           "new_tokens": len(new), "finished": finished}
 
     write_jsonl(out_path, [
-        {"id": record["id"], "question": record["messages"][-2]["content"],
+        {"id": record["id"], "question": question_text(record),
          "reference": record["messages"][-1]["content"], **answers[i]}
         for i, record in enumerate(records)
     ])

@@ -81,7 +81,8 @@ MEMORY_NOTE = (
     "model's config.json is not Llama-style). Process peak "
     "RSS is the training process's resident high-water mark during training (libraries, the allocator's "
     "free memory and the Python heap included): a secondary figure. "
-    "Held-out loss is the mean loss per answer token of the reference answers; emoji share is the share "
+    "Held-out loss is the mean loss per answer token of the reference answers (each ending with its EOS, the same "
+    "tokens for every model); emoji share is the share "
     "of generated answers with at least one emoji; chrF compares generated answers with the references."
 )
 RANDOM_WEIGHTS_NOTE = (

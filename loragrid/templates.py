@@ -81,6 +81,12 @@ def _with_input(message: dict) -> dict:
     return {"role": message["role"], "content": content}
 
 
+def question_text(record: dict) -> str:
+    """A prepared record's last question as the model reads it, with its input (alpaca's context field) after it:
+    the question the report shows beside the answers."""
+    return _with_input(record["messages"][-2])["content"]
+
+
 def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
     if messages and messages[0]["role"] == "system":
         return messages[0]["content"], messages[1:]

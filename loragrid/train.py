@@ -399,7 +399,9 @@ def make_trainer(model, tokenizer, dataset, settings: dict, micro_batch_size: in
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         train_sampling_strategy="group_by_length" if settings["group_by_length"] else "random",
-        include_num_input_tokens_seen="non_padding",
+        # Packed rows hold no padding, and no attention mask to tell it by: the Trainer's "non_padding" would skip
+        # every token equal to the pad token (EOS, or SmolLM2's <|im_end|> that ends each turn).
+        include_num_input_tokens_seen="all" if settings["packing"] else "non_padding",
         logging_steps=1,
         save_strategy="steps" if saving else "no",
         save_steps=settings["save_steps"] or 1,
@@ -623,15 +625,16 @@ def _progress(trainer, result, wall: float, resume_from: Path | None) -> dict:
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
     resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
+    # The count goes on from the checkpoint's, the runtime covers only this attempt's steps.
+    state = read_json(resume_from / "trainer_state.json") if resume_from else {}
+    tokens_before = state.get("num_input_tokens_seen", tokens * resumed_step / max(trainer.state.global_step, 1))
     return {
         "steps": trainer.state.global_step,
         "resumed_from_step": resumed_step,
         "wall_seconds": wall,
         "train_runtime_seconds": result.metrics["train_runtime"],
         "tokens_seen_non_padding": tokens,
-        # On a resume the runtime covers only this attempt's steps, the token count all of them.
-        "tokens_per_second": tokens * (1 - resumed_step / max(trainer.state.global_step, 1))
-                             / result.metrics["train_runtime"],
+        "tokens_per_second": (tokens - tokens_before) / result.metrics["train_runtime"],
         "final_loss": losses[-1]["loss"] if losses else None,
         "loss_curve": losses,
         "step_seconds": step_seconds(trainer),

@@ -20,7 +20,15 @@ import yaml
 
 from conftest import copy_workflow, demo_records, results_dir, snakemake, write_jsonl
 from loragrid.common import LoragridError
-from loragrid.export import check_exportable, convert, verify_exports
+from loragrid.export import (
+    _check_type,
+    _questions,
+    check_exportable,
+    convert,
+    export_settings,
+    llama_cpp_answers,
+    verify_exports,
+)
 from loragrid.modeling import PICKLED_MODEL
 
 EXPERIMENT = "tiny-smollm2--tiny"
@@ -143,6 +151,37 @@ def test_report_lists_the_files_and_llama_cpp_answers(export_workflow):
     assert len(rows) == len(RUNS) * len(TYPES)
     assert re.search(r"\| lora +\| f16 +\| lora-f16\.gguf +\| \d+\.\d +\| \d+\.\d% \(\d+/\d+\)", section)
     assert "lora (llama.cpp q8_0)" in (report / "samples.html").read_text()
+
+
+def test_the_check_compares_plain_greedy_answers_whatever_generate_penalizes(export_workflow):
+    """llama.cpp answers without generate's repetition penalty, for top-1 agreement compares its tokens with
+    transformers' plain top-1 token: with the penalty a file that converts perfectly scored below its limit.
+    Penalized answers are then no reference for the emoji share, and a stop token is no answer token."""
+    import torch
+
+    from loragrid.modeling import load_causal_lm
+    from loragrid.tokenized import load_tokenizer
+
+    workdir, _ = export_workflow
+    results = results_dir(workdir, EXPERIMENT)
+    merged = results / "runs/lora/merged"
+    tokenizer = load_tokenizer(merged)
+    questions = _questions(tokenizer, "chat", results / "data/tiny/heldout.jsonl", results / "generations/lora.jsonl")
+    generate = {"do_sample": False, "max_new_tokens": 16, "repetition_penalty": 5.0}  # enough to move this model
+    settings = export_settings({"check_tokens": 16}, generate, threads=1)
+    assert settings["greedy"] is False
+    gguf = results / "gguf/lora-f16.gguf"
+    # The tiny model seldom ends an answer within 16 tokens: one of its own tokens stands in for a stop token.
+    first, _ = llama_cpp_answers(gguf, questions["prompts"][:1], 16, questions["stop_ids"], 1)
+    stop = first[0][2]
+    questions["stop_ids"] = [*questions["stop_ids"], stop]
+    model = load_causal_lm(merged, torch.float32).eval()
+    result, rows = _check_type(gguf, model, tokenizer, questions, settings)
+    assert result["agreement"] >= 0.95, result
+    answers, _ = llama_cpp_answers(gguf, questions["prompts"], 16, questions["stop_ids"], 1)
+    assert rows[0]["finished"] and rows[0]["new_tokens"] == first[0].index(stop), rows[0]
+    for row, answer in zip(rows, answers):
+        assert row["new_tokens"] == len(answer) - row["finished"], (row, answer)
 
 
 def test_a_second_run_exports_nothing_again(export_workflow):

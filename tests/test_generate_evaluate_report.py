@@ -35,6 +35,21 @@ def test_generate_answers_every_heldout_question_in_order(generated, prepared_di
     assert meta["questions"] == len(heldout) and meta["tokens_per_second"] > 0
 
 
+def test_a_question_is_shown_with_its_input(tiny_model_dir, tmp_path):
+    """An alpaca record's input is part of what the model was asked: the generations (and so the report's
+    samples) show it after the instruction, as templates without an Input section put it in the prompt."""
+    from loragrid.data import prepare
+
+    records = [{"instruction": f"Translate sentence {i}.", "input": f"Bonjour {i}", "output": f"Hello {i}"}
+               for i in range(12)]
+    prepare(write_jsonl(tmp_path / "alpaca.jsonl", records), tmp_path / "data", data_format="alpaca", heldout_min=2)
+    generate(tiny_model_dir, tmp_path / "data/heldout.jsonl", tmp_path / "a.jsonl", tmp_path / "a.json", "alpaca",
+             {**GENERATE, "max_new_tokens": 1})
+    questions = [a["question"] for a in read_jsonl(tmp_path / "a.jsonl")]
+    shown = re.compile(r"Translate sentence (\d+)\.\n\nBonjour \1")
+    assert questions and all(shown.fullmatch(question) for question in questions), questions
+
+
 def test_batching_does_not_change_greedy_answers(generated, tiny_model_dir, prepared_dir, tmp_path):
     folder, _ = generated
     generate(tiny_model_dir, prepared_dir / "heldout.jsonl", tmp_path / "one.jsonl", tmp_path / "one.json",

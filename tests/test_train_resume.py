@@ -114,7 +114,8 @@ def test_checkpoint_of_other_settings_is_never_reused(tiny_model_dir, prepared_d
 
 
 def test_checkpoint_cut_short_is_not_resumed_from(tiny_model_dir, prepared_dir, tmp_path):
-    settings = {**TINY_RUN, "max_steps": 4, "save_steps": 2, "save_total_limit": 2}
+    # cutoff_len 512 cuts no answer: each step trains a different number of tokens.
+    settings = {**TINY_RUN, "max_steps": 4, "save_steps": 2, "save_total_limit": 2, "cutoff_len": 512}
     root = tmp_path / "checkpoints"
     train(tiny_model_dir, prepared_dir, tmp_path / "a", settings, "chat", checkpoint_root=root)
     (folder,) = list(root.iterdir())
@@ -122,6 +123,10 @@ def test_checkpoint_cut_short_is_not_resumed_from(tiny_model_dir, prepared_dir, 
     (folder / "checkpoint-4/trainer_state.json").unlink()
     resumed = train(tiny_model_dir, prepared_dir, tmp_path / "b", settings, "chat", checkpoint_root=root)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    # tokens/s of this attempt: the tokens of steps 3 and 4 (length-grouped: not half of them all).
+    before = read_json(folder / "checkpoint-2/trainer_state.json")["num_input_tokens_seen"]
+    trained = resumed["tokens_per_second"] * resumed["train_runtime_seconds"]
+    assert trained == pytest.approx(resumed["tokens_seen_non_padding"] - before), (before, resumed)
 
     # Killed while writing trainer_state.json itself (the Trainer writes it in place): resumed from the one before.
     state = folder / "checkpoint-4/trainer_state.json"
