@@ -746,6 +746,12 @@ def _retype(value, schema: dict, definitions: dict, key_schema=None):
         items = schema.get("items") or key_schema or {}
         return [_retype(item, items, definitions) for item in value]
     if isinstance(value, dict):
+        # A mapping where the schema allows one among other shapes (benchmarks.limit: a number, null or
+        # a mapping of task to number): type its values by the mapping's option.
+        for option in schema.get("oneOf", []):
+            if "object" in _kinds(option):
+                schema = _resolve_ref(option, definitions)
+                break
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties")
         retyped = {}

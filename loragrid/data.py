@@ -114,7 +114,7 @@ def _json_list(file: Path, display: str) -> list:
         parsed = _loads(text)
     except json.JSONDecodeError as error:
         raise LoragridError(f"{display}, line {error.lineno}: "
-                            f"invalid JSON ({error.msg} at column {error.colno})") from None
+                            f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
     except BadRecord as error:  # no line: json.loads tells where a syntax error is, not where a value is
         raise LoragridError(f"{display}: {error}") from None
     if not isinstance(parsed, list):
@@ -375,7 +375,7 @@ def _parse_line(line: bytes) -> dict:
     try:
         raw = _loads(text)
     except json.JSONDecodeError as error:
-        raise BadRecord(f"invalid JSON ({error.msg} at column {error.colno})") from None
+        raise BadRecord(f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
     if not isinstance(raw, dict):
         raise BadRecord(f"expected a JSON object, got {_kind(raw)}")
     return raw

@@ -113,16 +113,17 @@ def train_mem_mb_for(settings: dict, sizes: dict | None, parameters: int | None 
     return int(math.ceil(total / 1e9) * 1000)
 
 
-def check_gpus(settings: dict, run: str = "") -> int:
+def check_gpus(settings: dict) -> int:
     """The run's `gpus`, after checking that this process sees that many CUDA devices."""
     import torch
 
     gpus = gpus_of(settings)
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus > visible:
-        where = f"runs.{run}.gpus" if run else "gpus"
+        # The bare key: a training job's keys_as_written names where the run got it (training.gpus,
+        # grid.gpus, methods.lora.gpus, runs.x.gpus), as the checks at workflow start do.
         raise LoragridError(
-            f"config key '{where}': the run asks for {gpus} GPU(s) but this job sees {visible} "
+            f"config key 'gpus': the run asks for {gpus} GPU(s) but this job sees {visible} "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
             "set gpus: 0 to train on the CPU"
         )

@@ -658,13 +658,13 @@ def train_to_files(model_dir, data_dir, weights_dir, train_json, settings, templ
     return summary
 
 
-def train_run(settings: dict, run: str = "", **call) -> dict | None:
+def train_run(settings: dict, **call) -> dict | None:
     """The training job's entry point: train one run here, or with more than one GPU through
     `accelerate launch` (loragrid.launch), one process per GPU, each calling train_to_files.
 
     `call` holds train_to_files's other arguments (paths, template, ...).
     """
-    gpus = launch.check_gpus(settings, run)
+    gpus = launch.check_gpus(settings)
     if gpus <= 1:
         return train_to_files(settings=settings, **call)
     launch.launch_processes(gpus, {**call, "settings": settings})

@@ -8,7 +8,6 @@ with logging_to(snakemake.log[0]), keys_as_written(snakemake.config, snakemake.w
     use_threads(snakemake.config["torch_threads"])
     train_run(
         snakemake.params.settings,
-        run=snakemake.wildcards.run,
         model_dir=snakemake.input.model,
         data_dir=Path(snakemake.input.train).parent,
         weights_dir=snakemake.output.weights,

@@ -145,6 +145,16 @@ def test_null_on_the_command_line_is_null():
     assert runs["lora"]["target_modules"] == "all-linear" and runs["lora"]["warmup_steps"] is None
 
 
+def test_a_benchmark_limit_per_task_on_the_command_line_is_a_number():
+    """benchmarks.limit is a number, null or a mapping (a oneOf): a mapping's text values are typed too."""
+    from snakemake.cli import parse_config
+
+    limits = "benchmarks={limit: {loragrid_sense: 4, loragrid_hollow_lane: null}}"
+    config = load_config(command_line=parse_config([limits]))
+    checked_runs(config, workdir=REPO)
+    assert config["benchmarks"]["limit"] == {"loragrid_sense": 4, "loragrid_hollow_lane": None}
+
+
 def test_the_cli_names_a_missing_or_malformed_config_file(tmp_path, capsys):
     from loragrid.__main__ import main
 

@@ -461,6 +461,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
     ("d.jsonl", '{"question": "q?", "answer_en": "x"}\n{"question": "q2?", \n',
      r"d\.jsonl, line 2: invalid JSON \(Expecting property name enclosed in double quotes at column 21\)"),
     ("d.jsonl", '{"question": x}\n', r"d\.jsonl, line 1: invalid JSON \(Expecting value at column 14\)"),
+    # json's own message ends in "at" for some errors: said once ("starting at column", not "at at column").
+    ("d.jsonl", '{"question": "q?\n', r"d\.jsonl, line 1: invalid JSON \(Unterminated string starting at column 14\)"),
+    ("d.json", '[{"question": "q?}]', r"d\.json, line 1: invalid JSON \(Unterminated string starting at column 15\)"),
     ("d.json", '[{"question": "q?",\n "answer_en": x}]',
      r"d\.json, line 2: invalid JSON \(Expecting value at column 15\)"),
     ("d.json", '[{"question": x}]', r"d\.json, line 1: invalid JSON \(Expecting value at column 15\)"),

@@ -92,11 +92,27 @@ def test_memory_request_waits_for_the_model(tmp_path):
 def test_a_run_asking_for_more_gpus_than_visible_fails_before_training(tiny_model_dir, prepared_dir, tmp_path):
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     settings = {**TINY_RUN, "gpus": visible + 1}
-    with pytest.raises(LoragridError, match=rf"config key 'runs.big.gpus': the run asks for {visible + 1} GPU"):
-        train_run(settings, run="big", model_dir=tiny_model_dir, data_dir=prepared_dir,
+    with pytest.raises(LoragridError, match=rf"config key 'gpus': the run asks for {visible + 1} GPU"):
+        train_run(settings, model_dir=tiny_model_dir, data_dir=prepared_dir,
                   weights_dir=tmp_path / "adapter", train_json=tmp_path / "train.json", template="chat")
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "train.json").exists()
     assert launch.check_gpus({**TINY_RUN, "gpus": 0}) == 0
+
+
+def test_the_gpus_error_names_the_key_the_user_wrote():
+    """Through the training job's keys_as_written: `training: {gpus: N}` is named as such, not as runs.RUN.gpus."""
+    from snakemake.cli import parse_config
+
+    from conftest import REPO
+    from loragrid.config import checked_runs, keys_as_written, load_config
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    config = load_config(command_line=parse_config([f"training={{gpus: {visible + 1}}}", "grid={method: [lora]}"]))
+    checked_runs(config, workdir=REPO)  # fills in the schema's defaults, as the Snakefile does
+    wanted = rf"^config key 'training.gpus' \(run lora\): the run asks for {visible + 1}"
+    with pytest.raises(LoragridError, match=wanted):
+        with keys_as_written(config, "lora"):
+            launch.check_gpus({**TINY_RUN, "gpus": visible + 1})
 
 
 def test_accelerate_command_is_what_accelerate_parses(tmp_path):
