@@ -180,6 +180,10 @@ def resolve_runs(config: dict, set_by: dict | None = None) -> dict[str, dict]:
     # `_` holds linked settings (as axolotl's sweeps do): each entry is a dict of values that
     # change together, e.g. {method: qlora4, learning_rate: 0.001}; it joins the product as one axis.
     grid = {key: value if isinstance(value, list) else [value] for key, value in config["grid"].items()}
+    for key, values in grid.items():
+        if not values:
+            raise LoragridError(f"config key 'grid.{key}': an empty list, so the grid's product has no runs; "
+                                "give it a value or remove the key")
     # An empty grid names no runs (`grid: {}` beside `runs:` trains the named runs only), not the product of no axes.
     for choice in itertools.product(*(range(len(values)) for values in grid.values())) if grid else ():
         overrides, keys = {}, {}
@@ -326,7 +330,16 @@ def _schema_violation(config: dict) -> str | None:
     from jsonschema.exceptions import best_match
 
     error = best_match(strict_validator()(_schema()).iter_errors(config))
-    return error and f"config key '{config_key(error.absolute_path) or '(top level)'}': {error.message}"
+    return error and f"config key '{config_key(error.absolute_path) or '(top level)'}': {schema_message(error)}"
+
+
+def schema_message(error) -> str:
+    """jsonschema's message, and where a value fits none of a setting's shapes, the setting's description: of
+    those shapes best_match reports one (target_modules: q_proj "is not one of ['all-linear']", not the list)."""
+    parent = error.parent
+    if parent is not None and parent.validator in ("oneOf", "anyOf") and "description" in parent.schema:
+        return f"{error.message}; expected {parent.schema['description']}"
+    return error.message
 
 
 @functools.cache
@@ -361,7 +374,8 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
             prefix = ("grid", LINKED, index) if key == LINKED else ("grid",)
             error = best_match(validator.iter_errors(value if key == LINKED else {key: value}))
             if error:  # the most telling of a value's errors, as for the other sections (_schema_violation)
-                raise LoragridError(f"config key '{config_key([*prefix, *error.absolute_path])}': {error.message}")
+                raise LoragridError(f"config key '{config_key([*prefix, *error.absolute_path])}': "
+                                    f"{schema_message(error)}")
     _check_exclusive(config)
     set_by: dict[str, dict] = {}
     runs = resolve_runs(config, set_by)
@@ -370,7 +384,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         where = functools.partial(setting_origin, config, name, settings["method"], set_by[name])
         error = best_match(validator.iter_errors(settings))
         if error:
-            raise LoragridError(f"{where(*list(error.absolute_path)[:1])}: {error.message}")
+            raise LoragridError(f"{where(*list(error.absolute_path)[:1])}: {schema_message(error)}")
         if settings["max_steps"] == 0:
             raise LoragridError(f"{where('max_steps')}: 0 trains nothing; set a number of optimizer "
                                 "steps, or -1 to train for epochs")
@@ -675,6 +689,10 @@ def check_keys(config: dict) -> None:
         for key in settings:
             if key not in run_keys:
                 raise _unknown_key(where, key, run_keys)
+    for method, settings in (config.get("methods") or {}).items():
+        if isinstance(settings, dict) and settings.get("method", method) != method:
+            raise LoragridError(f"config key 'methods.{method}.method': the overrides of {method} runs cannot "
+                                "change their method; choose methods in grid.method or a named run's method")
     for section, schemes in (("model", MODEL_SCHEMES), ("dataset", DATASET_SCHEMES)):
         source = (config.get(section) or {}).get("source")
         if isinstance(source, str) and source.partition(":")[0] not in schemes:

@@ -168,7 +168,7 @@ CONFIG_CASES = [
     ("negative dropout as the default", {"training": {"lora_dropout": -0.1}},
      r"^config key 'training\.lora_dropout': -0\.1 is less than the minimum of 0$"),
     ("an empty target_modules in a linked group", {"grid": {"_": [{"method": "lora", "target_modules": []}]}},
-     r"^config key 'grid\._\[0\]\.target_modules': \[\] should be non-empty$"),
+     r"^config key 'grid\._\[0\]\.target_modules': \[\] should be non-empty; expected `all-linear`, null"),
     ("grid key that does not exist", {"grid": {"lora_rank": [8, 16]}},
      r"config key 'grid\.lora_rank': no such setting; did you mean 'lora_r'\?"),
     ("misspelt setting in a section", {"training": {"learning_rte": 0.001}},
@@ -275,6 +275,15 @@ CONFIG_CASES = [
     ("a float thread count", {"torch_threads": 2.0}, r"^config key 'torch_threads': 2\.0 is not of type 'integer'$"),
     ("a float rank in the grid", {"grid": {"method": ["lora"], "lora_r": [8, 16.0]}},
      r"^config key 'grid\.lora_r': 16\.0 is not of type 'integer'$"),
+    # A value that fits none of a setting's shapes: the setting's description says them all.
+    ("target modules as one name", {"training": {"target_modules": "q_proj"}},
+     r"^config key 'training\.target_modules': 'q_proj' is not one of \['all-linear'\]; expected `all-linear`, null "
+     r"\(the same: every linear layer, as the LoRA guide writes it\) or a list of module names \(e\.g\. \[q_proj, "
+     r"v_proj\]\)$"),
+    ("an empty grid axis", {"grid": {"method": ["lora"], "lora_r": []}},
+     r"^config key 'grid\.lora_r': an empty list, so the grid's product has no runs; give it a value or remove"),
+    ("a method's overrides that change its method", {"methods": {"lora": {"method": "qlora4"}}},
+     r"^config key 'methods\.lora\.method': the overrides of lora runs cannot change their method"),
     ("random model whose config file is missing",
      {"model": {"source": "random:config/models/none.json", "tokenizer": "data/tokenizers/smollm2"}},
      r"config key 'model\.source': no such file or folder: config/models/none\.json"),
@@ -460,6 +469,13 @@ def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
     )
     assert result.returncode != 0
     assert "config key 'training.lora_dropout': -0.1 is less than the minimum of 0" in result.stdout + result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--config", "training={target_modules: q_proj}"],
+        cwd=copy_repo, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert ("config key 'training.target_modules': 'q_proj' is not one of ['all-linear']; expected `all-linear`, "
+            "null") in result.stdout + result.stderr
     assert "On instance" not in result.stdout + result.stderr
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
 
