@@ -339,6 +339,10 @@ def schema_message(error) -> str:
     parent = error.parent
     if parent is not None and parent.validator in ("oneOf", "anyOf") and "description" in parent.schema:
         return f"{error.message}; expected {parent.schema['description']}"
+    if error.validator == "type" and "string" in error.validator_value and isinstance(error.instance, dict):
+        # `--config "template=Q: {instruction}"`: Snakemake reads a --config value as YAML, quoted or not.
+        return (f"{error.message} (Snakemake reads a --config value as YAML, where 'a: {{b}}' is a mapping, "
+                "whatever the quotes; put the text in a config file)")
     return error.message
 
 

@@ -476,6 +476,13 @@ def test_a_bad_config_stops_snakemake_before_any_job(copy_repo):
     assert result.returncode != 0
     assert ("config key 'training.target_modules': 'q_proj' is not one of ['all-linear']; expected `all-linear`, "
             "null") in result.stdout + result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--config", "template=Q: {instruction}"],
+        cwd=copy_repo, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert ("config key 'template': {'Q': {'instruction': ''}} is not of type 'string' (Snakemake reads a --config "
+            "value as YAML") in result.stdout + result.stderr
     assert "On instance" not in result.stdout + result.stderr
     assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
 
