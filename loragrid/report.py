@@ -570,7 +570,9 @@ def write_index(results_root, experiment: str, description: dict) -> None:
     """Record this experiment and rewrite results/index.md: every experiment of the working directory.
 
     `description` holds the experiment's model and dataset sources and its run names. Run after a
-    successful workflow run (the Snakefile's onsuccess), so a listed report is a finished one.
+    successful workflow run (the Snakefile's onsuccess), so a listed report is a finished one. The runs listed
+    are the report's (its summary.csv): a later run of part of a grid (one training job) does not list runs the
+    linked report does not show; configured runs it lacks are counted beside them.
     """
     from datetime import datetime, timezone
 
@@ -582,10 +584,22 @@ def write_index(results_root, experiment: str, description: dict) -> None:
     for record in sorted(root.glob("*/experiment.json")):
         info, name = read_json(record), record.parent.name
         report = f"[report.md]({name}/report/report.md)" if (record.parent / "report/report.md").exists() else "–"
-        lines.append(f"| {name} | `{info['model']}` | `{info['dataset']}` | {len(info['runs'])}: "
-                     f"{', '.join(info['runs'])} | {report} | {info['finished']} |")
+        runs = _index_runs(record.parent, info["runs"])
+        lines.append(f"| {name} | `{info['model']}` | `{info['dataset']}` | {runs} | {report} | {info['finished']} |")
     with atomic_file(root / "index.md") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def _index_runs(folder: Path, configured: list[str]) -> str:
+    """The runs of an experiment's report, and how many configured runs it does not show yet."""
+    summary = folder / "report/summary.csv"
+    if not summary.exists():
+        return f"none in a report yet ({len(configured)} configured: {', '.join(configured)})"
+    runs = pd.read_csv(summary, dtype={"run": str}, keep_default_na=False)["run"]  # a run may be named 1 or NA
+    reported = [run for run in runs if run != "base"]
+    missing = [run for run in configured if run not in reported]
+    shown = f"{len(reported)}: {', '.join(reported)}"
+    return shown + (f" (not in the report: {', '.join(missing)})" if missing else "")
 
 
 # Benchmark columns (rule benchmark, lm-evaluation-harness): "bench.TASK.METRIC", and the same

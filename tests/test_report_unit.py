@@ -121,3 +121,19 @@ def test_a_resumed_run_is_named_where_its_train_time_is_the_last_attempts():
     runs["lora"]["train"]["resumed_from_step"] = 0
     _, notes = comparison_tables(summary_table(runs, _run("none", 4.0)["eval"]), runs, {}, [])
     assert not any(note.startswith("Resumed") for note in notes)
+
+
+def test_the_index_lists_the_runs_its_linked_report_shows(tmp_path):
+    """A later job of part of a grid (one run trained) rewrites the index: it lists the report's runs, not the
+    config's, and counts the configured runs the report does not show."""
+    from loragrid.report import write_index
+
+    (tmp_path / "a/report").mkdir(parents=True)
+    (tmp_path / "a/report/summary.csv").write_text("run,method\nbase,none\nlora,lora\n1,lora\n")
+    (tmp_path / "a/report/report.md").write_text("# report\n")
+    write_index(tmp_path, "a", {"model": "m", "dataset": "d", "runs": ["lora", "1", "qlora8", "lora-r64"]})
+    write_index(tmp_path, "b", {"model": "m", "dataset": "d", "runs": ["lora"]})
+    index = (tmp_path / "index.md").read_text()
+    assert ("| a | `m` | `d` | 2: lora, 1 (not in the report: qlora8, lora-r64) | [report.md](a/report/report.md) |"
+            in index)
+    assert "| b | `m` | `d` | none in a report yet (1 configured: lora) | – |" in index

@@ -202,4 +202,4 @@ def _run_a_second_experiment(workdir, config, first_report):
     assert "Nothing to be done" in back.stdout + back.stderr  # switching back retrains nothing
     index = (workdir / "results/index.md").read_text()
     assert "| tiny--tiny | `local:" in index and "| tiny-b--tiny | `local:" in index
-    assert "[report.md](tiny-b--tiny/report/report.md)" in index
+    assert "| 1: lora | [report.md](tiny-b--tiny/report/report.md) |" in index
