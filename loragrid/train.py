@@ -108,9 +108,11 @@ def optimizer_summary(optimizer) -> dict:
     """What the Trainer built: class, state bits (bitsandbytes keeps 8-bit moments), paging, weight decay."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     kind = type(optimizer)
+    # bitsandbytes keeps the state of parameters on a CPU unpaged, whatever the optimizer asks.
+    on_cpu = all(p.device.type == "cpu" for group in optimizer.param_groups for p in group["params"])
     return {"class": f"{kind.__module__}.{kind.__name__}",
             "state_bits": getattr(getattr(optimizer, "args", None), "optim_bits", 32),
-            "paged": bool(getattr(optimizer, "is_paged", False)),
+            "paged": bool(getattr(optimizer, "is_paged", False)) and not on_cpu,
             "weight_decay": max(group["weight_decay"] for group in optimizer.param_groups)}
 
 

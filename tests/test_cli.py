@@ -106,3 +106,14 @@ def test_a_reader_that_stops_early_gets_no_traceback(args, unbuffered):
     command.stdout.close()  # the reader is gone before the first line is written (Python takes ~1 s to start)
     error = command.stderr.read()
     assert (command.wait(), error) == (141, "")  # 128 + SIGPIPE, as the shell reports `ls` cut short
+
+
+def test_no_job_or_chat_warns_about_bitsandbytes_hub_kernels():
+    """bitsandbytes, on a CPU with AVX512-BF16, warns on import that it could not fetch a hub kernel (the `kernels`
+    package): noise before every chat answer and in every job's log. Importing loragrid first silences it."""
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+    if "kernels-community" not in stderr_of("import bitsandbytes"):
+        pytest.skip("this CPU's bitsandbytes backend does not try the hub kernel")
+    assert "kernels-community" not in stderr_of("import loragrid, bitsandbytes")
