@@ -485,8 +485,14 @@ def _setup_data(model_dir, data_dir, tokenized_dir, settings: dict, template: st
     """(tokenizer, dataset, tokenization report): read as the tokenize rule wrote it, or tokenized here."""
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     if tokenized_dir is not None:
-        return tokenizer, *load_tokenized(tokenized_dir, data_dir, settings, template)
-    return tokenizer, *build_dataset(tokenizer, template, data_dir, settings)
+        dataset, tokenization = load_tokenized(tokenized_dir, data_dir, settings, template)
+    else:
+        dataset, tokenization = build_dataset(tokenizer, template, data_dir, settings)
+    if len(dataset) < settings["batch_size"]:
+        log.warning("the training split has %d examples, fewer than batch_size %d: every step trains on all of "
+                    "them, and the held-out split may be the larger (split.heldout_min)", len(dataset),
+                    settings["batch_size"])
+    return tokenizer, dataset, tokenization
 
 
 def _setup_model(model_dir, settings: dict, trust_remote_code: bool):

@@ -72,6 +72,13 @@ def test_epochs_multiply_the_steps(tiny_model_dir, prepared_dir, tmp_path):
     assert two["tokens_seen_non_padding"] == 2 * one["tokens_seen_non_padding"]
 
 
+def test_a_split_smaller_than_a_batch_is_said_in_the_log(tiny_model_dir, prepared_dir, tmp_path, caplog):
+    examples = len(read_jsonl(prepared_dir / "train.jsonl"))
+    with caplog.at_level("WARNING", logger="loragrid.train"):
+        run(tiny_model_dir, prepared_dir, tmp_path, batch_size=64, micro_batch_size=64, max_steps=1)
+    assert f"the training split has {examples} examples, fewer than batch_size 64" in caplog.text
+
+
 def test_batch_size_not_a_multiple_fails_before_training(tiny_model_dir, prepared_dir, tmp_path):
     with pytest.raises(LoragridError, match="batch_size.*micro_batch_size"):
         run(tiny_model_dir, prepared_dir, tmp_path, batch_size=6, micro_batch_size=4)
