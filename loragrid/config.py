@@ -211,6 +211,14 @@ def resolve_runs(config: dict, set_by: dict | None = None) -> dict[str, dict]:
         if not SAFE_NAME.match(name):
             raise LoragridError(f"config key 'runs.{name}': a run name may hold only letters, digits, '.', '_' "
                                 "and '-'")
+    # Grid runs of the same settings share a name (one run); a named run after them would train the same weights
+    # again, and the report would show them twice.
+    first_with: dict[str, str] = {}
+    for name, settings in runs.items():
+        twin = first_with.setdefault(repr(settings), name)  # canonical: keys sorted
+        if twin != name:
+            raise LoragridError(f"config key 'runs.{name}': it trains exactly as run '{twin}' (the same settings); "
+                                "remove it or change a setting")
     return runs
 
 

@@ -280,6 +280,8 @@ CONFIG_CASES = [
      r"^config key 'training\.target_modules': 'q_proj' is not one of \['all-linear'\]; expected `all-linear`, null "
      r"\(the same: every linear layer, as the LoRA guide writes it\) or a list of module names \(e\.g\. \[q_proj, "
      r"v_proj\]\)$"),
+    ("a named run that trains as a grid run", {"runs": {"mine": {"method": "lora"}}},
+     r"^config key 'runs\.mine': it trains exactly as run 'lora' \(the same settings\); remove it or change a setting$"),
     ("an empty grid axis", {"grid": {"method": ["lora"], "lora_r": []}},
      r"^config key 'grid\.lora_r': an empty list, so the grid's product has no runs; give it a value or remove"),
     ("a method's overrides that change its method", {"methods": {"lora": {"method": "qlora4"}}},
