@@ -7,6 +7,7 @@ import copy
 import difflib
 import functools
 import itertools
+import json
 import math
 import re
 from pathlib import Path
@@ -389,6 +390,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
                 raise LoragridError(f"config key '{config_key([*prefix, *error.absolute_path])}': "
                                     f"{schema_message(error)}")
     _check_exclusive(config)
+    shape = _model_shape_file(config, workdir)
     set_by: dict[str, dict] = {}
     runs = resolve_runs(config, set_by)
     for name, settings in runs.items():
@@ -403,7 +405,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         if settings["max_steps"] == -1 and settings["epochs"] <= 0:
             raise LoragridError(f"{where('epochs', 'max_steps')}: set epochs > 0 or max_steps > 0")
         _check_ignored_settings(settings, where)
-        _check_target_modules(settings, Path(workdir, "resources/models", config["model"]["name"]), where)
+        _check_target_modules(settings, shape, where)
         accumulation_steps(settings, where("batch_size", "micro_batch_size"))
 
     check_template(config["template"])
@@ -471,13 +473,23 @@ def _check_renamed_sources(config: dict) -> None:
                                 f"resources/ and results/, where the default {section}'s would be overwritten")
 
 
-def _check_target_modules(settings: dict, model_dir: Path, where) -> None:
-    """Target modules the model lacks, before any job where the model is already fetched (otherwise the
-    training job checks them before it loads the weights)."""
-    if isinstance(settings.get("target_modules"), list) and (model_dir / "config.json").exists():
+def _model_shape_file(config: dict, workdir: str | Path) -> Path | None:
+    """Where the model's shape is known at workflow start: a random: source's json (checked after the runs;
+    one transformers cannot build names no shape), else the fetched model's folder; None before the fetch."""
+    scheme, _, location = config["model"]["source"].partition(":")
+    if scheme == "random":
+        return Path(workdir) / location if (Path(workdir) / location).is_file() else None
+    folder = Path(workdir, "resources/models", config["model"]["name"])
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _check_target_modules(settings: dict, shape: Path | None, where) -> None:
+    """Target modules the model lacks, before any job where the model's shape is known (otherwise the training
+    job checks them before it loads the weights)."""
+    if isinstance(settings.get("target_modules"), list) and shape is not None:
         from .modeling import unmatched_target_modules
 
-        unmatched = unmatched_target_modules(model_dir, settings)
+        unmatched = unmatched_target_modules(shape, settings)
         if unmatched:
             raise LoragridError(f"{where('target_modules')}: {unmatched}")
 
@@ -546,8 +558,6 @@ def read_random_config(path: Path, shown: str | Path | None = None) -> dict:
 
     No weights are built: the Snakefile runs this at workflow start, fetch_model again before building.
     """
-    import json
-
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

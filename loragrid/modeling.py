@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -85,11 +86,32 @@ def load_causal_lm(model_dir, dtype: torch.dtype, trust_remote_code: bool = Fals
     if pruned is not None:
         return pruned
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                    use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, **kwargs)
     except (OSError, SafetensorError) as error:
         raise LoragridError(f"{model_dir}: the weights do not load ({error}); delete {model_dir} and run "
                             "snakemake again to rebuild it") from error
+    return plain_4bit_kernel_where_packing_fails(model)
+
+
+# bitsandbytes 0.50 runs a 4-bit layer's inference (eval mode, no gradients) on a CPU with AVX512-BF16 through a
+# kernel of its own, after repacking the weights, which needs in_features a multiple of 64 and out_features a
+# multiple of 32: other layers (a hidden size of 32) failed deep inside it (RuntimeError: shape '[32, 0]') in
+# merge's check and chat --load-in-4bit, though training, which takes the plain kernel, ran.
+PACKED_4BIT_IN, PACKED_4BIT_OUT = 64, 32
+
+
+def plain_4bit_kernel_where_packing_fails(model):
+    """`model`, its 4-bit layers of shapes the packed CPU kernel cannot take left on bitsandbytes' plain kernel
+    (the same outputs: the one training used) through the layer's own switch."""
+    bnb = sys.modules.get("bitsandbytes")  # a model with 4-bit layers imported it; a generate job does not
+    if bnb is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and (module.in_features % PACKED_4BIT_IN
+                                                      or module.out_features % PACKED_4BIT_OUT):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def load_adapter(model, adapter_dir, **kwargs):
@@ -246,18 +268,35 @@ def compile_decoder_layers(model, cache_dir) -> int:
 
 
 @functools.cache
-def module_names(model_dir: str) -> tuple[list[str], list[str]] | None:
-    """(every module's name, the linear layers' last names) of the model in `model_dir`, built on the meta device
-    from its config.json (no weight is read); None where transformers cannot build it so (remote code, a pickle
-    of pruned shapes, an architecture it lacks): training's own load names those."""
+def meta_model(source: str):
+    """The model that `source` describes, built on the meta device (no weight is read or made): a model folder
+    from its config.json, or a random: source's json file. None where transformers cannot build it so (remote
+    code, a pickle of pruned shapes, an architecture it lacks): the jobs that load the weights name those."""
+    import json
+
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if has_pickled_model(model_dir):
+    path = Path(source)
+    if path.is_dir() and has_pickled_model(path):
         return None
     try:
+        if path.is_dir():
+            config = AutoConfig.from_pretrained(path)
+        else:  # fetch_model builds a random: source from the same json (its dtype only picks the weights' type)
+            settings = json.loads(path.read_text(encoding="utf-8"))
+            config = AutoConfig.for_model(**{key: value for key, value in settings.items()
+                                             if key not in ("dtype", "torch_dtype")})
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    except (ValueError, KeyError, OSError, ImportError):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # transformers raises many types for a config it cannot build; fetch_model names the cause
+        return None
+
+
+def module_names(model_dir) -> tuple[list[str], list[str]] | None:
+    """(every module's name, the linear layers' last names) of the model in `model_dir` (a folder, or a random:
+    source's json), from its meta-device model; None where there is none (meta_model)."""
+    model = meta_model(str(model_dir))
+    if model is None:
         return None
     return [name for name, _ in model.named_modules()], linear_module_names(model)
 
@@ -267,7 +306,7 @@ def unmatched_target_modules(model_dir, settings: dict) -> str | None:
     module named so or ending in '.name', and refuses only a list that matches nothing: a misspelt name beside
     a right one would leave its layers untrained without a word."""
     targets = settings.get("target_modules")
-    names = module_names(str(model_dir)) if isinstance(targets, list) and settings["method"] != "full" else None
+    names = module_names(model_dir) if isinstance(targets, list) and settings["method"] != "full" else None
     if names is None:
         return None
     modules, linear = names

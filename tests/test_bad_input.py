@@ -420,6 +420,23 @@ def test_a_target_module_the_fetched_model_lacks_stops_snakemake_before_any_job(
             in result.stdout + result.stderr)
 
 
+def test_a_target_module_a_random_source_lacks_stops_snakemake_before_any_job(copy_repo, tiny_model_dir):
+    """A random: source's json is on disk at workflow start: before 2026-12-08 the training job was the first to
+    check, after the fetch, prepare and tokenize jobs had run."""
+    from conftest import snakemake, tiny_config
+
+    (copy_repo / "tiny-qwen.json").write_text(json.dumps(RANDOM_CONFIG))
+    model = {"name": "tiny-random", "source": "random:tiny-qwen.json", "tokenizer": str(tiny_model_dir)}
+    config = tiny_config(copy_repo, tiny_model_dir, model=model,
+                         grid={"method": ["lora"], "target_modules": [["q_proj", "qv_prj"]]})
+    result = snakemake(copy_repo, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert ("config key 'grid.target_modules' (run lora-tmq_proj.qv_prj): ['qv_prj'] match no module of the model "
+            "(its linear modules: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"
+            in result.stdout + result.stderr)
+    assert not (copy_repo / "resources").exists() and not (copy_repo / "results").exists()
+
+
 def test_a_record_longer_than_cutoff_len(tiny_model_dir):
     from transformers import AutoTokenizer
 

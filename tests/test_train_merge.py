@@ -1,5 +1,7 @@
 """train and merge on the tiny model: every method, real Trainer, peft and bitsandbytes."""
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -108,6 +110,30 @@ def test_merge_compares_against_the_quantization_the_run_trained_with(tiny_model
     assert summary["quantization_of_training_model"] == read_json(tmp_path / "train.json")["quantization"]
     assert summary["quantization_of_training_model"]["quant_type"] == "fp4"
     assert summary["quantization_of_training_model"]["double_quant"] is False
+
+
+def test_qlora4_merges_a_model_narrower_than_the_packed_4bit_cpu_kernel_takes(tiny_model_dir, prepared_dir, tmp_path):
+    """Hidden size 32: on a CPU with AVX512-BF16, bitsandbytes runs 4-bit inference through a packed kernel that
+    takes in_features multiples of 64 only. Before 2026-12-08 such a run trained, then its merge (the check against
+    the 4-bit model) and chat --load-in-4bit died inside bitsandbytes (RuntimeError: shape '[32, 0]'); those layers
+    now take bitsandbytes' plain kernel, the one training uses."""
+    from loragrid.chat import load_model
+    from loragrid.fetch import fetch_model
+
+    narrow = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 640}
+    (tmp_path / "narrow.json").write_text(json.dumps(narrow))
+    model_dir = tmp_path / "narrow"
+    fetch_model(f"random:{tmp_path / 'narrow.json'}", model_dir, tokenizer=str(tiny_model_dir))
+    settings = {**TINY_RUN, "method": "qlora4", "max_steps": 1}
+    train_to_files(model_dir, prepared_dir, tmp_path / "adapter", tmp_path / "train.json", settings, "chat")
+    summary = merge_to_files(model_dir, tmp_path / "adapter", tmp_path / "merged", tmp_path / "merge.json",
+                             heldout_path=prepared_dir / "heldout.jsonl", template="chat", method="qlora4",
+                             quantization={k: v for k, v in settings.items() if k.startswith("bnb_4bit_")})
+    assert summary["relative_logit_difference_vs_quantized_training_model"] < 1
+    model = load_model(model_dir, tmp_path / "adapter", load_in_4bit=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
 def test_merge_refuses_beyond_tolerance(trained, tiny_model_dir, prepared_dir, tmp_path):
