@@ -407,6 +407,7 @@ def check_config(config: dict, workdir: str | Path = ".") -> dict[str, dict]:
         _check_ignored_settings(settings, where)
         _check_target_modules(settings, shape, where)
         accumulation_steps(settings, where("batch_size", "micro_batch_size"))
+    _check_grid_axes(config, runs)
 
     check_template(config["template"])
     _check_local_sources(config, workdir)
@@ -492,6 +493,15 @@ def _check_target_modules(settings: dict, shape: Path | None, where) -> None:
         unmatched = unmatched_target_modules(shape, settings)
         if unmatched:
             raise LoragridError(f"{where('target_modules')}: {unmatched}")
+
+
+def _check_grid_axes(config: dict, runs: dict[str, dict]) -> None:
+    """A grid axis that no run takes (`lora_r` beside `method: [full]`): its values would change nothing."""
+    for key in config["grid"]:
+        if key not in (LINKED, "method") and not any(key in settings for settings in runs.values()):
+            raise LoragridError(f"config key 'grid.{key}': no run takes {key} (full fine-tuning has no LoRA settings, "
+                                "and only qlora4 has the bnb_4bit_* ones), so its values change nothing; remove it "
+                                "or add a method that takes it to grid.method")
 
 
 def _check_ignored_settings(settings: dict, where) -> None:

@@ -633,9 +633,11 @@ def _progress(trainer, result, wall: float, resume_from: Path | None) -> dict:
     losses = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
     tokens = int(trainer.state.num_input_tokens_seen)
     resumed_step = int(CHECKPOINT.match(resume_from.name).group(1)) if resume_from else 0
-    # The count goes on from the checkpoint's, the runtime covers only this attempt's steps.
-    state = read_json(resume_from / "trainer_state.json") if resume_from else {}
-    tokens_before = state.get("num_input_tokens_seen", tokens * resumed_step / max(trainer.state.global_step, 1))
+    # The count goes on from the checkpoint's, the runtime covers only this attempt's steps. The checkpoint itself
+    # may be gone (save_total_limit), but the history it restored logs the count at every step.
+    at_resume = [entry["num_input_tokens_seen"] for entry in trainer.state.log_history
+                 if entry.get("step") == resumed_step and "num_input_tokens_seen" in entry]
+    tokens_before = at_resume[-1] if at_resume else tokens * resumed_step / max(trainer.state.global_step, 1)
     return {
         "steps": trainer.state.global_step,
         "resumed_from_step": resumed_step,

@@ -282,6 +282,8 @@ CONFIG_CASES = [
      r"v_proj\]\)$"),
     ("a named run that trains as a grid run", {"runs": {"mine": {"method": "lora"}}},
      r"^config key 'runs\.mine': it trains exactly as run 'lora' \(the same settings\); remove it or change a setting$"),
+    ("a grid axis no run takes", {"grid": {"method": ["full"], "use_dora": [True, False]}},
+     r"^config key 'grid\.use_dora': no run takes use_dora \(full fine-tuning has no LoRA settings"),
     ("an empty grid axis", {"grid": {"method": ["lora"], "lora_r": []}},
      r"^config key 'grid\.lora_r': an empty list, so the grid's product has no runs; give it a value or remove"),
     ("a method's overrides that change its method", {"methods": {"lora": {"method": "qlora4"}}},
