@@ -591,7 +591,7 @@ def write_index(results_root, experiment: str, description: dict) -> None:
 
 
 def _index_runs(folder: Path, configured: list[str]) -> str:
-    """The runs of an experiment's report, and how many configured runs it does not show yet."""
+    """The runs of an experiment's report, and the configured runs it does not show yet."""
     summary = folder / "report/summary.csv"
     if not summary.exists():
         return f"none in a report yet ({len(configured)} configured: {', '.join(configured)})"
