@@ -51,9 +51,11 @@ def measured_where(results: Path) -> str:
     if not trains:
         raise SystemExit(f"{results}/runs/*/train.json: no finished run to describe")
     commit = trains[0]["provenance"]["workflow_commit"] or "uncommitted"
+    # A run from a checkout with uncommitted changes records "<sha>-dirty": the short form keeps the mark.
+    commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
     minutes = statistics.median(train["train_runtime_seconds"] for train in trains) / 60
     return (f"Measured on {trains[0]['device']} ({trains[0]['compute_dtype']} compute, {trains[0]['threads']} "
-            f"threads) at commit `{commit[:10]}`; median training time per run {minutes:.1f} min.")
+            f"threads) at commit `{commit}`; median training time per run {minutes:.1f} min.")
 
 
 def copied_plots(results: Path, docs_root: Path) -> str:
