@@ -263,8 +263,8 @@ def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: di
                                        questions["stop_ids"], settings["threads"])
     agreeing = top1_agreement(model, questions["prompts"], answers, settings["check_tokens"])
     compared = sum(min(len(answer), settings["check_tokens"]) for answer in answers)
-    texts = [tokenizer.decode([t for t in answer if t not in questions["stop_ids"]], skip_special_tokens=True).strip()
-             for answer in answers]
+    said = [[t for t in answer if t not in questions["stop_ids"]] for answer in answers]  # the stop token is no word
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in said]
     emoji_share = emoji_metrics(texts)["emoji_share"]
     result = {
         "agreement": sum(agreeing) / compared if compared else 1.0,
@@ -277,12 +277,10 @@ def _check_type(gguf_path: Path, model, tokenizer, questions: dict, settings: di
     }
     log.info("%s: top-1 agreement %.3f over %d tokens, emoji share %.2f (transformers %.2f)", gguf_path.name,
              result["agreement"], compared, emoji_share, questions["transformers_emoji_share"])
-    rows = [{"id": q["id"], "question": q["question"], "answer": text,
-             "new_tokens": len([t for t in answer if t not in questions["stop_ids"]]),
-             "finished": any(t in questions["stop_ids"] for t in answer), "agreeing_tokens": agree,
-             "transformers_answer": reference}
-            for q, text, answer, agree, reference in zip(questions["records"], texts, answers, agreeing,
-                                                         questions["transformers_answers"])]
+    rows = [{"id": q["id"], "question": q["question"], "answer": text, "new_tokens": len(tokens),
+             "finished": len(tokens) < len(answer), "agreeing_tokens": agree, "transformers_answer": reference}
+            for q, text, tokens, answer, agree, reference in zip(questions["records"], texts, said, answers, agreeing,
+                                                                 questions["transformers_answers"])]
     return result, rows
 
 
